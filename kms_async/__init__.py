@@ -1,0 +1,56 @@
+"""kms_async: envelope-encryption keys for asyncio services, kept in PostgreSQL or SQLite.
+
+A root wrapper (local AES key, cloud KMS, HSM) wraps one root key per scope,
+which wraps one data key per purpose; every key is versioned, rotatable,
+rewrappable and revocable. The storage format is that of HashiCorp's Go
+package ``go-kms-wrapping/extras/kms``.
+"""
+
+from ._blob import BlobInfo
+from ._errors import (
+    ClosedError,
+    DecryptionError,
+    InvalidParameterError,
+    KeyExistsError,
+    KeyInUseError,
+    KeyNotFoundError,
+    KMSError,
+    SchemaVersionError,
+    StorageError,
+    TransientStorageError,
+    UnknownKeyVersionError,
+    WrapperError,
+)
+from ._kms import KMS
+from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
+from ._types import ROOT_PURPOSE, Key, KeyVersion
+from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KMS",
+    "ROOT_PURPOSE",
+    "SCHEMA_VERSION",
+    "AeadWrapper",
+    "BlobInfo",
+    "ClosedError",
+    "DecryptionError",
+    "InvalidParameterError",
+    "KMSError",
+    "Key",
+    "KeyExistsError",
+    "KeyInUseError",
+    "KeyNotFoundError",
+    "KeyVersion",
+    "Migration",
+    "PooledWrapper",
+    "SchemaVersionError",
+    "StorageError",
+    "TransientStorageError",
+    "UnknownKeyVersionError",
+    "Wrapper",
+    "WrapperError",
+    "migrate",
+    "migrations",
+]

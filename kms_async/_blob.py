@@ -1,0 +1,253 @@
+"""The ``BlobInfo`` envelope: the protobuf message the Go package stores.
+
+Wrapped keys and data encrypted by the library are stored as the protobuf
+``github.com.hashicorp.go.kms.wrapping.v2.types.BlobInfo``. Only a handful of
+fields matter here, so the codec is written by hand instead of depending on
+protobuf: field 1 ``ciphertext`` (nonce || AES-GCM output), 2 ``iv``,
+3 ``hmac`` and 5 ``key_info`` whose field 3 ``key_id`` names the wrapping key.
+Encoding emits fields in ascending order and omits empty ones, as protobuf-go
+does, so the bytes match what the Go package writes. Decoding skips every
+field it does not use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+
+from ._errors import DecryptionError
+
+__all__ = ["BlobInfo", "NonceSource", "decode", "encode_prefix", "encode_suffix", "split_fast"]
+
+NONCE_SIZE = 12
+TAG_SIZE = 16
+
+_WIRE_VARINT = 0
+_WIRE_FIXED64 = 1
+_WIRE_LEN = 2
+_WIRE_FIXED32 = 5
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """An encrypted value and the id of the key that encrypted it.
+
+    ``ciphertext`` is the 12-byte nonce followed by the AES-GCM output for the
+    library's own wrappers; other wrappers (cloud KMS, HSM) may also use
+    ``iv``, ``hmac`` and ``wrapped_key``. ``mechanism`` and ``hmac_key_id``
+    carry the matching ``KeyInfo`` fields through unchanged.
+    """
+
+    ciphertext: bytes
+    key_id: str = ""
+    iv: bytes = b""
+    hmac: bytes = b""
+    wrapped_key: bytes = b""
+    mechanism: int = 0
+    hmac_key_id: str = ""
+
+    def __repr__(self) -> str:
+        return f"BlobInfo(key_id={self.key_id!r}, ciphertext=<{len(self.ciphertext)} bytes>)"
+
+    def to_bytes(self) -> bytes:
+        """Encode as the Go package's protobuf ``BlobInfo``."""
+        out = bytearray()
+        _put_bytes(out, 1, self.ciphertext)
+        _put_bytes(out, 2, self.iv)
+        _put_bytes(out, 3, self.hmac)
+        info = bytearray()
+        if self.mechanism:
+            info.append(0x08)
+            _put_varint(info, self.mechanism)
+        _put_bytes(info, 3, self.key_id.encode())
+        _put_bytes(info, 4, self.hmac_key_id.encode())
+        _put_bytes(info, 5, self.wrapped_key)
+        _put_bytes(out, 5, bytes(info))
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> BlobInfo:
+        """Decode a protobuf ``BlobInfo``.
+
+        Raises:
+            DecryptionError: ``data`` is not a well-formed BlobInfo.
+        """
+        return decode(data)
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _put_bytes(out: bytearray, field: int, value: bytes) -> None:
+    if value:
+        out.append((field << 3) | _WIRE_LEN)
+        _put_varint(out, len(value))
+        out += value
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    _put_varint(out, value)
+    return bytes(out)
+
+
+def encode_prefix(ciphertext_len: int) -> bytes:
+    """The bytes before field 1's payload for a ciphertext of that length."""
+    return b"\x0a" + _varint_bytes(ciphertext_len)
+
+
+def encode_suffix(key_id: str) -> bytes:
+    """The ``key_info`` field naming ``key_id``, which follows field 1."""
+    encoded = key_id.encode()
+    info = b"\x1a" + _varint_bytes(len(encoded)) + encoded
+    return b"\x2a" + _varint_bytes(len(info)) + info
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise _Malformed
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data: bytes | memoryview) -> list[tuple[int, int, object]]:
+    """Split a message into (field, wire type, value) triples."""
+    fields: list[tuple[int, int, object]] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        tag, pos = _read_varint(data, pos)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise _Malformed
+        value: object
+        if wire == _WIRE_VARINT:
+            value, pos = _read_varint(data, pos)
+        elif wire == _WIRE_LEN:
+            length, pos = _read_varint(data, pos)
+            if pos + length > end:
+                raise _Malformed
+            value = data[pos : pos + length]
+            pos += length
+        elif wire == _WIRE_FIXED64:
+            pos += 8
+            value = None
+        elif wire == _WIRE_FIXED32:
+            pos += 4
+            value = None
+        else:  # groups are not used by this message
+            raise _Malformed
+        if pos > end:
+            raise _Malformed
+        fields.append((field, wire, value))
+    return fields
+
+
+def decode(data: bytes | bytearray | memoryview) -> BlobInfo:
+    """Decode a BlobInfo, skipping unknown fields; raise DecryptionError if malformed."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecryptionError("ciphertext must be bytes")
+    values: dict[str, object] = {}
+    try:
+        for field, wire, value in _fields(memoryview(data)):
+            if wire == _WIRE_LEN and field in (1, 2, 3):
+                values[("ciphertext", "iv", "hmac")[field - 1]] = bytes(value)  # type: ignore[call-overload]
+            elif wire == _WIRE_LEN and field == 5:
+                for info_field, info_wire, info_value in _fields(value):  # type: ignore[arg-type]
+                    if info_wire == _WIRE_LEN and info_field in (3, 4):
+                        name = "key_id" if info_field == 3 else "hmac_key_id"
+                        values[name] = bytes(info_value).decode()  # type: ignore[call-overload]
+                    elif info_wire == _WIRE_LEN and info_field == 5:
+                        values["wrapped_key"] = bytes(info_value)  # type: ignore[call-overload]
+                    elif info_wire == _WIRE_VARINT and info_field == 1:
+                        values["mechanism"] = info_value
+            elif field in (1, 2, 3, 5):
+                # A known field with the wrong wire type is a corrupt message.
+                raise _Malformed
+    except (_Malformed, UnicodeDecodeError):
+        raise DecryptionError("ciphertext is not a valid BlobInfo envelope") from None
+    if "ciphertext" not in values:
+        raise DecryptionError("ciphertext is not a valid BlobInfo envelope")
+    return BlobInfo(**values)  # type: ignore[arg-type]
+
+
+def split_fast(data: bytes) -> tuple[memoryview, bytes] | None:
+    """Split the library's own envelope layout without a general parse.
+
+    Returns (field 1 payload, key id bytes) when ``data`` is exactly field 1
+    followed by a ``key_info`` holding only ``key_id``, which is what every
+    encrypt of this library writes; otherwise ``None`` and the caller falls
+    back to :func:`decode`.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0x0A:
+        return None
+    length = data[1]
+    pos = 2
+    if length >= 0x80:
+        second = data[2]
+        if second >= 0x80:
+            if n < 5 or data[3] >= 0x80:
+                return None
+            length = (length & 0x7F) | ((second & 0x7F) << 7) | (data[3] << 14)
+            pos = 4
+        else:
+            length = (length & 0x7F) | (second << 7)
+            pos = 3
+    end = pos + length
+    # key_info: 0x2a, len, 0x1a, len, id; key ids are short, so one-byte lengths.
+    if end + 4 > n or data[end] != 0x2A or data[end + 2] != 0x1A:
+        return None
+    if data[end + 1] != n - end - 2 or data[end + 3] != n - end - 4 or data[end + 1] >= 0x80:
+        return None
+    return memoryview(data)[pos:end], data[end + 4 :]
+
+
+class NonceSource:
+    """Hands out 96-bit random nonces from a buffer filled by the OS CSPRNG.
+
+    One ``os.urandom`` call costs about as much as a third of a small AES-GCM
+    round trip, so nonces are drawn in batches. Each buffer is paired with its
+    own counter and both are read together, so two threads can never receive
+    the same slice; a forked child discards the inherited buffer (see
+    ``os.register_at_fork`` below) so parent and child never share a nonce.
+    """
+
+    __slots__ = ("_state",)
+
+    _BATCH = 512
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = (os.urandom(NONCE_SIZE * self._BATCH), itertools.count(0, NONCE_SIZE))
+
+    def __call__(self) -> bytes:
+        buf, counter = self._state
+        i = next(counter)  # atomic under the GIL: each index is handed out once
+        if i < len(buf):
+            return buf[i : i + NONCE_SIZE]
+        self.reset()
+        return self()
+
+
+nonces = NonceSource()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=nonces.reset)

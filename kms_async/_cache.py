@@ -1,0 +1,160 @@
+"""Unwrapped key versions in memory: a bounded LRU with targeted invalidation.
+
+Entries are keyed by ``(scope, purpose)`` tuples, never concatenated strings,
+so no two pairs can collide. Each load is stamped with the scope's
+generation when it starts and is installed only if no invalidation of that
+scope happened meanwhile, which closes the race where a slow load started
+before a rotation overwrites the fresh keys installed after it. Concurrent
+misses for one pair share a single load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ._blob import encode_suffix
+
+__all__ = ["KeyCache", "PurposeKeys", "VersionKey"]
+
+CacheKey = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VersionKey:
+    """One unwrapped data key version. ``repr`` never shows the key."""
+
+    id: str
+    version: int
+    aead: AESGCM
+    key: bytes = dataclasses.field(repr=False)
+
+
+class PurposeKeys:
+    """The unwrapped versions of one (scope, purpose), newest first."""
+
+    __slots__ = ("aead", "by_id", "loaded_at", "suffix", "versions")
+
+    def __init__(self, versions: list[VersionKey], loaded_at: float = 0.0) -> None:
+        #: time.monotonic() of the database read these versions came from.
+        self.loaded_at = loaded_at
+        versions = sorted(versions, key=lambda v: v.version, reverse=True)
+        self.versions = tuple(versions)
+        newest = versions[0]
+        self.aead = newest.aead
+        # Encrypt appends this to every envelope: key_info naming the newest version.
+        self.suffix = encode_suffix(newest.id)
+        # Decrypt looks up the key id bytes straight from the envelope.
+        self.by_id = {v.id.encode(): v.aead for v in versions}
+
+    def __repr__(self) -> str:
+        return f"PurposeKeys(versions={[v.id for v in self.versions]!r})"
+
+    @property
+    def newest(self) -> VersionKey:
+        return self.versions[0]
+
+    def ids(self) -> set[str]:
+        return {v.id for v in self.versions}
+
+
+
+class KeyCache:
+    """LRU of :class:`PurposeKeys` plus an LRU of unwrapped root key versions."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.entries: collections.OrderedDict[CacheKey, PurposeKeys] = collections.OrderedDict()
+        self.roots: collections.OrderedDict[str, AESGCM] = collections.OrderedDict()
+        self._generation: dict[str, int] = {}
+        self._epoch = 0
+        self._loads: dict[CacheKey, asyncio.Future[PurposeKeys]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    # -- generations -------------------------------------------------------
+
+    def token(self, scope_id: str) -> tuple[int, int]:
+        return (self._epoch, self._generation.get(scope_id, 0))
+
+    def invalidate_scope(self, scope_id: str) -> None:
+        """Drop the scope's entries and make in-flight loads of it stale."""
+        self._generation[scope_id] = self._generation.get(scope_id, 0) + 1
+        for key in [k for k in self.entries if k[0] == scope_id]:
+            del self.entries[key]
+        if len(self._generation) > 4 * self.max_entries + 1024:
+            # Forget old counters; a new epoch keeps in-flight loads stale.
+            self._generation.clear()
+            self._epoch += 1
+
+    def clear(self) -> None:
+        """Drop everything, including unwrapped root keys."""
+        self.entries.clear()
+        self.roots.clear()
+        self._generation.clear()
+        self._epoch += 1
+
+    # -- entries -----------------------------------------------------------
+
+    def put(self, key: CacheKey, keys: PurposeKeys, token: tuple[int, int] | None = None) -> bool:
+        """Install ``keys`` unless the scope was invalidated since ``token``."""
+        if token is not None and token != self.token(key[0]):
+            return False
+        self.entries[key] = keys
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return True
+
+    def put_root(self, version_id: str, aead: AESGCM) -> None:
+        self.roots[version_id] = aead
+        self.roots.move_to_end(version_id)
+        while len(self.roots) > self.max_entries:
+            self.roots.popitem(last=False)
+
+    def get_root(self, version_id: str) -> AESGCM | None:
+        return self.roots.get(version_id)
+
+    # -- single-flight loads ----------------------------------------------
+
+    async def load(
+        self, key: CacheKey, loader: Callable[[], Awaitable[PurposeKeys]]
+    ) -> PurposeKeys:
+        """Run ``loader`` once for all concurrent misses of ``key`` and cache its result.
+
+        The load runs in its own task so that one cancelled waiter does not
+        cancel it for the others.
+        """
+        future = self._loads.get(key)
+        if future is None:
+            token = self.token(key[0])
+
+            async def run() -> PurposeKeys:
+                keys = await loader()
+                self.put(key, keys, token)
+                return keys
+
+            task = asyncio.ensure_future(run())
+            self._loads[key] = task
+            task.add_done_callback(lambda t: self._load_done(key, t))
+            future = task
+        return await asyncio.shield(future)
+
+    def _load_done(self, key: CacheKey, task: asyncio.Future[PurposeKeys]) -> None:
+        if self._loads.get(key) is task:
+            del self._loads[key]
+        if not task.cancelled():
+            # Mark the exception retrieved even if every waiter was cancelled.
+            task.exception()
+
+    async def drain(self) -> None:
+        """Cancel loads in flight (used by aclose)."""
+        loads = list(self._loads.values())
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)

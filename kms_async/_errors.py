@@ -1,0 +1,113 @@
+"""The exceptions kms_async raises.
+
+Every error the library raises derives from :class:`KMSError`; exceptions from
+the database drivers and from ``cryptography`` are translated at the edge of
+the layer that called them, with the original kept as ``__cause__``::
+
+    KMSError
+    ├── InvalidParameterError (ValueError)   bad argument; fix the call
+    ├── KeyNotFoundError (LookupError)       no such scope, purpose or version
+    ├── KeyExistsError                       create_keys for a scope that already has keys
+    ├── KeyInUseError                        revoke refused; something still uses the version
+    ├── DecryptionError                      bad tag, bad format, wrong AAD or wrong key
+    │   └── UnknownKeyVersionError           ciphertext names a version this scope and purpose lack
+    ├── WrapperError                         a wrapper (root key service, HSM) failed
+    ├── SchemaVersionError                   database schema missing or at another version
+    ├── StorageError                         the database failed
+    │   └── TransientStorageError            lost connection, lock timeout, serialization failure
+    └── ClosedError                          the KMS was used after aclose()
+
+``retryable`` is true on the errors that are worth retrying unchanged: the
+operation left nothing behind, and the same call may succeed on a second try.
+
+Messages never contain key material; they name the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClosedError",
+    "DecryptionError",
+    "InvalidParameterError",
+    "KMSError",
+    "KeyExistsError",
+    "KeyInUseError",
+    "KeyNotFoundError",
+    "SchemaVersionError",
+    "StorageError",
+    "TransientStorageError",
+    "UnknownKeyVersionError",
+    "WrapperError",
+]
+
+
+class KMSError(Exception):
+    """Base class of every error raised by kms_async."""
+
+    retryable: bool = False
+
+
+class InvalidParameterError(KMSError, ValueError):
+    """An argument is missing, malformed or not allowed."""
+
+
+class KeyNotFoundError(KMSError, LookupError):
+    """A scope, purpose, key or key version does not exist."""
+
+
+class KeyExistsError(KMSError):
+    """Keys already exist where the call would create them."""
+
+
+class KeyInUseError(KMSError):
+    """A key version cannot be revoked because something still depends on it."""
+
+
+class DecryptionError(KMSError):
+    """A ciphertext could not be decrypted.
+
+    Deliberately one opaque error for a bad tag, a malformed envelope, the
+    wrong AAD or the wrong key, so that callers cannot be used as an oracle.
+    """
+
+
+class UnknownKeyVersionError(DecryptionError, KeyNotFoundError):
+    """A ciphertext names a key version the scope and purpose do not have.
+
+    Either the version was revoked, or the ciphertext belongs to another scope
+    or purpose.
+    """
+
+
+class WrapperError(KMSError):
+    """A wrapper failed to encrypt or decrypt a key (for example a root key service)."""
+
+
+class SchemaVersionError(KMSError):
+    """The database schema is missing or is not the version this library needs.
+
+    ``found`` holds the version string read from the database, or ``None`` when
+    the schema tables do not exist.
+    """
+
+    def __init__(self, message: str, *, found: str | None = None) -> None:
+        super().__init__(message)
+        self.found = found
+
+
+class StorageError(KMSError):
+    """The database failed in a way the library cannot recover from."""
+
+
+class TransientStorageError(StorageError):
+    """The database failed in a way that a retry of the same call may fix.
+
+    Raised for lost connections, lock or busy timeouts, deadlocks and
+    serialization failures; the failed operation left nothing half-written.
+    """
+
+    retryable = True
+
+
+class ClosedError(KMSError):
+    """The KMS was used after ``aclose()``."""

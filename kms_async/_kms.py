@@ -1,0 +1,1125 @@
+"""The KMS facade: lifecycle, public operations and their transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import _repository as repo
+from ._blob import NONCE_SIZE, TAG_SIZE, BlobInfo, decode, encode_prefix, encode_suffix, nonces
+from ._blob import split_fast as _split_fast
+from ._cache import KeyCache, PurposeKeys, VersionKey
+from ._errors import (
+    ClosedError,
+    DecryptionError,
+    InvalidParameterError,
+    KeyExistsError,
+    KeyInUseError,
+    KeyNotFoundError,
+    KMSError,
+    SchemaVersionError,
+    StorageError,
+    TransientStorageError,
+    UnknownKeyVersionError,
+    WrapperError,
+)
+from ._ids import (
+    DATA_KEY_PREFIX,
+    DATA_KEY_VERSION_PREFIX,
+    ROOT_KEY_PREFIX,
+    ROOT_KEY_VERSION_PREFIX,
+    new_id,
+)
+from ._migrations import SCHEMA_VERSION
+from ._sql import Connection, Database, IntegrityError, open_database
+from ._types import ROOT_PURPOSE, Key, KeyVersion
+from ._wrappers import KEY_SIZE, AeadWrapper, PooledWrapper, Wrapper
+
+__all__ = ["KMS"]
+
+logger = logging.getLogger("kms_async")
+
+#: Longest scope id accepted, in UTF-8 bytes (PostgreSQL's btree limit is ~2.7 kB).
+MAX_SCOPE_BYTES = 1024
+#: Longest purpose accepted, in UTF-8 bytes.
+MAX_PURPOSE_BYTES = 256
+#: Optimistic writes (rewrap) retry this often when another writer got there first.
+_WRITE_ATTEMPTS = 5
+#: A ciphertext naming an unknown version reloads its scope at most this often.
+_RELOAD_SPACING = 0.2
+
+_VERSION_ID = re.compile(rb"kdkv_[A-Za-z0-9]{10}")
+
+
+def _show(value: str, limit: int = 80) -> str:
+    """repr() of an id for messages, shortened so hostile input stays readable."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _check_text(name: str, value: object, max_bytes: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidParameterError(f"{name} must be a str, not {type(value).__name__}")
+    if not value or not value.strip():
+        raise InvalidParameterError(f"missing {name}: it must not be empty or blank")
+    if "\x00" in value:
+        raise InvalidParameterError(f"{name} must not contain NUL characters")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidParameterError(f"{name} is not valid Unicode text") from None
+    if size > max_bytes:
+        raise InvalidParameterError(f"{name} is {size} bytes long; the limit is {max_bytes}")
+    return value
+
+
+def _check_scope(scope_id: object) -> str:
+    return _check_text("scope id", scope_id, MAX_SCOPE_BYTES)
+
+
+def _check_purpose_name(purpose: object) -> str:
+    _check_text("purpose", purpose, MAX_PURPOSE_BYTES)
+    assert isinstance(purpose, str)
+    if purpose.strip() != purpose:
+        raise InvalidParameterError(f"purpose {_show(purpose)} has surrounding whitespace")
+    return purpose
+
+
+def _envelope_header(length: int) -> bytes:
+    if length < 0x80:
+        return bytes((0x0A, length))
+    if length < 0x4000:
+        return bytes((0x0A, (length & 0x7F) | 0x80, length >> 7))
+    return encode_prefix(length)
+
+
+def _wrap_local(aead: AESGCM, key_id: str, plaintext: bytes) -> bytes:
+    """Wrap a key under a root key version, in the Go aead wrapper's format."""
+    nonce = nonces()
+    sealed = aead.encrypt(nonce, plaintext, None)
+    return b"".join((_envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, encode_suffix(key_id)))
+
+
+def _unwrap_local(aead: AESGCM, wrapping_id: str, version_id: str, wrapped: bytes) -> bytes:
+    """Unwrap a data key version stored under root key version ``wrapping_id``."""
+    blob = decode(wrapped)
+    if blob.key_id and blob.key_id != wrapping_id:
+        raise DecryptionError(
+            f"data key version {version_id} names wrapping key {_show(blob.key_id)} but its "
+            f"row names {wrapping_id}; the key tables were changed outside kms_async"
+        )
+    sealed = blob.ciphertext
+    try:
+        if len(sealed) < NONCE_SIZE + TAG_SIZE:
+            raise InvalidTag
+        key = aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], None)
+    except InvalidTag:
+        raise DecryptionError(
+            f"data key version {version_id} cannot be unwrapped with root key version "
+            f"{wrapping_id}; the key tables were changed or corrupted"
+        ) from None
+    if len(key) != KEY_SIZE:
+        raise DecryptionError(f"data key version {version_id} does not hold a {KEY_SIZE}-byte key")
+    return key
+
+
+class _Stale(Exception):
+    """Another writer changed the keys between an optimistic read and the write."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RewrapPlan:
+    """New wrappings computed outside the transaction, and what they assumed."""
+
+    root_key_id: str
+    target_root_version_id: str
+    root_updates: list[tuple[bytes, str, bytes]]  # new wrapped, id, old wrapped
+    data_updates: list[tuple[bytes, str, str, bytes]]  # new wrapped, root version, id, old
+
+    @property
+    def expected(self) -> tuple[set[tuple[str, bytes]], set[tuple[str, bytes]]]:
+        return (
+            {(u[1], u[2]) for u in self.root_updates},
+            {(u[2], u[3]) for u in self.data_updates},
+        )
+
+
+class KMS:
+    """Envelope-encryption keys for many scopes, kept in the application's database.
+
+    Open with :meth:`open`; use as ``async with await KMS.open(...) as kms`` or
+    call :meth:`aclose`. One instance is safe to share between all tasks of an
+    event loop.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        purposes: tuple[str, ...],
+        root_wrapper: Wrapper | None,
+        cache_size: int,
+        max_staleness: float | None,
+    ) -> None:
+        self._db = database
+        self._q = database.queries
+        self._purposes = purposes
+        self._wrappers: dict[str, Wrapper] = {}
+        if root_wrapper is not None:
+            self.add_external_wrapper(ROOT_PURPOSE, root_wrapper)
+        self._cache = KeyCache(cache_size)
+        # The hot path reads the LRU directly.
+        self._entries = self._cache.entries
+        self._max_staleness = max_staleness
+        self._seen_version: int | None = None
+        self._marker: object = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        db: object,
+        *,
+        purposes: Iterable[str],
+        root_wrapper: Wrapper | None = None,
+        table_prefix: str = "kms",
+        cache_size: int = 100_000,
+        max_staleness: float | None = 1.0,
+    ) -> KMS:
+        """Connect, check the schema and return a ready KMS.
+
+        Args:
+            db: a DSN (``postgresql://...``, ``sqlite:///file.db``), an asyncpg
+                ``Pool`` or an aiosqlite ``Connection``. A pool or connection
+                stays the caller's: ``aclose`` leaves it open.
+            purposes: the data key purposes this application uses, such as
+                ``["database", "oidc"]``. ``rootKey`` is reserved.
+            root_wrapper: the root of trust that wraps every root key; may
+                also be added later with ``add_external_wrapper("rootKey", w)``.
+            table_prefix: the tables' name prefix.
+            cache_size: how many (scope, purpose) pairs keep unwrapped keys.
+            max_staleness: seconds within which key changes made by other
+                processes reach this instance's cache; ``None`` turns the
+                background check off (a single process, or tests).
+
+        Raises:
+            InvalidParameterError: an argument is not usable.
+            SchemaVersionError: the schema is missing or at another version.
+            StorageError: the database cannot be reached.
+        """
+        if isinstance(purposes, str):
+            raise InvalidParameterError(
+                "purposes must be a list of purposes, not one string; write purposes=[...]"
+            )
+        checked: list[str] = []
+        for purpose in purposes:
+            _check_purpose_name(purpose)
+            if purpose == ROOT_PURPOSE:
+                raise InvalidParameterError(
+                    f"{ROOT_PURPOSE!r} is reserved for root keys and cannot be a data key purpose"
+                )
+            if purpose not in checked:
+                checked.append(purpose)
+        if not isinstance(cache_size, int) or cache_size < 1:
+            raise InvalidParameterError("cache_size must be a positive integer")
+        if max_staleness is not None and not (
+            isinstance(max_staleness, (int, float)) and max_staleness > 0
+        ):
+            raise InvalidParameterError("max_staleness must be a positive number of seconds or None")
+        database = await open_database(db, prefix=table_prefix)
+        try:
+            kms = cls(
+                database,
+                purposes=tuple(checked),
+                root_wrapper=root_wrapper,
+                cache_size=cache_size,
+                max_staleness=max_staleness,
+            )
+            await kms.validate_schema()
+            async with database.read() as conn:
+                kms._seen_version = await repo.collection_version(conn, kms._q)
+            kms._marker = await database.change_marker()
+        except BaseException:
+            await database.aclose()
+            raise
+        if max_staleness is not None:
+            kms._watcher = asyncio.get_running_loop().create_task(kms._watch())
+        logger.debug("kms_async: opened %s database, purposes %s", database.dialect, checked)
+        return kms
+
+    async def __aenter__(self) -> KMS:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Drop every cached key and close what the KMS opened. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cache.clear()
+        try:
+            if self._watcher is not None:
+                self._watcher.cancel()
+                await asyncio.gather(self._watcher, return_exceptions=True)
+            await self._cache.drain()
+        finally:
+            self._cache.clear()
+            await self._db.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._entries)} cached"
+        return f"<KMS {self._db.dialect} purposes={list(self._purposes)!r} {state}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this KMS was closed; open a new one with KMS.open()")
+
+    @property
+    def dialect(self) -> str:
+        """``"postgres"`` or ``"sqlite"``."""
+        return self._db.dialect
+
+    @property
+    def purposes(self) -> tuple[str, ...]:
+        """The data key purposes given to :meth:`open`, de-duplicated, in order."""
+        return self._purposes
+
+    # -- external wrappers -------------------------------------------------
+
+    def _check_known_purpose(self, purpose: object) -> str:
+        if not isinstance(purpose, str) or not purpose:
+            raise InvalidParameterError("missing purpose")
+        if purpose != ROOT_PURPOSE and purpose not in self._purposes:
+            raise InvalidParameterError(
+                f"{_show(purpose)} is not a supported key purpose; this KMS was opened with "
+                f"purposes={list(self._purposes)!r}"
+            )
+        return purpose
+
+    def add_external_wrapper(self, purpose: str, wrapper: Wrapper) -> None:
+        """Register the wrapper for ``purpose``; ``"rootKey"`` sets the root wrapper.
+
+        A wrapper replaces any registered before it; cached keys stay valid.
+        To replace the root of trust, register ``PooledWrapper(new, old)`` and
+        run :meth:`rewrap_keys` for every scope.
+
+        Raises:
+            InvalidParameterError: unknown purpose, or ``wrapper`` is not a Wrapper.
+        """
+        self._check_known_purpose(purpose)
+        if wrapper is None or not isinstance(wrapper, Wrapper):
+            raise InvalidParameterError(
+                "missing wrapper: pass an object with key_id, encrypt() and decrypt()"
+            )
+        self._wrappers[purpose] = wrapper
+
+    def get_external_wrapper(self, purpose: str) -> Wrapper:
+        """The wrapper registered for ``purpose``.
+
+        Raises:
+            InvalidParameterError: unknown purpose.
+            KeyNotFoundError: nothing registered for it.
+        """
+        self._check_known_purpose(purpose)
+        wrapper = self._wrappers.get(purpose)
+        if wrapper is None:
+            raise KeyNotFoundError(f"missing external wrapper for {purpose!r}")
+        return wrapper
+
+    def get_external_root_wrapper(self) -> Wrapper:
+        """The root wrapper.
+
+        Raises:
+            KeyNotFoundError: none registered.
+        """
+        wrapper = self._wrappers.get(ROOT_PURPOSE)
+        if wrapper is None:
+            raise KeyNotFoundError(
+                "missing external root wrapper: pass root_wrapper= to KMS.open() or call "
+                "add_external_wrapper('rootKey', wrapper)"
+            )
+        return wrapper
+
+    async def _wrap_root(self, key: bytes) -> bytes:
+        wrapper = self.get_external_root_wrapper()
+        try:
+            blob = await wrapper.encrypt(key)
+        except Exception as exc:
+            raise WrapperError(f"the root wrapper failed to wrap a new root key: {exc}") from exc
+        if not isinstance(blob, BlobInfo):
+            raise WrapperError(
+                f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
+            )
+        return blob.to_bytes()
+
+    async def _unwrap_root(self, version_id: str, version: int, wrapped: bytes) -> VersionKey:
+        cached = self._cache.get_root(version_id)
+        if cached is not None:
+            # A rotation caches its new root before the database numbers it.
+            return cached if cached.version == version else dataclasses.replace(cached, version=version)
+        wrapper = self.get_external_root_wrapper()
+        blob = decode(wrapped)
+        try:
+            key = await wrapper.decrypt(blob)
+        except Exception as exc:
+            raise WrapperError(
+                f"the root wrapper cannot unwrap root key version {version_id} (wrapped under "
+                f"key id {_show(blob.key_id)}); if the root key was replaced, register "
+                "PooledWrapper(new, old) until rewrap_keys() has run for every scope"
+            ) from exc
+        if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+            raise WrapperError(f"root key version {version_id} did not unwrap to a 32-byte key")
+        unwrapped = VersionKey(version_id, version, AESGCM(key), key)
+        self._cache.put_root(version_id, unwrapped)
+        return unwrapped
+
+    # -- schema ------------------------------------------------------------
+
+    async def validate_schema(self) -> str:
+        """Return the schema version, which must be ``v0.0.2``.
+
+        Raises:
+            SchemaVersionError: the tables are missing or at another version.
+        """
+        async with self._db.read() as conn:
+            version = await repo.schema_version(conn, self._q)
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"invalid schema version, expected version {SCHEMA_VERSION} and got {version}; "
+                "run kms_async.migrate() or apply the sql/ files with your migration tool",
+                found=version,
+            )
+        return version
+
+    # -- the hot path ------------------------------------------------------
+
+    async def encrypt(
+        self, scope_id: str, purpose: str, plaintext: bytes, *, aad: bytes | None = None
+    ) -> bytes:
+        """Encrypt ``plaintext`` with the newest key of (scope, purpose).
+
+        Returns the Go-compatible BlobInfo envelope naming the key version.
+        ``aad`` (optional) must be given again to decrypt.
+
+        Raises:
+            InvalidParameterError: bad scope, purpose, plaintext or aad.
+            KeyNotFoundError: the scope has no key for the purpose.
+        """
+        try:
+            keys = self._entries[(scope_id, purpose)]
+            self._entries.move_to_end((scope_id, purpose))
+        except KeyError:
+            keys = await self._purpose_keys(scope_id, purpose)
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        nonce = nonces()
+        try:
+            sealed = keys.aead.encrypt(nonce, plaintext, aad)
+        except TypeError:
+            raise InvalidParameterError("plaintext and aad must be bytes") from None
+        return b"".join((_envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, keys.suffix))
+
+    async def decrypt(
+        self, scope_id: str, purpose: str, ciphertext: bytes, *, aad: bytes | None = None
+    ) -> bytes:
+        """Decrypt what :meth:`encrypt` returned for the same scope and purpose.
+
+        A ciphertext whose key version belongs to another scope or purpose is
+        refused, never decrypted.
+
+        Raises:
+            DecryptionError: tampered, malformed, wrong AAD or wrong key.
+            UnknownKeyVersionError: the version is revoked or not this pair's.
+            InvalidParameterError: bad scope, purpose or argument types.
+            KeyNotFoundError: the scope has no key for the purpose.
+        """
+        try:
+            keys = self._entries[(scope_id, purpose)]
+            self._entries.move_to_end((scope_id, purpose))
+        except KeyError:
+            keys = await self._purpose_keys(scope_id, purpose)
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        parts = _split_fast(ciphertext) if type(ciphertext) is bytes else None
+        if parts is None:
+            blob = decode(ciphertext)
+            sealed: bytes | memoryview = blob.ciphertext
+            key_id = blob.key_id.encode()
+        else:
+            sealed, key_id = parts
+        aead = keys.by_id.get(key_id)
+        if aead is None:
+            aead = await self._unknown_version(scope_id, purpose, key_id)
+        if len(sealed) < NONCE_SIZE + TAG_SIZE:
+            raise DecryptionError("ciphertext is too short")
+        try:
+            return aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise DecryptionError(
+                "decryption failed: wrong AAD, wrong scope or purpose, or tampered ciphertext"
+            ) from None
+        except TypeError:
+            raise InvalidParameterError("aad must be bytes") from None
+
+    async def _purpose_keys(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """Cache miss: validate, then load once for every concurrent caller."""
+        self._check_open()
+        _check_scope(scope_id)
+        self._check_data_purpose(purpose)
+        return await self._cache.load(
+            (scope_id, purpose), lambda: self._load_purpose(scope_id, purpose)
+        )
+
+    def _check_data_purpose(self, purpose: object) -> str:
+        self._check_known_purpose(purpose)
+        if purpose == ROOT_PURPOSE:
+            raise InvalidParameterError(
+                f"{ROOT_PURPOSE!r} keys only wrap other keys; use a data key purpose"
+            )
+        assert isinstance(purpose, str)
+        return purpose
+
+    async def _load_purpose(self, scope_id: str, purpose: str) -> PurposeKeys:
+        # The connection goes back to the pool before any wrapper is called.
+        async with self._db.read() as conn:
+            rows = await repo.load_purpose(conn, self._q, scope_id, purpose)
+        roots = {}
+        for version_id, version, wrapped in rows.root_versions:
+            roots[version_id] = await self._unwrap_root(version_id, version, wrapped)
+        versions = []
+        for version_id, version, wrapped, root_version_id in rows.data_versions:
+            root = roots.get(root_version_id)
+            if root is None:
+                raise StorageError(
+                    f"data key version {version_id} points at a missing root key version"
+                )
+            key = _unwrap_local(root.aead, root_version_id, version_id, wrapped)
+            versions.append(VersionKey(version_id, version, AESGCM(key), key))
+        logger.debug(
+            "kms_async: loaded %d %r key versions of scope %s", len(versions), purpose, scope_id
+        )
+        return PurposeKeys(versions, loaded_at=time.monotonic())
+
+    async def _unknown_version(self, scope_id: str, purpose: str, key_id: bytes) -> AESGCM:
+        """A ciphertext names a version not in the cache: reload the pair once.
+
+        Reloads of one pair are spaced by ``_RELOAD_SPACING`` so that hostile
+        ciphertexts cannot turn every call into a database query.
+        """
+        if _VERSION_ID.fullmatch(key_id):
+            key = (scope_id, purpose)
+            current = self._entries.get(key)
+            if current is not None:
+                wait = current.loaded_at + _RELOAD_SPACING - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                current = self._entries.get(key)
+            if current is not None and key_id in current.by_id:
+                return current.by_id[key_id]
+            self._check_open()
+            keys = await self._cache.load(key, lambda: self._load_purpose(scope_id, purpose))
+            aead = keys.by_id.get(key_id)
+            if aead is not None:
+                return aead
+        raise UnknownKeyVersionError(
+            f"ciphertext names key version {_show(key_id.decode(errors='replace'))}, which "
+            f"{purpose!r} keys of scope {_show(scope_id)} do not have: it was revoked, or the "
+            "ciphertext belongs to another scope or purpose"
+        )
+
+    # -- wrappers for callers ---------------------------------------------
+
+    async def get_wrapper(
+        self, scope_id: str, purpose: str, *, key_version_id: str | None = None
+    ) -> Wrapper:
+        """A wrapper over the keys of (scope, purpose).
+
+        Without ``key_version_id``: a PooledWrapper that encrypts with the
+        newest version and decrypts with any. With it: that version alone.
+        For ``"rootKey"`` the wrappers hold the scope's root key versions.
+
+        Raises:
+            KeyNotFoundError: no such scope, purpose or version.
+            InvalidParameterError: bad arguments.
+        """
+        self._check_open()
+        _check_scope(scope_id)
+        self._check_known_purpose(purpose)
+        if key_version_id is not None and not isinstance(key_version_id, str):
+            raise InvalidParameterError("key_version_id must be a str")
+        if purpose == ROOT_PURPOSE:
+            versions = await self._root_versions(scope_id)
+        else:
+            keys = await self._purpose_keys(scope_id, purpose)
+            if key_version_id is not None and key_version_id.encode() not in keys.by_id:
+                with contextlib.suppress(UnknownKeyVersionError):
+                    await self._unknown_version(scope_id, purpose, key_version_id.encode())
+                keys = self._entries.get((scope_id, purpose), keys)
+            versions = list(keys.versions)
+        wrappers = [AeadWrapper._from_aead(v.aead, v.key, v.id) for v in versions]
+        if key_version_id is None:
+            return PooledWrapper(*wrappers)
+        for wrapper in wrappers:
+            if wrapper.key_id == key_version_id:
+                return wrapper
+        raise KeyNotFoundError(
+            f"unable to find specified key version ID {_show(key_version_id)} among the "
+            f"{purpose!r} keys of scope {_show(scope_id)}"
+        )
+
+    async def _root_versions(self, scope_id: str) -> list[VersionKey]:
+        async with self._db.read() as conn:
+            root_key_id, _ = await repo.require_root_key(conn, self._q, scope_id)
+            rows = await repo.root_key_versions(conn, self._q, root_key_id)
+        if not rows:
+            raise KeyNotFoundError(f"scope {_show(scope_id)} has no root key versions")
+        unwrapped = [await self._unwrap_root(r.id, r.version, r.wrapped) for r in rows]
+        return sorted(unwrapped, key=lambda v: v.version, reverse=True)
+
+    # -- argument checks for writes ---------------------------------------
+
+    def _check_purpose_list(self, purposes: Iterable[str] | None) -> list[str]:
+        if purposes is None:
+            return list(self._purposes)
+        if isinstance(purposes, (str, bytes)):
+            raise InvalidParameterError(
+                "purposes must be a list of purposes, not one string; write [purpose]"
+            )
+        checked: list[str] = []
+        for purpose in purposes:
+            if purpose == ROOT_PURPOSE:
+                raise InvalidParameterError(
+                    f"{ROOT_PURPOSE!r} is a reserved key purpose; root keys are made implicitly"
+                )
+            self._check_data_purpose(purpose)
+            if purpose in checked:
+                raise InvalidParameterError(f"duplicate key purpose {purpose!r}")
+            checked.append(purpose)
+        return checked
+
+    # -- writes ------------------------------------------------------------
+
+    async def create_keys(
+        self,
+        scope_id: str,
+        purposes: Iterable[str] | None = None,
+        *,
+        conn: Any = None,
+    ) -> None:
+        """Create the scope's root key and a data key for each purpose.
+
+        ``purposes`` defaults to every purpose of this KMS. With ``conn`` (your
+        asyncpg or aiosqlite connection inside your open transaction) the keys
+        commit or roll back with your work.
+
+        Raises:
+            InvalidParameterError: bad scope or purposes, or ``conn`` not in a transaction.
+            KeyExistsError: the scope already has keys.
+            KeyNotFoundError: no root wrapper is registered.
+            WrapperError: the root wrapper failed.
+        """
+        self._check_open()
+        _check_scope(scope_id)
+        wanted = self._check_purpose_list(purposes)
+        self.get_external_root_wrapper()
+        # Every wrapper call happens before the transaction opens, so no
+        # connection or lock is held while a root key service answers.
+        root_key = os.urandom(KEY_SIZE)
+        new_root = repo.NewRootKey(
+            new_id(ROOT_KEY_PREFIX), scope_id, new_id(ROOT_KEY_VERSION_PREFIX), b""
+        )
+        new_root = dataclasses.replace(new_root, wrapped=await self._wrap_root(root_key))
+        root = VersionKey(new_root.version_id, 1, AESGCM(root_key), root_key)
+        data: list[tuple[repo.NewDataKey, VersionKey]] = []
+        for purpose in wanted:
+            key = os.urandom(KEY_SIZE)
+            version_id = new_id(DATA_KEY_VERSION_PREFIX)
+            row = repo.NewDataKey(
+                new_id(DATA_KEY_PREFIX),
+                new_root.id,
+                purpose,
+                version_id,
+                new_root.version_id,
+                _wrap_local(root.aead, root.id, key),
+            )
+            data.append((row, VersionKey(version_id, 1, AESGCM(key), key)))
+        async with self._db.transaction(conn) as tx:
+            await repo.bump_collection_version(tx, self._q)
+            try:
+                await repo.insert_root_keys(tx, self._q, [new_root])
+            except IntegrityError as exc:
+                if exc.kind == "unique":
+                    raise KeyExistsError(
+                        f"scope {_show(scope_id)} already has keys; use rotate_keys() to make "
+                        "new versions or reconcile_keys() to add purposes"
+                    ) from exc
+                raise
+            await repo.insert_data_keys(tx, self._q, [row for row, _ in data])
+        self._cache.invalidate_scope(scope_id)
+        if conn is None:
+            # Committed: the first encrypt for the new scope needs no query.
+            self._cache.put_root(root.id, root)
+            for row, version in data:
+                self._cache.put((scope_id, row.purpose), PurposeKeys([version]))
+        logger.debug("kms_async: created keys for scope %s: %s", scope_id, wanted)
+
+    async def rotate_keys(self, scope_id: str, *, rewrap: bool = False, conn: Any = None) -> None:
+        """Add a new root key version and a new version of each data key.
+
+        New data is encrypted with the new versions; old versions still
+        decrypt. With ``rewrap=True`` every existing key version is also
+        re-wrapped (root versions by the current root wrapper, data versions
+        by the new root version). Only purposes this KMS was opened with are
+        rotated.
+
+        Raises:
+            KeyNotFoundError: the scope has no keys, or no root wrapper.
+            WrapperError: the root wrapper failed.
+            TransientStorageError: other writers kept changing the scope.
+        """
+        self._check_open()
+        _check_scope(scope_id)
+        self.get_external_root_wrapper()
+        root_key = os.urandom(KEY_SIZE)
+        root = VersionKey(new_id(ROOT_KEY_VERSION_PREFIX), 0, AESGCM(root_key), root_key)
+        wrapped_root = await self._wrap_root(root_key)
+        await self._write_with_retry(
+            scope_id, conn, rewrap, lambda tx, plan: self._rotate_in(tx, scope_id, root, wrapped_root, plan),
+            target=root,
+        )
+        self._cache.invalidate_scope(scope_id)
+        if conn is None:
+            self._cache.put_root(root.id, root)
+        logger.debug("kms_async: rotated keys of scope %s (rewrap=%s)", scope_id, rewrap)
+
+    async def _rotate_in(
+        self,
+        tx: Connection,
+        scope_id: str,
+        root: VersionKey,
+        wrapped_root: bytes,
+        plan: _RewrapPlan | None,
+    ) -> None:
+        q = self._q
+        root_key_id, _ = await repo.require_root_key(tx, q, scope_id)
+        await tx.execute(q.insert_root_key_version, root.id, root_key_id, wrapped_root)
+        new_versions = []
+        for data_key_id, purpose, _created in await repo.data_keys(tx, q, root_key_id):
+            if purpose in self._purposes:
+                key = os.urandom(KEY_SIZE)
+                new_versions.append(
+                    repo.NewDataKey(
+                        data_key_id,
+                        root_key_id,
+                        purpose,
+                        new_id(DATA_KEY_VERSION_PREFIX),
+                        root.id,
+                        _wrap_local(root.aead, root.id, key),
+                        new_key=False,
+                    )
+                )
+        await repo.insert_data_keys(tx, q, new_versions)
+        if plan is not None:
+            await self._apply_rewrap(tx, plan)
+
+    async def rewrap_keys(self, scope_id: str, *, conn: Any = None) -> None:
+        """Re-wrap every key version of the scope without making new versions.
+
+        Root key versions are re-wrapped by the current root wrapper (its
+        primary, for a PooledWrapper), and every data key version by the
+        newest root key version. Run it for every scope after replacing the
+        root wrapper; afterwards the old root key is no longer needed.
+
+        Raises:
+            KeyNotFoundError: the scope has no keys, or no root wrapper.
+            WrapperError: the root wrapper failed.
+            TransientStorageError: other writers kept changing the scope.
+        """
+        self._check_open()
+        _check_scope(scope_id)
+        self.get_external_root_wrapper()
+
+        async def apply(tx: Connection, plan: _RewrapPlan | None) -> None:
+            assert plan is not None
+            await self._apply_rewrap(tx, plan)
+
+        await self._write_with_retry(scope_id, conn, True, apply, target=None)
+        self._cache.invalidate_scope(scope_id)
+        logger.debug("kms_async: rewrapped keys of scope %s", scope_id)
+
+    async def _write_with_retry(
+        self,
+        scope_id: str,
+        conn: Any,
+        rewrap: bool,
+        body: Any,
+        *,
+        target: VersionKey | None,
+    ) -> None:
+        """Run ``body`` in a transaction, preparing a rewrap plan first if asked.
+
+        The plan is computed from an unlocked read, so wrapper calls never run
+        while a connection or the write lock is held; inside the transaction
+        the rows are read again and, if another writer changed them in
+        between, the transaction is abandoned and the plan rebuilt.
+        """
+        for _attempt in range(_WRITE_ATTEMPTS):
+            plan = await self._plan_rewrap(scope_id, conn, target) if rewrap else None
+            try:
+                async with self._db.transaction(conn) as tx:
+                    await repo.bump_collection_version(tx, self._q)
+                    if plan is not None:
+                        await self._check_plan(tx, plan)
+                    await body(tx, plan)
+                return
+            except _Stale:
+                continue
+        raise TransientStorageError(
+            f"the keys of scope {_show(scope_id)} kept changing while being rewrapped; retry"
+        )
+
+    async def _plan_rewrap(
+        self, scope_id: str, conn: Any, target: VersionKey | None
+    ) -> _RewrapPlan:
+        if conn is not None:
+            async with self._db.transaction(conn) as tx:
+                snapshot = await self._snapshot(tx, scope_id)
+        else:
+            async with self._db.read() as reader:
+                snapshot = await self._snapshot(reader, scope_id)
+        root_key_id, root_rows, data_rows = snapshot
+        if not root_rows:
+            raise KeyNotFoundError(f"scope {_show(scope_id)} has no root key versions")
+        wrapper = self.get_external_root_wrapper()
+        roots: dict[str, VersionKey] = {}
+        root_updates = []
+        for row in root_rows:
+            roots[row.id] = await self._unwrap_root(row.id, row.version, row.wrapped)
+            rewrapped = await self._wrap_root_with(wrapper, roots[row.id].key)
+            root_updates.append((rewrapped, row.id, row.wrapped))
+        goal = target if target is not None else roots[root_rows[-1].id]
+        data_updates = []
+        for d in data_rows:
+            parent = roots.get(d.root_key_version_id)
+            if parent is None:
+                raise StorageError(f"data key version {d.id} points at a missing root key version")
+            key = _unwrap_local(parent.aead, parent.id, d.id, d.wrapped)
+            data_updates.append((_wrap_local(goal.aead, goal.id, key), goal.id, d.id, d.wrapped))
+        return _RewrapPlan(root_key_id, goal.id, root_updates, data_updates)
+
+    async def _wrap_root_with(self, wrapper: Wrapper, key: bytes) -> bytes:
+        try:
+            blob = await wrapper.encrypt(key)
+        except Exception as exc:
+            raise WrapperError(f"the root wrapper failed to re-wrap a root key: {exc}") from exc
+        if not isinstance(blob, BlobInfo):
+            raise WrapperError(
+                f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
+            )
+        return blob.to_bytes()
+
+    async def _snapshot(
+        self, conn: Connection, scope_id: str
+    ) -> tuple[str, list[repo.RootKeyVersionRow], list[repo.DataKeyVersionRow]]:
+        root_key_id, _ = await repo.require_root_key(conn, self._q, scope_id)
+        return (
+            root_key_id,
+            await repo.root_key_versions(conn, self._q, root_key_id),
+            await repo.data_key_versions(conn, self._q, root_key_id),
+        )
+
+    async def _check_plan(self, tx: Connection, plan: _RewrapPlan) -> None:
+        root_rows = await repo.root_key_versions(tx, self._q, plan.root_key_id)
+        data_rows = await repo.data_key_versions(tx, self._q, plan.root_key_id)
+        now = ({(r.id, r.wrapped) for r in root_rows}, {(d.id, d.wrapped) for d in data_rows})
+        if now != plan.expected:
+            raise _Stale
+
+    async def _apply_rewrap(self, tx: Connection, plan: _RewrapPlan) -> None:
+        await tx.executemany(self._q.update_root_key_version_key, plan.root_updates)
+        await tx.executemany(self._q.update_data_key_version_key, plan.data_updates)
+
+    async def revoke_key_version(
+        self, key_version_id: str, *, scope_id: str | None = None, conn: Any = None
+    ) -> None:
+        """Delete one root or data key version for good.
+
+        Refused (nothing is deleted) for the newest version of a key, for a
+        root key version that data key versions still point at (run
+        :meth:`rewrap_keys` first), and for a data key version that
+        application rows still reference through a restrict foreign key
+        (re-encrypt them first). With ``scope_id`` the version must belong to
+        that scope.
+
+        Raises:
+            InvalidParameterError: not a key version id.
+            KeyNotFoundError: no such version (in that scope).
+            KeyInUseError: the version is still needed.
+        """
+        self._check_open()
+        if not isinstance(key_version_id, str) or not key_version_id:
+            raise InvalidParameterError("missing key version id")
+        if scope_id is not None:
+            _check_scope(scope_id)
+        is_root = key_version_id.startswith(ROOT_KEY_VERSION_PREFIX + "_")
+        if not is_root and not key_version_id.startswith(DATA_KEY_VERSION_PREFIX + "_"):
+            raise InvalidParameterError(
+                f"{_show(key_version_id)} is not a valid key version id: it must start with "
+                f"{ROOT_KEY_VERSION_PREFIX}_ or {DATA_KEY_VERSION_PREFIX}_"
+            )
+        q = self._q
+        async with self._db.transaction(conn) as tx:
+            await repo.bump_collection_version(tx, q)
+            if is_root:
+                row = await tx.fetchrow(q.root_key_version_for_revoke, key_version_id)
+            else:
+                row = await tx.fetchrow(q.data_key_version_for_revoke, key_version_id)
+            if row is None or (scope_id is not None and row[0] != scope_id):
+                where = "" if scope_id is None else f" in scope {_show(scope_id)}"
+                raise KeyNotFoundError(f"no key version {_show(key_version_id)}{where}")
+            owner = row[0]
+            if is_root:
+                _, newest, referencing = row
+                if newest:
+                    raise KeyInUseError(
+                        f"{key_version_id} is the newest root key version of scope "
+                        f"{_show(owner)}; rotate_keys() first"
+                    )
+                if referencing:
+                    raise KeyInUseError(
+                        f"{key_version_id} still wraps {referencing} data key version(s); run "
+                        f"rewrap_keys({_show(owner)}) so they move to the newest root key version"
+                    )
+                await tx.execute(q.delete_root_key_version, key_version_id)
+            else:
+                _, purpose, newest = row
+                if newest:
+                    raise KeyInUseError(
+                        f"{key_version_id} is the newest {purpose!r} key version of scope "
+                        f"{_show(owner)}; rotate_keys() first"
+                    )
+                try:
+                    await tx.execute(q.delete_data_key_version, key_version_id)
+                except IntegrityError as exc:
+                    if exc.kind != "foreign_key":
+                        raise
+                    raise KeyInUseError(
+                        f"{key_version_id} still protects application rows ({exc.detail}); "
+                        "re-encrypt them under the newest version before revoking it"
+                    ) from exc
+        self._cache.invalidate_scope(owner)
+        if is_root:
+            self._cache.roots.pop(key_version_id, None)
+        logger.debug("kms_async: revoked key version %s of scope %s", key_version_id, owner)
+
+    async def reconcile_keys(
+        self, scope_ids: Iterable[str], purposes: Iterable[str] | None = None
+    ) -> list[tuple[str, str]]:
+        """Create whatever keys are missing for the scopes and purposes.
+
+        A scope without any keys gets a root key too. All of it is one
+        transaction. ``purposes`` defaults to every purpose of this KMS.
+        Returns the (scope, purpose) pairs that were created, sorted.
+
+        Raises:
+            InvalidParameterError: bad scope ids or purposes.
+            KeyNotFoundError: no root wrapper is registered.
+            WrapperError: the root wrapper failed.
+        """
+        self._check_open()
+        if isinstance(scope_ids, (str, bytes)):
+            raise InvalidParameterError(
+                "scope_ids must be a list of scope ids, not one string; write [scope_id]"
+            )
+        scopes = list(dict.fromkeys(_check_scope(s) for s in scope_ids))
+        if not scopes:
+            raise InvalidParameterError("missing scope ids")
+        wanted = self._check_purpose_list(purposes)
+        if not wanted:
+            raise InvalidParameterError("missing purposes")
+        self.get_external_root_wrapper()
+        for _attempt in range(_WRITE_ATTEMPTS):
+            async with self._db.read() as reader:
+                missing = await repo.missing_data_keys(reader, self._q, scopes, wanted)
+                with_root = sorted({m[2] for m in missing if m[2] is not None})
+                latest = await repo.latest_root_key_versions(reader, self._q, with_root)
+            if not missing:
+                return []
+            roots: dict[str, VersionKey] = {}
+            for root_key_id, row in latest.items():
+                roots[root_key_id] = await self._unwrap_root(row.id, row.version, row.wrapped)
+            new_roots: dict[str, repo.NewRootKey] = {}
+            fresh: list[VersionKey] = []
+            for scope_id in dict.fromkeys(m[0] for m in missing if m[2] is None):
+                key = os.urandom(KEY_SIZE)
+                new_root = repo.NewRootKey(
+                    new_id(ROOT_KEY_PREFIX),
+                    scope_id,
+                    new_id(ROOT_KEY_VERSION_PREFIX),
+                    await self._wrap_root(key),
+                )
+                new_roots[scope_id] = new_root
+                roots[new_root.id] = VersionKey(new_root.version_id, 1, AESGCM(key), key)
+                fresh.append(roots[new_root.id])
+            rows = []
+            for scope_id, purpose, root_key_id in missing:
+                owner = root_key_id if root_key_id is not None else new_roots[scope_id].id
+                if owner not in roots:
+                    break  # a root key without versions appeared; read again
+                root = roots[owner]
+                rows.append(
+                    repo.NewDataKey(
+                        new_id(DATA_KEY_PREFIX),
+                        owner,
+                        purpose,
+                        new_id(DATA_KEY_VERSION_PREFIX),
+                        root.id,
+                        _wrap_local(root.aead, root.id, os.urandom(KEY_SIZE)),
+                    )
+                )
+            else:
+                try:
+                    async with self._db.transaction() as tx:
+                        await repo.bump_collection_version(tx, self._q)
+                        await repo.insert_root_keys(tx, self._q, list(new_roots.values()))
+                        await repo.insert_data_keys(tx, self._q, rows)
+                except IntegrityError as exc:
+                    # Another process created some of these keys, or revoked a
+                    # root version we used, since the read: read again.
+                    if exc.kind not in ("unique", "foreign_key"):
+                        raise
+                    continue
+                for version in fresh:
+                    self._cache.put_root(version.id, version)
+                for scope_id in {m[0] for m in missing}:
+                    self._cache.invalidate_scope(scope_id)
+                created = sorted((m[0], m[1]) for m in missing)
+                logger.debug("kms_async: reconcile created %d data keys", len(created))
+                return created
+        raise TransientStorageError("other processes kept creating the same keys; retry")
+
+    # -- reads -------------------------------------------------------------
+
+    async def list_keys(self, scope_id: str) -> list[Key]:
+        """The scope's root key and data keys with their versions, oldest first.
+
+        The root key comes first, then data keys by purpose.
+
+        Raises:
+            KeyNotFoundError: the scope has no keys.
+        """
+        self._check_open()
+        _check_scope(scope_id)
+        q = self._q
+        to_time = self._db.to_datetime
+        async with self._db.read() as conn:
+            root_key_id, root_created = await repo.require_root_key(conn, q, scope_id)
+            root_rows = await repo.root_key_versions(conn, q, root_key_id)
+            data_rows = await repo.data_keys(conn, q, root_key_id)
+            version_rows = await repo.data_key_versions(conn, q, root_key_id)
+        keys = [
+            Key(
+                id=root_key_id,
+                scope=scope_id,
+                type="kek",
+                purpose=ROOT_PURPOSE,
+                create_time=to_time(root_created),
+                versions=tuple(
+                    KeyVersion(r.id, r.version, to_time(r.create_time)) for r in root_rows
+                ),
+            )
+        ]
+        for data_key_id, purpose, created in sorted(data_rows, key=lambda r: r[1]):
+            versions = sorted(
+                (v for v in version_rows if v.data_key_id == data_key_id), key=lambda v: v.version
+            )
+            keys.append(
+                Key(
+                    id=data_key_id,
+                    scope=scope_id,
+                    type="dek",
+                    purpose=purpose,
+                    create_time=to_time(created),
+                    versions=tuple(
+                        KeyVersion(v.id, v.version, to_time(v.create_time)) for v in versions
+                    ),
+                )
+            )
+        return keys
+
+    async def list_data_key_version_referencers(self) -> list[str]:
+        """Tables with a foreign key to ``<prefix>_data_key_version``, each once, sorted."""
+        self._check_open()
+        async with self._db.read() as conn:
+            return await repo.referencing_tables(conn, self._q)
+
+    # -- keeping the cache fresh ------------------------------------------
+
+    async def _watch(self) -> None:
+        """Pick up other processes' key changes within ``max_staleness``."""
+        assert self._max_staleness is not None
+        interval = self._max_staleness / 2
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except KMSError as exc:
+                # Keep serving cached keys while the database is away.
+                logger.warning("kms_async: checking for key changes failed: %s", exc)
+
+    async def refresh(self) -> None:
+        """Check now for key changes made elsewhere and reload what changed.
+
+        The background check calls this every ``max_staleness / 2`` seconds;
+        cached keys keep serving while changed pairs reload.
+        """
+        self._check_open()
+        marker = await self._db.change_marker()
+        if marker is not None and marker == self._marker:
+            return
+        self._marker = marker
+        async with self._db.read() as conn:
+            version = await repo.collection_version(conn, self._q)
+        if version == self._seen_version:
+            return
+        self._seen_version = version
+        pairs = list(self._entries)
+        if not pairs:
+            return
+        async with self._db.read() as conn:
+            current = await repo.version_ids(conn, self._q, pairs)
+        for pair in pairs:
+            cached = self._entries.get(pair)
+            if cached is None:
+                continue
+            ids = current.get(pair)
+            if ids is None:
+                self._cache.invalidate_scope(pair[0])
+            elif ids != cached.ids():
+                scope_id, purpose = pair
+                try:
+                    await self._cache.load(pair, lambda s=scope_id, p=purpose: self._load_purpose(s, p))
+                except KeyNotFoundError:
+                    self._cache.invalidate_scope(scope_id)
+

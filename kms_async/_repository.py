@@ -1,0 +1,236 @@
+"""Rows to value objects and back. No cryptography happens here.
+
+Every function takes a connection from the SQL layer, so the same code runs
+inside the KMS's own transactions and inside a caller's (``conn=``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ._errors import KeyNotFoundError, SchemaVersionError, StorageError
+from ._sql import Connection, Queries
+
+__all__ = [
+    "DataKeyVersionRow",
+    "NewDataKey",
+    "NewRootKey",
+    "PurposeRows",
+    "RootKeyVersionRow",
+    "bump_collection_version",
+    "collection_version",
+    "data_key_versions",
+    "data_keys",
+    "insert_data_keys",
+    "insert_root_keys",
+    "latest_root_key_versions",
+    "load_purpose",
+    "missing_data_keys",
+    "referencing_tables",
+    "root_key",
+    "root_key_versions",
+    "schema_version",
+    "version_ids",
+]
+
+#: Scope ids per statement for the batched queries; keeps parameters small.
+BATCH = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RootKeyVersionRow:
+    id: str
+    version: int
+    wrapped: bytes
+    create_time: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DataKeyVersionRow:
+    id: str
+    data_key_id: str
+    root_key_version_id: str
+    version: int
+    wrapped: bytes
+    create_time: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PurposeRows:
+    """What a cold load of one (scope, purpose) needs."""
+
+    data_versions: list[tuple[str, int, bytes, str]]  # id, version, wrapped, root version id
+    root_versions: list[tuple[str, int, bytes]]  # id, version, wrapped
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewRootKey:
+    """A root key with its first version, already wrapped, ready to insert."""
+
+    id: str
+    scope_id: str
+    version_id: str
+    wrapped: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewDataKey:
+    """A data key version (and its data key when ``new_key``), ready to insert."""
+
+    key_id: str
+    root_key_id: str
+    purpose: str
+    version_id: str
+    root_key_version_id: str
+    wrapped: bytes
+    new_key: bool = True
+
+
+async def schema_version(conn: Connection, q: Queries) -> str:
+    rows = await conn.fetch(q.schema_version)
+    if len(rows) != 1:
+        raise SchemaVersionError(
+            f"{q.prefix}_schema_version holds {len(rows)} rows instead of one; "
+            "run kms_async.migrate() on a fresh database or restore the row",
+        )
+    return str(rows[0][0])
+
+
+async def collection_version(conn: Connection, q: Queries) -> int:
+    value = await conn.fetchval(q.collection_version)
+    if value is None:
+        raise StorageError(
+            f"{q.prefix}_collection_version has no row; re-run kms_async.migrate() "
+            "or insert the row (version 1) by hand"
+        )
+    return int(value)
+
+
+async def bump_collection_version(conn: Connection, q: Queries) -> None:
+    """Bump the change counter; first statement of every key write.
+
+    The update takes the row lock, so key writers across processes queue
+    here until commit; that is what keeps version numbers contiguous.
+    """
+    if await conn.execute(q.bump_collection_version) != 1:
+        raise StorageError(
+            f"{q.prefix}_collection_version must hold exactly one row; "
+            "re-run kms_async.migrate() or restore the row"
+        )
+
+
+async def root_key(conn: Connection, q: Queries, scope_id: str) -> tuple[str, Any] | None:
+    row = await conn.fetchrow(q.root_key_by_scope, scope_id)
+    return None if row is None else (row[0], row[1])
+
+
+async def require_root_key(conn: Connection, q: Queries, scope_id: str) -> tuple[str, Any]:
+    found = await root_key(conn, q, scope_id)
+    if found is None:
+        raise KeyNotFoundError(f"scope {scope_id!r} has no keys; create them with create_keys()")
+    return found
+
+
+async def root_key_versions(
+    conn: Connection, q: Queries, root_key_id: str
+) -> list[RootKeyVersionRow]:
+    rows = await conn.fetch(q.root_key_versions, root_key_id)
+    return [RootKeyVersionRow(r[0], int(r[1]), bytes(r[2]), r[3]) for r in rows]
+
+
+async def data_keys(conn: Connection, q: Queries, root_key_id: str) -> list[tuple[str, str, Any]]:
+    return [(r[0], r[1], r[2]) for r in await conn.fetch(q.data_keys, root_key_id)]
+
+
+async def data_key_versions(
+    conn: Connection, q: Queries, root_key_id: str
+) -> list[DataKeyVersionRow]:
+    rows = await conn.fetch(q.data_key_versions_of_root, root_key_id)
+    return [DataKeyVersionRow(r[0], r[1], r[2], int(r[3]), bytes(r[4]), r[5]) for r in rows]
+
+
+async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str) -> PurposeRows:
+    """The purpose's data key versions and the root versions wrapping them.
+
+    Raises:
+        KeyNotFoundError: the scope has no keys, or none for this purpose.
+    """
+    rows = await conn.fetch(q.load_purpose, scope_id, purpose)
+    data = [(r[1], int(r[2]), bytes(r[3]), r[4]) for r in rows if r[0] == "d"]
+    roots = [(r[1], int(r[2]), bytes(r[3])) for r in rows if r[0] == "r"]
+    if not data:
+        found = await conn.fetchrow(q.scope_has_purpose, scope_id, purpose)
+        if found is None:
+            raise KeyNotFoundError(
+                f"scope {scope_id!r} has no keys; create them with create_keys()"
+            )
+        raise KeyNotFoundError(
+            f"scope {scope_id!r} has no {purpose!r} key; add it with reconcile_keys()"
+        )
+    return PurposeRows(data, roots)
+
+
+async def insert_root_keys(conn: Connection, q: Queries, keys: Sequence[NewRootKey]) -> None:
+    await conn.executemany(q.insert_root_key, [(k.id, k.scope_id) for k in keys])
+    await conn.executemany(
+        q.insert_root_key_version, [(k.version_id, k.id, k.wrapped) for k in keys]
+    )
+
+
+async def insert_data_keys(conn: Connection, q: Queries, keys: Sequence[NewDataKey]) -> None:
+    await conn.executemany(
+        q.insert_data_key, [(k.key_id, k.root_key_id, k.purpose) for k in keys if k.new_key]
+    )
+    await conn.executemany(
+        q.insert_data_key_version,
+        [(k.version_id, k.key_id, k.root_key_version_id, k.wrapped) for k in keys],
+    )
+
+
+async def missing_data_keys(
+    conn: Connection, q: Queries, scope_ids: Sequence[str], purposes: Sequence[str]
+) -> list[tuple[str, str, str | None]]:
+    """(scope, purpose, root key id or None) for every pair without a data key."""
+    missing = []
+    for start in range(0, len(scope_ids), BATCH):
+        batch = scope_ids[start : start + BATCH]
+        rows = await conn.fetch(q.missing_data_keys, q.array(batch), q.array(purposes))
+        missing.extend((r[0], r[1], r[2]) for r in rows)
+    return missing
+
+
+async def latest_root_key_versions(
+    conn: Connection, q: Queries, root_key_ids: Sequence[str]
+) -> dict[str, RootKeyVersionRow]:
+    """root key id -> its newest version."""
+    latest: dict[str, RootKeyVersionRow] = {}
+    for start in range(0, len(root_key_ids), BATCH):
+        batch = root_key_ids[start : start + BATCH]
+        for r in await conn.fetch(q.latest_root_key_versions, q.array(batch)):
+            latest[r[0]] = RootKeyVersionRow(r[1], int(r[3]), bytes(r[2]), None)
+    return latest
+
+
+async def referencing_tables(conn: Connection, q: Queries) -> list[str]:
+    rows = await conn.fetch(q.referencing_tables, q.data_key_version_table)
+    return [r[0] for r in rows]
+
+
+async def version_ids(
+    conn: Connection, q: Queries, pairs: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], set[str]]:
+    """The data key version ids each (scope, purpose) has now; absent pairs are missing."""
+    pairs = list(pairs)
+    found: dict[tuple[str, str], set[str]] = {}
+    for start in range(0, len(pairs), BATCH):
+        batch = pairs[start : start + BATCH]
+        rows = await conn.fetch(
+            q.version_ids_of_pairs,
+            q.array([p[0] for p in batch]),
+            q.array([p[1] for p in batch]),
+        )
+        for scope_id, purpose, version_id in rows:
+            found.setdefault((scope_id, purpose), set()).add(version_id)
+    return found

@@ -1,0 +1,228 @@
+"""The driver-neutral seam between the repository and the database drivers.
+
+A dialect gives the repository connections with five calls (fetch, fetchrow,
+fetchval, execute, executemany), a way to read and a way to write in one
+transaction, and the SQL text for every statement. Statements are written
+once with ``$n`` placeholders in :class:`Queries`; a dialect overrides the
+ones its database spells differently and translates placeholders if needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal, Protocol
+
+from .._errors import InvalidParameterError, StorageError
+
+__all__ = [
+    "Connection",
+    "Database",
+    "IntegrityError",
+    "Queries",
+    "Row",
+    "validate_prefix",
+]
+
+Row = Sequence[Any]
+
+_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,19}")
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it is a safe table prefix, else raise InvalidParameterError."""
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        raise InvalidParameterError(
+            "table_prefix must be 1-20 characters of lower-case letters, digits and "
+            f"underscores, starting with a letter; got {prefix!r}"
+        )
+    return prefix
+
+
+class IntegrityError(StorageError):
+    """A constraint rejected a statement; ``kind`` says which sort of constraint.
+
+    Internal: the repository turns the kinds it expects into public errors
+    (a restrict foreign key into KeyInUseError, a unique violation into
+    KeyExistsError) and lets the rest surface as StorageError.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        kind: Literal["foreign_key", "unique", "check", "not_null", "other"],
+        detail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.detail = detail
+
+
+class Connection(Protocol):
+    """One database connection, with driver errors already translated."""
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; return the number of rows it changed."""
+        ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+class Database(Protocol):
+    """A database the KMS keeps its keys in."""
+
+    dialect: Literal["postgres", "sqlite"]
+    queries: Queries
+
+    def read(self) -> AbstractAsyncContextManager[Connection]:
+        """A connection that sees committed data, for reads outside transactions."""
+        ...
+
+    def transaction(self, conn: object | None = None) -> AbstractAsyncContextManager[Connection]:
+        """A connection inside a transaction.
+
+        With ``conn`` (the caller's driver connection, already inside the
+        caller's transaction) the statements join that transaction and the
+        caller commits or rolls back. Without it the database opens a
+        transaction that commits when the block exits normally and rolls back
+        otherwise, also on cancellation.
+        """
+        ...
+
+    def listen(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[str]] | None:
+        """Notifications on ``channel``, or None where the dialect has none."""
+        ...
+
+    async def change_marker(self) -> object:
+        """A cheap value that changes when another connection commits, or None."""
+        ...
+
+    def to_datetime(self, value: Any) -> datetime.datetime: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Queries:
+    """The SQL text of every statement, for one table prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        p = validate_prefix(prefix)
+        self.prefix = p
+        self.data_key_version_table = f"{p}_data_key_version"
+
+        self.schema_version = f"select version from {p}_schema_version"
+        self.collection_version = f"select version from {p}_collection_version"
+        self.bump_collection_version = (
+            f"update {p}_collection_version set version = version + 1"
+        )
+
+        self.insert_root_key = f"insert into {p}_root_key (private_id, scope_id) values ($1, $2)"
+        self.insert_root_key_version = (
+            f"insert into {p}_root_key_version (private_id, root_key_id, key) values ($1, $2, $3)"
+        )
+        self.insert_data_key = (
+            f"insert into {p}_data_key (private_id, root_key_id, purpose) values ($1, $2, $3)"
+        )
+        self.insert_data_key_version = (
+            f"insert into {p}_data_key_version"
+            " (private_id, data_key_id, root_key_version_id, key) values ($1, $2, $3, $4)"
+        )
+
+        self.root_key_by_scope = (
+            f"select private_id, create_time from {p}_root_key where scope_id = $1"
+        )
+        self.root_key_versions = (
+            f"select private_id, version, key, create_time from {p}_root_key_version"
+            " where root_key_id = $1 order by version"
+        )
+        self.data_keys = (
+            f"select private_id, purpose, create_time from {p}_data_key where root_key_id = $1"
+        )
+        self.data_key_versions_of_root = (
+            "select v.private_id, v.data_key_id, v.root_key_version_id, v.version, v.key,"
+            f" v.create_time from {p}_data_key_version v"
+            f" join {p}_data_key k on k.private_id = v.data_key_id"
+            " where k.root_key_id = $1 order by v.data_key_id, v.version"
+        )
+
+        # One round trip for a cold (scope, purpose): the purpose's data key
+        # versions and only the root key versions that wrap them.
+        self.load_purpose = (
+            "select 'd', v.private_id, v.version, v.key, v.root_key_version_id"
+            f" from {p}_root_key r"
+            f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = $2"
+            f" join {p}_data_key_version v on v.data_key_id = k.private_id"
+            " where r.scope_id = $1"
+            " union all"
+            " select 'r', rv.private_id, rv.version, rv.key, null"
+            f" from {p}_root_key r"
+            f" join {p}_root_key_version rv on rv.root_key_id = r.private_id"
+            " where r.scope_id = $1 and rv.private_id in ("
+            f"  select v.root_key_version_id from {p}_data_key k"
+            f"  join {p}_data_key_version v on v.data_key_id = k.private_id"
+            "   where k.root_key_id = r.private_id and k.purpose = $2)"
+        )
+        self.scope_has_purpose = (
+            f"select r.private_id, k.private_id from {p}_root_key r"
+            f" left join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = $2"
+            " where r.scope_id = $1"
+        )
+
+        self.update_root_key_version_key = (
+            f"update {p}_root_key_version set key = $1 where private_id = $2 and key = $3"
+        )
+        self.update_data_key_version_key = (
+            f"update {p}_data_key_version set key = $1, root_key_version_id = $2"
+            " where private_id = $3 and key = $4"
+        )
+
+        self.root_key_version_for_revoke = (
+            "select r.scope_id,"
+            f" (select max(x.version) from {p}_root_key_version x"
+            "   where x.root_key_id = v.root_key_id) = v.version,"
+            f" (select count(*) from {p}_data_key_version d"
+            "   where d.root_key_version_id = v.private_id)"
+            f" from {p}_root_key_version v join {p}_root_key r on r.private_id = v.root_key_id"
+            " where v.private_id = $1"
+        )
+        self.data_key_version_for_revoke = (
+            "select r.scope_id, k.purpose,"
+            f" (select max(x.version) from {p}_data_key_version x"
+            "   where x.data_key_id = v.data_key_id) = v.version"
+            f" from {p}_data_key_version v"
+            f" join {p}_data_key k on k.private_id = v.data_key_id"
+            f" join {p}_root_key r on r.private_id = k.root_key_id"
+            " where v.private_id = $1"
+        )
+        self.delete_root_key_version = f"delete from {p}_root_key_version where private_id = $1"
+        self.delete_data_key_version = f"delete from {p}_data_key_version where private_id = $1"
+
+        # Fingerprints of cached (scope, purpose) pairs, to find what another
+        # process changed: newest data key version id and the version count.
+        self.purpose_fingerprint = (
+            "select max(v.version), count(v.private_id),"
+            f" (select y.private_id from {p}_data_key_version y"
+            "   where y.data_key_id = k.private_id order by y.version desc limit 1)"
+            f" from {p}_root_key r"
+            f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = $2"
+            f" join {p}_data_key_version v on v.data_key_id = k.private_id"
+            " where r.scope_id = $1 group by k.private_id"
+        )
+
+    # Statements whose text differs between dialects; set by subclasses.
+    missing_data_keys: str
+    latest_root_key_versions: str
+    referencing_tables: str
+    version_ids_of_pairs: str
+
+    def array(self, values: Sequence[Any]) -> Any:
+        """Bind a list as one parameter (PostgreSQL arrays; SQLite overrides with JSON)."""
+        return list(values)

@@ -1,0 +1,221 @@
+"""PostgreSQL through asyncpg."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+import asyncpg
+
+from .._errors import (
+    InvalidParameterError,
+    KMSError,
+    SchemaVersionError,
+    StorageError,
+    TransientStorageError,
+)
+from ._base import IntegrityError, Queries, Row
+
+__all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
+
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "55P03")
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn asyncpg and socket errors into KMSError subclasses, keeping the cause."""
+    try:
+        yield
+    except KMSError:
+        raise
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        kinds: dict[type[Exception], Literal["foreign_key", "unique", "check", "not_null"]] = {
+            asyncpg.ForeignKeyViolationError: "foreign_key",
+            asyncpg.UniqueViolationError: "unique",
+            asyncpg.CheckViolationError: "check",
+            asyncpg.NotNullViolationError: "not_null",
+        }
+        kind = kinds.get(type(exc), "other")
+        raise IntegrityError(
+            f"database constraint failed: {exc}", kind, getattr(exc, "detail", "") or ""
+        ) from exc
+    except asyncpg.UndefinedTableError as exc:
+        raise SchemaVersionError(
+            f"kms tables are missing ({exc}); run kms_async.migrate() or apply sql/postgres/"
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        sqlstate = getattr(exc, "sqlstate", "") or ""
+        if sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES):
+            raise TransientStorageError(f"database temporarily failed, retry: {exc}") from exc
+        raise StorageError(f"database error: {exc}") from exc
+    except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        # Lost or closed connections surface here; the statement did not commit.
+        raise TransientStorageError(f"database connection failed, retry: {exc}") from exc
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise TransientStorageError(f"cannot reach the database, retry: {exc}") from exc
+
+
+def _rowcount(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "UPDATE 1" or "INSERT 0 1".
+    tail = status.rpartition(" ")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+class _PgConnection:
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        with translate_errors():
+            return list(await self._conn.fetch(sql, *args))
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        with translate_errors():
+            row = await self._conn.fetchrow(sql, *args)
+            return row  # type: ignore[no-any-return]
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        with translate_errors():
+            return await self._conn.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        with translate_errors():
+            return _rowcount(await self._conn.execute(sql, *args))
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            with translate_errors():
+                await self._conn.executemany(sql, rows)
+
+
+class PostgresQueries(Queries):
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix)
+        p = self.prefix
+        self.missing_data_keys = (
+            "select s.scope_id, pu.purpose, r.private_id"
+            " from unnest($1::text[]) as s(scope_id)"
+            " cross join unnest($2::text[]) as pu(purpose)"
+            f" left join {p}_root_key r on r.scope_id = s.scope_id"
+            f" left join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = pu.purpose"
+            " where k.private_id is null"
+        )
+        self.latest_root_key_versions = (
+            "select distinct on (root_key_id) root_key_id, private_id, key, version"
+            f" from {p}_root_key_version where root_key_id = any($1::text[])"
+            " order by root_key_id, version desc"
+        )
+        # pg_constraint instead of information_schema: it is not filtered by
+        # privileges and it includes foreign keys declared without a column.
+        self.referencing_tables = (
+            "select distinct c.conrelid::regclass::text from pg_constraint c"
+            " where c.contype = 'f' and c.confrelid = to_regclass($1)"
+            " and c.conrelid <> c.confrelid order by 1"
+        )
+        self.version_ids_of_pairs = (
+            "select c.scope_id, c.purpose, v.private_id"
+            " from unnest($1::text[], $2::text[]) as c(scope_id, purpose)"
+            f" join {p}_root_key r on r.scope_id = c.scope_id"
+            f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = c.purpose"
+            f" join {p}_data_key_version v on v.data_key_id = k.private_id"
+        )
+
+
+class PostgresDatabase:
+    """Keys in PostgreSQL, through an asyncpg pool."""
+
+    dialect: Literal["postgres"] = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool, *, prefix: str, owns_pool: bool) -> None:
+        self.queries = PostgresQueries(prefix)
+        self._pool = pool
+        self._owns_pool = owns_pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, prefix: str) -> PostgresDatabase:
+        with translate_errors():
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10)
+        return cls(pool, prefix=prefix, owns_pool=True)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[_PgConnection]:
+        with translate_errors():
+            async with self._pool.acquire() as conn:
+                yield _PgConnection(conn)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, conn: object | None = None) -> AsyncIterator[_PgConnection]:
+        if conn is not None:
+            in_transaction = getattr(conn, "is_in_transaction", None)
+            if in_transaction is None:
+                raise InvalidParameterError(
+                    "conn must be an asyncpg connection for a PostgreSQL KMS, "
+                    f"not {type(conn).__name__}"
+                )
+            if not in_transaction():
+                raise InvalidParameterError(
+                    "conn has no open transaction; call inside `async with conn.transaction():` "
+                    "or leave conn out to let the KMS use its own"
+                )
+            # A savepoint: if this operation fails, the caller's transaction
+            # stays usable and keeps none of its statements.
+            inner = _PgConnection(conn)
+            await inner.execute("savepoint kms_async_op")
+            try:
+                yield inner
+            except BaseException:
+                with contextlib.suppress(KMSError):
+                    await asyncio.shield(inner.execute("rollback to savepoint kms_async_op"))
+                raise
+            await inner.execute("release savepoint kms_async_op")
+            return
+        with translate_errors():
+            async with self._pool.acquire() as raw, raw.transaction():
+                yield _PgConnection(raw)
+
+    @contextlib.asynccontextmanager
+    async def _listen(self, channel: str) -> AsyncIterator[AsyncIterator[str]]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            queue.put_nowait(payload)
+
+        with translate_errors():
+            conn = await self._pool.acquire()
+        try:
+            with translate_errors():
+                await conn.add_listener(channel, on_notify)
+
+            async def payloads() -> AsyncIterator[str]:
+                while True:
+                    yield await queue.get()
+
+            yield payloads()
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(channel, on_notify)
+            await self._pool.release(conn)
+
+    def listen(self, channel: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[str]]:
+        return self._listen(channel)
+
+    async def change_marker(self) -> object:
+        return None
+
+    def to_datetime(self, value: Any) -> datetime.datetime:
+        assert isinstance(value, datetime.datetime)
+        return value
+
+    async def aclose(self) -> None:
+        if self._owns_pool:
+            with translate_errors():
+                await self._pool.close()

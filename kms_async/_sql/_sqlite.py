@@ -1,0 +1,279 @@
+"""SQLite through aiosqlite."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+import aiosqlite
+
+from .._errors import (
+    InvalidParameterError,
+    KMSError,
+    SchemaVersionError,
+    StorageError,
+    TransientStorageError,
+)
+from ._base import IntegrityError, Queries, Row
+
+__all__ = ["SqliteDatabase", "SqliteQueries", "translate_errors"]
+
+BUSY_TIMEOUT_MS = 5000
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def _to_sqlite(sql: str) -> str:
+    # Statements are written with $n; SQLite spells numbered parameters ?n.
+    return _PLACEHOLDER.sub(r"?\1", sql)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn sqlite3/aiosqlite errors into KMSError subclasses, keeping the cause."""
+    try:
+        yield
+    except KMSError:
+        raise
+    except sqlite3.IntegrityError as exc:
+        text = str(exc)
+        kind: Literal["foreign_key", "unique", "check", "not_null", "other"] = "other"
+        if text.startswith("FOREIGN KEY"):
+            kind = "foreign_key"
+        elif text.startswith("UNIQUE"):
+            kind = "unique"
+        elif text.startswith("CHECK"):
+            kind = "check"
+        elif text.startswith("NOT NULL"):
+            kind = "not_null"
+        raise IntegrityError(f"database constraint failed: {text}", kind, text) from exc
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "no such table" in text:
+            raise SchemaVersionError(
+                f"kms tables are missing ({text}); run kms_async.migrate() or apply sql/sqlite/"
+            ) from exc
+        if "locked" in text or "busy" in text:
+            raise TransientStorageError(f"database is busy, retry: {text}") from exc
+        raise StorageError(f"database error: {text}") from exc
+    except sqlite3.Error as exc:
+        raise StorageError(f"database error: {exc}") from exc
+    except ValueError as exc:
+        # aiosqlite reports a closed connection as ValueError.
+        raise StorageError(f"database connection is closed: {exc}") from exc
+
+
+class _SqliteConnection:
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        with translate_errors():
+            return list(await self._conn.execute_fetchall(_to_sqlite(sql), args))
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else row[0]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        with translate_errors():
+            cursor = await self._conn.execute(_to_sqlite(sql), args)
+            count = cursor.rowcount
+            await cursor.close()
+            return count
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            with translate_errors():
+                await self._conn.executemany(_to_sqlite(sql), rows)
+
+
+class SqliteQueries(Queries):
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix)
+        p = self.prefix
+        self.missing_data_keys = (
+            "select s.value, pu.value, r.private_id"
+            " from json_each($1) s cross join json_each($2) pu"
+            f" left join {p}_root_key r on r.scope_id = s.value"
+            f" left join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = pu.value"
+            " where k.private_id is null"
+        )
+        self.latest_root_key_versions = (
+            "select v.root_key_id, v.private_id, v.key, v.version"
+            f" from {p}_root_key_version v join json_each($1) j on j.value = v.root_key_id"
+            f" where v.version = (select max(x.version) from {p}_root_key_version x"
+            "  where x.root_key_id = v.root_key_id)"
+        )
+        # Matching on the target table alone also finds foreign keys declared
+        # without a column, whose "to" column pragma_foreign_key_list leaves null.
+        self.referencing_tables = (
+            "select distinct m.name from sqlite_master m, pragma_foreign_key_list(m.name) f"
+            " where m.type = 'table' and lower(f.\"table\") = lower($1)"
+            " and lower(m.name) <> lower($1) order by 1"
+        )
+        self.version_ids_of_pairs = (
+            "select s.value, pu.value, v.private_id"
+            " from json_each($1) s join json_each($2) pu on pu.key = s.key"
+            f" join {p}_root_key r on r.scope_id = s.value"
+            f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = pu.value"
+            f" join {p}_data_key_version v on v.data_key_id = k.private_id"
+        )
+
+    def array(self, values: Sequence[Any]) -> Any:
+        return json.dumps(list(values))
+
+
+async def _configure(conn: aiosqlite.Connection) -> None:
+    with translate_errors():
+        await conn.execute("pragma foreign_keys = on")
+        await conn.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
+class SqliteDatabase:
+    """Keys in SQLite: one writer connection guarded by a lock, and a reader.
+
+    The lock is held for a whole transaction so that two tasks never
+    interleave statements on the writer. Writes begin with BEGIN IMMEDIATE,
+    which takes SQLite's write lock up front: concurrent writers in other
+    processes wait (busy timeout) instead of failing halfway through.
+    """
+
+    dialect: Literal["sqlite"] = "sqlite"
+
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection | None,
+        *,
+        prefix: str,
+        owns_connections: bool,
+    ) -> None:
+        self.queries = SqliteQueries(prefix)
+        self._writer = writer
+        self._reader = reader
+        self._owns = owns_connections
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, path: str, *, prefix: str) -> SqliteDatabase:
+        memory = path == ":memory:" or path.startswith("file::memory:")
+        with translate_errors():
+            writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await _configure(writer)
+            reader = None
+            if not memory:
+                with translate_errors():
+                    await writer.execute("pragma journal_mode = wal")
+                    reader = await aiosqlite.connect(path, isolation_level=None)
+                await _configure(reader)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader, prefix=prefix, owns_connections=True)
+
+    @classmethod
+    async def from_connection(cls, conn: aiosqlite.Connection, *, prefix: str) -> SqliteDatabase:
+        await _configure(conn)
+        return cls(conn, None, prefix=prefix, owns_connections=False)
+
+    @property
+    def connection(self) -> aiosqlite.Connection:
+        return self._writer
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[_SqliteConnection]:
+        if self._reader is not None:
+            yield _SqliteConnection(self._reader)
+            return
+        # A shared connection may be inside another task's transaction; wait
+        # for it so reads never see (and cache) keys that may roll back.
+        async with self._lock:
+            yield _SqliteConnection(self._writer)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, conn: object | None = None) -> AsyncIterator[_SqliteConnection]:
+        if conn is not None:
+            if not isinstance(conn, aiosqlite.Connection):
+                raise InvalidParameterError(
+                    "conn must be an aiosqlite connection for a SQLite KMS, "
+                    f"not {type(conn).__name__}"
+                )
+            if not conn.in_transaction:
+                raise InvalidParameterError(
+                    "conn has no open transaction; run BEGIN on it first "
+                    "or leave conn out to let the KMS use its own"
+                )
+            inner = _SqliteConnection(conn)
+            await inner.execute("savepoint kms_async_op")
+            try:
+                yield inner
+            except BaseException:
+                with contextlib.suppress(KMSError):
+                    await asyncio.shield(inner.execute("rollback to savepoint kms_async_op"))
+                raise
+            await inner.execute("release savepoint kms_async_op")
+            return
+        async with self._lock:
+            writer = self._writer
+            if writer.in_transaction:
+                raise InvalidParameterError(
+                    "the SQLite connection given to the KMS is inside a transaction; "
+                    "pass it as conn= to join that transaction, or commit first"
+                )
+            with translate_errors():
+                await writer.execute("begin immediate")
+            committed = False
+            try:
+                yield _SqliteConnection(writer)
+                with translate_errors():
+                    await writer.execute("commit")
+                committed = True
+            finally:
+                if not committed:
+                    await self._rollback()
+
+    async def _rollback(self) -> None:
+        # Runs on failure and on cancellation. aiosqlite executes calls in
+        # order on its thread, so the rollback follows whatever statement was
+        # in flight; shielding keeps a second cancellation from skipping it.
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await asyncio.shield(self._writer.rollback())
+
+    def listen(self, channel: str) -> None:
+        return None
+
+    async def change_marker(self) -> object:
+        # data_version changes whenever another connection commits; reading it
+        # touches no table.
+        async with self.read() as conn:
+            return await conn.fetchval("pragma data_version")
+
+    def to_datetime(self, value: Any) -> datetime.datetime:
+        if isinstance(value, datetime.datetime):
+            parsed = value
+        else:
+            parsed = datetime.datetime.fromisoformat(str(value))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+        return parsed
+
+    async def aclose(self) -> None:
+        if self._owns:
+            with translate_errors():
+                if self._reader is not None:
+                    await self._reader.close()
+                await self._writer.close()

@@ -1,0 +1,36 @@
+"""Value objects returned by the public API."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Literal
+
+__all__ = ["ROOT_PURPOSE", "Key", "KeyVersion"]
+
+#: The purpose reserved for a scope's root key (key-encryption key).
+ROOT_PURPOSE = "rootKey"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyVersion:
+    """One version of a key: its id, its number (1, 2, ...) and when it was made."""
+
+    id: str
+    version: int
+    create_time: datetime.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Key:
+    """A root key (``type == "kek"``) or a data key (``type == "dek"``) of a scope.
+
+    ``versions`` are in ascending version order.
+    """
+
+    id: str
+    scope: str
+    type: Literal["kek", "dek"]
+    purpose: str
+    create_time: datetime.datetime
+    versions: tuple[KeyVersion, ...]

@@ -15,10 +15,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+from collections.abc import Iterator
 
 from ._errors import DecryptionError
 
-__all__ = ["BlobInfo", "NonceSource", "decode", "encode_prefix", "encode_suffix", "split_fast"]
+__all__ = [
+    "BlobInfo",
+    "decode",
+    "encode_prefix",
+    "encode_suffix",
+    "envelope_header",
+    "nonces",
+    "reset_nonces",
+    "split_fast",
+]
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -219,35 +229,47 @@ def split_fast(data: bytes) -> tuple[memoryview, bytes] | None:
     return memoryview(data)[pos:end], data[end + 4 :]
 
 
-class NonceSource:
-    """Hands out 96-bit random nonces from a buffer filled by the OS CSPRNG.
+_NONCE_BATCH = 512
+_nonce_state: tuple[bytes, Iterator[int]] = (b"", itertools.count())
 
-    One ``os.urandom`` call costs about as much as a third of a small AES-GCM
-    round trip, so nonces are drawn in batches. Each buffer is paired with its
-    own counter and both are read together, so two threads can never receive
-    the same slice; a forked child discards the inherited buffer (see
-    ``os.register_at_fork`` below) so parent and child never share a nonce.
+
+def reset_nonces() -> None:
+    """Discard buffered nonces (called in a forked child, and on exhaustion)."""
+    global _nonce_state
+    _nonce_state = (os.urandom(NONCE_SIZE * _NONCE_BATCH), itertools.count(0, NONCE_SIZE))
+
+
+def nonces() -> bytes:
+    """A fresh random 96-bit nonce.
+
+    One ``os.urandom`` call costs about a quarter of a small AES-GCM round
+    trip, so nonces are drawn from the OS CSPRNG in batches. Each buffer is
+    paired with its own counter and both are read together, so two threads
+    never receive the same slice; a forked child discards the inherited
+    buffer (``os.register_at_fork`` below) so parent and child never share a
+    nonce.
     """
-
-    __slots__ = ("_state",)
-
-    _BATCH = 512
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._state = (os.urandom(NONCE_SIZE * self._BATCH), itertools.count(0, NONCE_SIZE))
-
-    def __call__(self) -> bytes:
-        buf, counter = self._state
-        i = next(counter)  # atomic under the GIL: each index is handed out once
-        if i < len(buf):
-            return buf[i : i + NONCE_SIZE]
-        self.reset()
-        return self()
+    buf, counter = _nonce_state
+    i = next(counter)  # atomic under the GIL: each offset is handed out once
+    if i < len(buf):
+        return buf[i : i + NONCE_SIZE]
+    reset_nonces()
+    return nonces()
 
 
-nonces = NonceSource()
+reset_nonces()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=nonces.reset)
+    os.register_at_fork(after_in_child=reset_nonces)
+
+
+_HEADERS: list[bytes | None] = [None] * 0x4000
+
+
+def envelope_header(length: int) -> bytes:
+    """The bytes before a field-1 payload of ``length`` bytes (tag, varint length)."""
+    if length < 0x4000:
+        header = _HEADERS[length]
+        if header is None:
+            header = _HEADERS[length] = encode_prefix(length)
+        return header
+    return encode_prefix(length)

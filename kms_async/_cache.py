@@ -1,5 +1,9 @@
 """Unwrapped key versions in memory: a bounded LRU with targeted invalidation.
 
+The LRU is the "second chance" kind: a hit only sets a flag on the entry
+(cheaper on the hot path than reordering a linked list), and eviction walks
+from the oldest entry, giving flagged entries another round at the end.
+
 Entries are keyed by ``(scope, purpose)`` tuples, never concatenated strings,
 so no two pairs can collide. Each load is stamped with the scope's
 generation when it starts and is installed only if no invalidation of that
@@ -37,19 +41,24 @@ class VersionKey:
 class PurposeKeys:
     """The unwrapped versions of one (scope, purpose), newest first."""
 
-    __slots__ = ("aead", "by_id", "loaded_at", "suffix", "versions")
+    __slots__ = ("aead", "by_id", "by_suffix", "loaded_at", "suffix", "used", "versions")
 
     def __init__(self, versions: list[VersionKey], loaded_at: float = 0.0) -> None:
         #: time.monotonic() of the database read these versions came from.
         self.loaded_at = loaded_at
+        #: Set by every hit; cleared when eviction gives the entry a second chance.
+        self.used = False
         versions = sorted(versions, key=lambda v: v.version, reverse=True)
         self.versions = tuple(versions)
         newest = versions[0]
         self.aead = newest.aead
         # Encrypt appends this to every envelope: key_info naming the newest version.
         self.suffix = encode_suffix(newest.id)
-        # Decrypt looks up the key id bytes straight from the envelope.
+        # Decrypt looks up the key id bytes straight from the envelope, and
+        # for envelopes this library wrote, by their whole key_info suffix,
+        # which makes parsing the envelope unnecessary.
         self.by_id = {v.id.encode(): v.aead for v in versions}
+        self.by_suffix = {encode_suffix(v.id): v.aead for v in versions}
 
     def __repr__(self) -> str:
         return f"PurposeKeys(versions={[v.id for v in self.versions]!r})"
@@ -62,14 +71,14 @@ class PurposeKeys:
         return {v.id for v in self.versions}
 
 
-
 class KeyCache:
     """LRU of :class:`PurposeKeys` plus an LRU of unwrapped root key versions."""
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, purposes: tuple[str, ...]) -> None:
         self.max_entries = max_entries
-        self.entries: collections.OrderedDict[CacheKey, PurposeKeys] = collections.OrderedDict()
-        self.roots: collections.OrderedDict[str, AESGCM] = collections.OrderedDict()
+        self.purposes = purposes
+        self.entries: dict[CacheKey, PurposeKeys] = {}
+        self.roots: collections.OrderedDict[str, VersionKey] = collections.OrderedDict()
         self._generation: dict[str, int] = {}
         self._epoch = 0
         self._loads: dict[CacheKey, asyncio.Future[PurposeKeys]] = {}
@@ -85,8 +94,8 @@ class KeyCache:
     def invalidate_scope(self, scope_id: str) -> None:
         """Drop the scope's entries and make in-flight loads of it stale."""
         self._generation[scope_id] = self._generation.get(scope_id, 0) + 1
-        for key in [k for k in self.entries if k[0] == scope_id]:
-            del self.entries[key]
+        for purpose in self.purposes:
+            self.entries.pop((scope_id, purpose), None)
         if len(self._generation) > 4 * self.max_entries + 1024:
             # Forget old counters; a new epoch keeps in-flight loads stale.
             self._generation.clear()
@@ -105,19 +114,28 @@ class KeyCache:
         """Install ``keys`` unless the scope was invalidated since ``token``."""
         if token is not None and token != self.token(key[0]):
             return False
-        self.entries[key] = keys
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)
+        entries = self.entries
+        entries.pop(key, None)
+        entries[key] = keys
+        while len(entries) > self.max_entries:
+            oldest = next(iter(entries))
+            victim = entries.pop(oldest)
+            if victim.used and oldest != key:
+                victim.used = False
+                entries[oldest] = victim
         return True
 
-    def put_root(self, version_id: str, aead: AESGCM) -> None:
-        self.roots[version_id] = aead
+    def cached_pairs(self, scope_id: str) -> list[CacheKey]:
+        """The (scope, purpose) pairs of ``scope_id`` that are cached."""
+        return [(scope_id, p) for p in self.purposes if (scope_id, p) in self.entries]
+
+    def put_root(self, version_id: str, key: VersionKey) -> None:
+        self.roots[version_id] = key
         self.roots.move_to_end(version_id)
         while len(self.roots) > self.max_entries:
             self.roots.popitem(last=False)
 
-    def get_root(self, version_id: str) -> AESGCM | None:
+    def get_root(self, version_id: str) -> VersionKey | None:
         return self.roots.get(version_id)
 
     # -- single-flight loads ----------------------------------------------

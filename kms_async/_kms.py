@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -17,8 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _repository as repo
-from ._blob import NONCE_SIZE, TAG_SIZE, BlobInfo, decode, encode_prefix, encode_suffix, nonces
-from ._blob import split_fast as _split_fast
+from ._blob import NONCE_SIZE, TAG_SIZE, BlobInfo, decode, encode_suffix, envelope_header, nonces
 from ._cache import KeyCache, PurposeKeys, VersionKey
 from ._errors import (
     ClosedError,
@@ -96,19 +96,19 @@ def _check_purpose_name(purpose: object) -> str:
     return purpose
 
 
-def _envelope_header(length: int) -> bytes:
-    if length < 0x80:
-        return bytes((0x0A, length))
-    if length < 0x4000:
-        return bytes((0x0A, (length & 0x7F) | 0x80, length >> 7))
-    return encode_prefix(length)
+#: Length of the key_info suffix naming a 15-character key version id.
+_SUFFIX_SIZE = 19
+#: Above this size, decrypt slices through a memoryview instead of copying.
+_COPY_LIMIT = 4096
 
 
 def _wrap_local(aead: AESGCM, key_id: str, plaintext: bytes) -> bytes:
     """Wrap a key under a root key version, in the Go aead wrapper's format."""
     nonce = nonces()
     sealed = aead.encrypt(nonce, plaintext, None)
-    return b"".join((_envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, encode_suffix(key_id)))
+    return b"".join(
+        (envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, encode_suffix(key_id))
+    )
 
 
 def _unwrap_local(aead: AESGCM, wrapping_id: str, version_id: str, wrapped: bytes) -> bytes:
@@ -178,13 +178,15 @@ class KMS:
         self._wrappers: dict[str, Wrapper] = {}
         if root_wrapper is not None:
             self.add_external_wrapper(ROOT_PURPOSE, root_wrapper)
-        self._cache = KeyCache(cache_size)
+        self._cache = KeyCache(cache_size, purposes)
         # The hot path reads the LRU directly.
         self._entries = self._cache.entries
         self._max_staleness = max_staleness
         self._seen_version: int | None = None
         self._marker: object = None
         self._watcher: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._changes: asyncio.Queue[frozenset[str] | None] = asyncio.Queue()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -199,6 +201,7 @@ class KMS:
         table_prefix: str = "kms",
         cache_size: int = 100_000,
         max_staleness: float | None = 1.0,
+        notifications: bool | None = None,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -215,6 +218,12 @@ class KMS:
             max_staleness: seconds within which key changes made by other
                 processes reach this instance's cache; ``None`` turns the
                 background check off (a single process, or tests).
+            notifications: on PostgreSQL, LISTEN for other instances' key
+                changes, which reach the cache within milliseconds. The
+                default turns it on when ``db`` is a DSN (a dedicated
+                connection) and off for a caller's pool, where it would hold
+                one of the pool's connections; the periodic check runs either
+                way, so a pooler that drops notifications costs only speed.
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -239,7 +248,9 @@ class KMS:
         if max_staleness is not None and not (
             isinstance(max_staleness, (int, float)) and max_staleness > 0
         ):
-            raise InvalidParameterError("max_staleness must be a positive number of seconds or None")
+            raise InvalidParameterError(
+                "max_staleness must be a positive number of seconds or None"
+            )
         database = await open_database(db, prefix=table_prefix)
         try:
             kms = cls(
@@ -257,7 +268,14 @@ class KMS:
             await database.aclose()
             raise
         if max_staleness is not None:
-            kms._watcher = asyncio.get_running_loop().create_task(kms._watch())
+            loop = asyncio.get_running_loop()
+            kms._watcher = loop.create_task(kms._watch())
+            if kms._q.notify is not None and (
+                notifications or (notifications is None and isinstance(db, str))
+            ):
+                kms._listener = loop.create_task(
+                    database.listen_forever(kms._q.notify_channel, kms._on_notification)
+                )
         logger.debug("kms_async: opened %s database, purposes %s", database.dialect, checked)
         return kms
 
@@ -279,9 +297,10 @@ class KMS:
         self._closed = True
         self._cache.clear()
         try:
-            if self._watcher is not None:
-                self._watcher.cancel()
-                await asyncio.gather(self._watcher, return_exceptions=True)
+            tasks = [t for t in (self._watcher, self._listener) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._cache.drain()
         finally:
             self._cache.clear()
@@ -377,7 +396,11 @@ class KMS:
         cached = self._cache.get_root(version_id)
         if cached is not None:
             # A rotation caches its new root before the database numbers it.
-            return cached if cached.version == version else dataclasses.replace(cached, version=version)
+            return (
+                cached
+                if cached.version == version
+                else dataclasses.replace(cached, version=version)
+            )
         wrapper = self.get_external_root_wrapper()
         blob = decode(wrapped)
         try:
@@ -428,7 +451,7 @@ class KMS:
         """
         try:
             keys = self._entries[(scope_id, purpose)]
-            self._entries.move_to_end((scope_id, purpose))
+            keys.used = True
         except KeyError:
             keys = await self._purpose_keys(scope_id, purpose)
         except TypeError:
@@ -438,7 +461,7 @@ class KMS:
             sealed = keys.aead.encrypt(nonce, plaintext, aad)
         except TypeError:
             raise InvalidParameterError("plaintext and aad must be bytes") from None
-        return b"".join((_envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, keys.suffix))
+        return b"".join((envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, keys.suffix))
 
     async def decrypt(
         self, scope_id: str, purpose: str, ciphertext: bytes, *, aad: bytes | None = None
@@ -456,21 +479,58 @@ class KMS:
         """
         try:
             keys = self._entries[(scope_id, purpose)]
-            self._entries.move_to_end((scope_id, purpose))
+            keys.used = True
         except KeyError:
             keys = await self._purpose_keys(scope_id, purpose)
         except TypeError:
             raise InvalidParameterError("scope id and purpose must be strings") from None
-        parts = _split_fast(ciphertext) if type(ciphertext) is bytes else None
-        if parts is None:
-            blob = decode(ciphertext)
-            sealed: bytes | memoryview = blob.ciphertext
-            key_id = blob.key_id.encode()
-        else:
-            sealed, key_id = parts
+        if type(ciphertext) is bytes and len(ciphertext) > _SUFFIX_SIZE + 2:
+            # Fast path: an envelope this library wrote ends with key_info
+            # naming one of the cached versions; the rest is field 1.
+            aead = keys.by_suffix.get(ciphertext[-_SUFFIX_SIZE:])
+            if aead is not None:
+                length = ciphertext[1]
+                start = 2
+                if length >= 0x80:
+                    second = ciphertext[2]
+                    if second < 0x80:
+                        length = (length & 0x7F) | (second << 7)
+                        start = 3
+                    else:  # up to 2 MiB; longer envelopes take the general path
+                        length = (length & 0x7F) | ((second & 0x7F) << 7) | (ciphertext[3] << 14)
+                        start = 4
+                end = len(ciphertext) - _SUFFIX_SIZE
+                if ciphertext[0] == 0x0A and start + length == end and length >= 28:
+                    body = ciphertext if end < _COPY_LIMIT else memoryview(ciphertext)
+                    try:
+                        return aead.decrypt(
+                            ciphertext[start : start + NONCE_SIZE],
+                            body[start + NONCE_SIZE : end],
+                            aad,
+                        )
+                    except InvalidTag:
+                        raise DecryptionError(
+                            "decryption failed: wrong AAD, wrong scope or purpose, "
+                            "or tampered ciphertext"
+                        ) from None
+                    except TypeError:
+                        raise InvalidParameterError("aad must be bytes") from None
+        return await self._decrypt_blob(scope_id, purpose, keys, decode(ciphertext), aad)
+
+    async def _decrypt_blob(
+        self,
+        scope_id: str,
+        purpose: str,
+        keys: PurposeKeys,
+        blob: BlobInfo,
+        aad: bytes | None,
+    ) -> bytes:
+        """Decrypt any well-formed envelope: the general path."""
+        key_id = blob.key_id.encode()
         aead = keys.by_id.get(key_id)
         if aead is None:
             aead = await self._unknown_version(scope_id, purpose, key_id)
+        sealed = blob.ciphertext
         if len(sealed) < NONCE_SIZE + TAG_SIZE:
             raise DecryptionError("ciphertext is too short")
         try:
@@ -487,9 +547,7 @@ class KMS:
         self._check_open()
         _check_scope(scope_id)
         self._check_data_purpose(purpose)
-        return await self._cache.load(
-            (scope_id, purpose), lambda: self._load_purpose(scope_id, purpose)
-        )
+        return await self._purpose_keys_reload(scope_id, purpose)
 
     def _check_data_purpose(self, purpose: object) -> str:
         self._check_known_purpose(purpose)
@@ -538,7 +596,7 @@ class KMS:
             if current is not None and key_id in current.by_id:
                 return current.by_id[key_id]
             self._check_open()
-            keys = await self._cache.load(key, lambda: self._load_purpose(scope_id, purpose))
+            keys = await self._purpose_keys_reload(scope_id, purpose)
             aead = keys.by_id.get(key_id)
             if aead is not None:
                 return aead
@@ -665,7 +723,7 @@ class KMS:
             )
             data.append((row, VersionKey(version_id, 1, AESGCM(key), key)))
         async with self._db.transaction(conn) as tx:
-            await repo.bump_collection_version(tx, self._q)
+            changed = await repo.bump_collection_version(tx, self._q)
             try:
                 await repo.insert_root_keys(tx, self._q, [new_root])
             except IntegrityError as exc:
@@ -676,6 +734,7 @@ class KMS:
                     ) from exc
                 raise
             await repo.insert_data_keys(tx, self._q, [row for row, _ in data])
+            await repo.announce(tx, self._q, changed, [scope_id])
         self._cache.invalidate_scope(scope_id)
         if conn is None:
             # Committed: the first encrypt for the new scope needs no query.
@@ -705,7 +764,10 @@ class KMS:
         root = VersionKey(new_id(ROOT_KEY_VERSION_PREFIX), 0, AESGCM(root_key), root_key)
         wrapped_root = await self._wrap_root(root_key)
         await self._write_with_retry(
-            scope_id, conn, rewrap, lambda tx, plan: self._rotate_in(tx, scope_id, root, wrapped_root, plan),
+            scope_id,
+            conn,
+            rewrap,
+            lambda tx, plan: self._rotate_in(tx, scope_id, root, wrapped_root, plan),
             target=root,
         )
         self._cache.invalidate_scope(scope_id)
@@ -788,10 +850,11 @@ class KMS:
             plan = await self._plan_rewrap(scope_id, conn, target) if rewrap else None
             try:
                 async with self._db.transaction(conn) as tx:
-                    await repo.bump_collection_version(tx, self._q)
+                    changed = await repo.bump_collection_version(tx, self._q)
                     if plan is not None:
                         await self._check_plan(tx, plan)
                     await body(tx, plan)
+                    await repo.announce(tx, self._q, changed, [scope_id])
                 return
             except _Stale:
                 continue
@@ -890,7 +953,7 @@ class KMS:
             )
         q = self._q
         async with self._db.transaction(conn) as tx:
-            await repo.bump_collection_version(tx, q)
+            changed = await repo.bump_collection_version(tx, q)
             if is_root:
                 row = await tx.fetchrow(q.root_key_version_for_revoke, key_version_id)
             else:
@@ -928,6 +991,7 @@ class KMS:
                         f"{key_version_id} still protects application rows ({exc.detail}); "
                         "re-encrypt them under the newest version before revoking it"
                     ) from exc
+            await repo.announce(tx, q, changed, [owner])
         self._cache.invalidate_scope(owner)
         if is_root:
             self._cache.roots.pop(key_version_id, None)
@@ -983,8 +1047,8 @@ class KMS:
                 roots[new_root.id] = VersionKey(new_root.version_id, 1, AESGCM(key), key)
                 fresh.append(roots[new_root.id])
             rows = []
-            for scope_id, purpose, root_key_id in missing:
-                owner = root_key_id if root_key_id is not None else new_roots[scope_id].id
+            for scope_id, purpose, existing_root in missing:
+                owner = existing_root if existing_root is not None else new_roots[scope_id].id
                 if owner not in roots:
                     break  # a root key without versions appeared; read again
                 root = roots[owner]
@@ -1001,9 +1065,10 @@ class KMS:
             else:
                 try:
                     async with self._db.transaction() as tx:
-                        await repo.bump_collection_version(tx, self._q)
+                        changed = await repo.bump_collection_version(tx, self._q)
                         await repo.insert_root_keys(tx, self._q, list(new_roots.values()))
                         await repo.insert_data_keys(tx, self._q, rows)
+                        await repo.announce(tx, self._q, changed, [m[0] for m in missing])
                 except IntegrityError as exc:
                     # Another process created some of these keys, or revoked a
                     # root version we used, since the read: read again.
@@ -1076,14 +1141,44 @@ class KMS:
 
     # -- keeping the cache fresh ------------------------------------------
 
+    def _on_notification(self, payload: str | None) -> None:
+        """A key change announced by some instance (or a listener reconnect)."""
+        scopes: frozenset[str] | None = None
+        if payload is not None:
+            try:
+                message = json.loads(payload)
+                version = int(message["v"])
+                if message["s"] is not None:
+                    scopes = frozenset(str(s) for s in message["s"])
+            except (ValueError, KeyError, TypeError):
+                version = -1
+            if self._seen_version is not None and version <= self._seen_version:
+                return  # already picked up by a check
+            if scopes is not None and version == (self._seen_version or 0) + 1:
+                # The next change in sequence: only these scopes need reloading.
+                self._seen_version = version
+                self._changes.put_nowait(scopes)
+                return
+        # A reconnect, a gap (e.g. a write by the Go package, which does not
+        # notify) or a change too large to list: compare everything cached.
+        self._changes.put_nowait(None)
+
     async def _watch(self) -> None:
         """Pick up other processes' key changes within ``max_staleness``."""
         assert self._max_staleness is not None
         interval = self._max_staleness / 2
         while True:
-            await asyncio.sleep(interval)
             try:
-                await self.refresh()
+                item = await asyncio.wait_for(self._changes.get(), interval)
+            except asyncio.TimeoutError:
+                item = None
+            try:
+                if item is None:
+                    await self.refresh()
+                else:
+                    await self._reload_pairs(
+                        [pair for scope in item for pair in self._cache.cached_pairs(scope)]
+                    )
             except KMSError as exc:
                 # Keep serving cached keys while the database is away.
                 logger.warning("kms_async: checking for key changes failed: %s", exc)
@@ -1091,7 +1186,8 @@ class KMS:
     async def refresh(self) -> None:
         """Check now for key changes made elsewhere and reload what changed.
 
-        The background check calls this every ``max_staleness / 2`` seconds;
+        The background check calls this every ``max_staleness / 2`` seconds
+        (and PostgreSQL notifications trigger targeted reloads sooner);
         cached keys keep serving while changed pairs reload.
         """
         self._check_open()
@@ -1109,17 +1205,25 @@ class KMS:
             return
         async with self._db.read() as conn:
             current = await repo.version_ids(conn, self._q, pairs)
+        stale = []
         for pair in pairs:
             cached = self._entries.get(pair)
-            if cached is None:
-                continue
-            ids = current.get(pair)
-            if ids is None:
-                self._cache.invalidate_scope(pair[0])
-            elif ids != cached.ids():
-                scope_id, purpose = pair
+            if cached is not None and current.get(pair) != cached.ids():
+                stale.append(pair)
+        await self._reload_pairs(stale)
+
+    async def _reload_pairs(self, pairs: list[tuple[str, str]]) -> None:
+        """Reload cached pairs in the background of the hot path, which keeps
+        serving the old keys until the new ones are installed."""
+        for scope_id, purpose in pairs:
+            if (scope_id, purpose) in self._entries:
                 try:
-                    await self._cache.load(pair, lambda s=scope_id, p=purpose: self._load_purpose(s, p))
+                    await self._purpose_keys_reload(scope_id, purpose)
                 except KeyNotFoundError:
                     self._cache.invalidate_scope(scope_id)
 
+    async def _purpose_keys_reload(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """Load the pair again (shared with any concurrent load) and cache it."""
+        return await self._cache.load(
+            (scope_id, purpose), lambda: self._load_purpose(scope_id, purpose)
+        )

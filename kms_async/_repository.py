@@ -7,6 +7,7 @@ inside the KMS's own transactions and inside a caller's (``conn=``).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "NewRootKey",
     "PurposeRows",
     "RootKeyVersionRow",
+    "announce",
     "bump_collection_version",
     "collection_version",
     "data_key_versions",
@@ -108,17 +110,40 @@ async def collection_version(conn: Connection, q: Queries) -> int:
     return int(value)
 
 
-async def bump_collection_version(conn: Connection, q: Queries) -> None:
+async def bump_collection_version(conn: Connection, q: Queries) -> int | None:
     """Bump the change counter; first statement of every key write.
 
     The update takes the row lock, so key writers across processes queue
     here until commit; that is what keeps version numbers contiguous.
+    Returns the new version where the dialect reports it (PostgreSQL).
     """
-    if await conn.execute(q.bump_collection_version) != 1:
+    if q.notify is not None:
+        rows = await conn.fetch(q.bump_collection_version)
+        count, version = len(rows), (int(rows[0][0]) if rows else None)
+    else:
+        count, version = await conn.execute(q.bump_collection_version), None
+    if count != 1:
         raise StorageError(
             f"{q.prefix}_collection_version must hold exactly one row; "
             "re-run kms_async.migrate() or restore the row"
         )
+    return version
+
+
+#: Longest notification payload sent; PostgreSQL's limit is 8000 bytes.
+_MAX_PAYLOAD = 7000
+
+
+async def announce(
+    conn: Connection, q: Queries, version: int | None, scope_ids: Iterable[str]
+) -> None:
+    """Tell other instances which scopes changed, once this transaction commits."""
+    if q.notify is None or version is None:
+        return
+    payload = json.dumps({"v": version, "s": sorted(set(scope_ids))}, ensure_ascii=False)
+    if len(payload.encode()) > _MAX_PAYLOAD:
+        payload = json.dumps({"v": version, "s": None})  # too many: check everything
+    await conn.execute(q.notify, q.notify_channel, payload)
 
 
 async def root_key(conn: Connection, q: Queries, scope_id: str) -> tuple[str, Any] | None:
@@ -193,7 +218,7 @@ async def missing_data_keys(
     conn: Connection, q: Queries, scope_ids: Sequence[str], purposes: Sequence[str]
 ) -> list[tuple[str, str, str | None]]:
     """(scope, purpose, root key id or None) for every pair without a data key."""
-    missing = []
+    missing: list[tuple[str, str, str | None]] = []
     for start in range(0, len(scope_ids), BATCH):
         batch = scope_ids[start : start + BATCH]
         rows = await conn.fetch(q.missing_data_keys, q.array(batch), q.array(purposes))

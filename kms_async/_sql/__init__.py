@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncpg
 import aiosqlite
+import asyncpg
 
 from .._errors import InvalidParameterError
 from ._base import Connection, Database, IntegrityError, Queries, Row, validate_prefix

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
@@ -79,8 +79,11 @@ class Connection(Protocol):
 class Database(Protocol):
     """A database the KMS keeps its keys in."""
 
-    dialect: Literal["postgres", "sqlite"]
-    queries: Queries
+    @property
+    def dialect(self) -> Literal["postgres", "sqlite"]: ...
+
+    @property
+    def queries(self) -> Queries: ...
 
     def read(self) -> AbstractAsyncContextManager[Connection]:
         """A connection that sees committed data, for reads outside transactions."""
@@ -97,8 +100,13 @@ class Database(Protocol):
         """
         ...
 
-    def listen(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[str]] | None:
-        """Notifications on ``channel``, or None where the dialect has none."""
+    async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
+        """Call ``on_payload`` with each notification on ``channel``, forever.
+
+        ``on_payload(None)`` is called after every (re)connection, when
+        notifications may have been missed. Dialects without notifications
+        return at once.
+        """
         ...
 
     async def change_marker(self) -> object:
@@ -120,9 +128,7 @@ class Queries:
 
         self.schema_version = f"select version from {p}_schema_version"
         self.collection_version = f"select version from {p}_collection_version"
-        self.bump_collection_version = (
-            f"update {p}_collection_version set version = version + 1"
-        )
+        self.bump_collection_version = f"update {p}_collection_version set version = version + 1"
 
         self.insert_root_key = f"insert into {p}_root_key (private_id, scope_id) values ($1, $2)"
         self.insert_root_key_version = (
@@ -216,6 +222,10 @@ class Queries:
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
             " where r.scope_id = $1 group by k.private_id"
         )
+
+    #: Set where the database can announce committed key changes (PostgreSQL).
+    notify: str | None = None
+    notify_channel: str = ""
 
     # Statements whose text differs between dialects; set by subclasses.
     missing_data_keys: str

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-from collections.abc import AsyncIterator, Iterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import asyncpg
@@ -21,6 +22,8 @@ from ._base import IntegrityError, Queries, Row
 
 __all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
 
+logger = logging.getLogger("kms_async")
+
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "55P03")
 
 
@@ -32,7 +35,9 @@ def translate_errors() -> Iterator[None]:
     except KMSError:
         raise
     except asyncpg.IntegrityConstraintViolationError as exc:
-        kinds: dict[type[Exception], Literal["foreign_key", "unique", "check", "not_null"]] = {
+        kinds: dict[
+            type[Exception], Literal["foreign_key", "unique", "check", "not_null", "other"]
+        ] = {
             asyncpg.ForeignKeyViolationError: "foreign_key",
             asyncpg.UniqueViolationError: "unique",
             asyncpg.CheckViolationError: "check",
@@ -97,6 +102,10 @@ class PostgresQueries(Queries):
     def __init__(self, prefix: str) -> None:
         super().__init__(prefix)
         p = self.prefix
+        self.bump_collection_version += " returning version"
+        # Delivered to listeners when (and only if) the transaction commits.
+        self.notify_channel = f"{p}_key_change"
+        self.notify = "select pg_notify($1, $2)"
         self.missing_data_keys = (
             "select s.scope_id, pu.purpose, r.private_id"
             " from unnest($1::text[]) as s(scope_id)"
@@ -131,16 +140,19 @@ class PostgresDatabase:
 
     dialect: Literal["postgres"] = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool, *, prefix: str, owns_pool: bool) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, prefix: str, owns_pool: bool, dsn: str | None = None
+    ) -> None:
         self.queries = PostgresQueries(prefix)
         self._pool = pool
         self._owns_pool = owns_pool
+        self._dsn = dsn
 
     @classmethod
     async def connect(cls, dsn: str, *, prefix: str) -> PostgresDatabase:
         with translate_errors():
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10)
-        return cls(pool, prefix=prefix, owns_pool=True)
+        return cls(pool, prefix=prefix, owns_pool=True, dsn=dsn)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -182,31 +194,46 @@ class PostgresDatabase:
             async with self._pool.acquire() as raw, raw.transaction():
                 yield _PgConnection(raw)
 
-    @contextlib.asynccontextmanager
-    async def _listen(self, channel: str) -> AsyncIterator[AsyncIterator[str]]:
-        queue: asyncio.Queue[str] = asyncio.Queue()
+    async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
+        """LISTEN on a connection of its own, reconnecting with backoff when it drops.
 
-        def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            queue.put_nowait(payload)
-
-        with translate_errors():
-            conn = await self._pool.acquire()
-        try:
-            with translate_errors():
-                await conn.add_listener(channel, on_notify)
-
-            async def payloads() -> AsyncIterator[str]:
-                while True:
-                    yield await queue.get()
-
-            yield payloads()
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.remove_listener(channel, on_notify)
-            await self._pool.release(conn)
-
-    def listen(self, channel: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[str]]:
-        return self._listen(channel)
+        A KMS opened from a DSN uses a dedicated connection, so listening
+        costs the pool nothing; with a caller's pool one of its connections
+        is held for as long as the KMS is open.
+        """
+        backoff = 0.1
+        while True:
+            try:
+                with translate_errors():
+                    if self._dsn is not None:
+                        conn = await asyncpg.connect(self._dsn)
+                    else:
+                        conn = await self._pool.acquire()
+            except TransientStorageError as exc:
+                logger.warning("kms_async: cannot listen for key changes (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            lost = asyncio.Event()
+            try:
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                with translate_errors():
+                    await conn.add_listener(
+                        channel, lambda _c, _pid, _ch, payload: on_payload(payload)
+                    )
+                backoff = 0.1
+                on_payload(None)
+                await lost.wait()
+                logger.warning("kms_async: key change listener lost its connection; reconnecting")
+            except TransientStorageError as exc:
+                logger.warning("kms_async: key change listener failed (%s); reconnecting", exc)
+                await asyncio.sleep(backoff)
+            finally:
+                if self._dsn is not None:
+                    conn.terminate()
+                else:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._pool.release(conn))
 
     async def change_marker(self) -> object:
         return None

@@ -8,7 +8,7 @@ import datetime
 import json
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import aiosqlite
@@ -253,7 +253,7 @@ class SqliteDatabase:
         with contextlib.suppress(sqlite3.Error, ValueError):
             await asyncio.shield(self._writer.rollback())
 
-    def listen(self, channel: str) -> None:
+    async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
         return None
 
     async def change_marker(self) -> object:

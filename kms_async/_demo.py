@@ -159,7 +159,7 @@ def _driver_errors(dsn: str) -> Iterator[None]:
     """Report the demo's own driver failures the way the library reports its own."""
     try:
         yield
-    except (OSError, asyncpg.PostgresError, sqlite3.Error) as exc:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error) as exc:
         raise StorageError(f"the demo's query on {redact(dsn)} failed: {exc}") from exc
 
 
@@ -177,7 +177,7 @@ async def _prepare(dsn: str, out: Callable[[str], None]) -> str:
             raise StorageError(
                 f"cannot prepare schema {POSTGRES_SCHEMA} in {redact(dsn)}: {exc}"
             ) from exc
-        out(f"   (re)created schema {POSTGRES_SCHEMA} to keep the demo's tables apart")
+        out(f"   in schema {POSTGRES_SCHEMA}, dropped and created again for this run")
         return _with_search_path(dsn, POSTGRES_SCHEMA)
     path = sqlite_path(dsn)
     if path == ":memory:" or path.startswith("file:"):
@@ -186,7 +186,7 @@ async def _prepare(dsn: str, out: Callable[[str], None]) -> str:
             "pass --db sqlite:///some-file.db"
         )
     where = await asyncio.to_thread(_reset_sqlite, path)
-    out(f"   (re)created {where}")
+    out(f"   in {where}, deleted and created again for this run")
     return dsn
 
 

@@ -9,11 +9,13 @@ import json
 import logging
 import os
 import re
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+import anyio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -56,6 +58,10 @@ MAX_SCOPE_BYTES = 1024
 MAX_PURPOSE_BYTES = 256
 #: Optimistic writes (rewrap) retry this often when another writer got there first.
 _WRITE_ATTEMPTS = 5
+#: Root keys wrapped concurrently by bulk operations (for remote root wrappers).
+_WRAP_CONCURRENCY = 16
+#: Bulk writes of at most this many scopes put the new keys in the cache.
+_PRIME_LIMIT = 100
 #: A ciphertext naming an unknown version reloads its scope at most this often.
 _RELOAD_SPACING = 0.2
 
@@ -172,6 +178,7 @@ class KMS:
         cache_size: int,
         max_staleness: float | None,
     ) -> None:
+        self._closed = False
         self._db = database
         self._q = database.queries
         self._purposes = purposes
@@ -182,12 +189,12 @@ class KMS:
         # The hot path reads the LRU directly.
         self._entries = self._cache.entries
         self._max_staleness = max_staleness
+        self._offload_threshold = sys.maxsize
         self._seen_version: int | None = None
         self._marker: object = None
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._changes: asyncio.Queue[frozenset[str] | None] = asyncio.Queue()
-        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -202,6 +209,7 @@ class KMS:
         cache_size: int = 100_000,
         max_staleness: float | None = 1.0,
         notifications: bool | None = None,
+        offload_threshold: int | None = 256 * 1024,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -224,6 +232,9 @@ class KMS:
                 connection) and off for a caller's pool, where it would hold
                 one of the pool's connections; the periodic check runs either
                 way, so a pooler that drops notifications costs only speed.
+            offload_threshold: payloads of at least this many bytes are
+                encrypted and decrypted in a worker thread so the event loop
+                keeps serving other tasks; ``None`` keeps all work inline.
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -245,6 +256,10 @@ class KMS:
                 checked.append(purpose)
         if not isinstance(cache_size, int) or cache_size < 1:
             raise InvalidParameterError("cache_size must be a positive integer")
+        if offload_threshold is not None and (
+            not isinstance(offload_threshold, int) or offload_threshold < 1
+        ):
+            raise InvalidParameterError("offload_threshold must be a positive integer or None")
         if max_staleness is not None and not (
             isinstance(max_staleness, (int, float)) and max_staleness > 0
         ):
@@ -260,6 +275,8 @@ class KMS:
                 cache_size=cache_size,
                 max_staleness=max_staleness,
             )
+            if offload_threshold is not None:
+                kms._offload_threshold = offload_threshold
             await kms.validate_schema()
             async with database.read() as conn:
                 kms._seen_version = await repo.collection_version(conn, kms._q)
@@ -296,6 +313,8 @@ class KMS:
             return
         self._closed = True
         self._cache.clear()
+        # Registered wrappers may hold root key material too.
+        self._wrappers.clear()
         try:
             tasks = [t for t in (self._watcher, self._listener) if t is not None]
             for task in tasks:
@@ -346,6 +365,7 @@ class KMS:
         Raises:
             InvalidParameterError: unknown purpose, or ``wrapper`` is not a Wrapper.
         """
+        self._check_open()
         self._check_known_purpose(purpose)
         if wrapper is None or not isinstance(wrapper, Wrapper):
             raise InvalidParameterError(
@@ -360,6 +380,7 @@ class KMS:
             InvalidParameterError: unknown purpose.
             KeyNotFoundError: nothing registered for it.
         """
+        self._check_open()
         self._check_known_purpose(purpose)
         wrapper = self._wrappers.get(purpose)
         if wrapper is None:
@@ -372,6 +393,7 @@ class KMS:
         Raises:
             KeyNotFoundError: none registered.
         """
+        self._check_open()
         wrapper = self._wrappers.get(ROOT_PURPOSE)
         if wrapper is None:
             raise KeyNotFoundError(
@@ -425,6 +447,7 @@ class KMS:
         Raises:
             SchemaVersionError: the tables are missing or at another version.
         """
+        self._check_open()
         async with self._db.read() as conn:
             version = await repo.schema_version(conn, self._q)
         if version != SCHEMA_VERSION:
@@ -453,12 +476,18 @@ class KMS:
             keys = self._entries[(scope_id, purpose)]
             keys.used = True
         except KeyError:
-            keys = await self._purpose_keys(scope_id, purpose)
+            keys = None  # loaded below, so a miss does not chain a KeyError into errors
         except TypeError:
             raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            keys = await self._purpose_keys(scope_id, purpose)
         nonce = nonces()
         try:
-            sealed = keys.aead.encrypt(nonce, plaintext, aad)
+            if len(plaintext) < self._offload_threshold:
+                sealed = keys.aead.encrypt(nonce, plaintext, aad)
+            else:
+                # AES-GCM releases the GIL: a worker thread keeps the loop responsive.
+                sealed = await anyio.to_thread.run_sync(keys.aead.encrypt, nonce, plaintext, aad)
         except TypeError:
             raise InvalidParameterError("plaintext and aad must be bytes") from None
         return b"".join((envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, keys.suffix))
@@ -481,9 +510,11 @@ class KMS:
             keys = self._entries[(scope_id, purpose)]
             keys.used = True
         except KeyError:
-            keys = await self._purpose_keys(scope_id, purpose)
+            keys = None  # loaded below, so a miss does not chain a KeyError into errors
         except TypeError:
             raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            keys = await self._purpose_keys(scope_id, purpose)
         if type(ciphertext) is bytes and len(ciphertext) > _SUFFIX_SIZE + 2:
             # Fast path: an envelope this library wrote ends with key_info
             # naming one of the cached versions; the rest is field 1.
@@ -502,11 +533,12 @@ class KMS:
                 end = len(ciphertext) - _SUFFIX_SIZE
                 if ciphertext[0] == 0x0A and start + length == end and length >= 28:
                     body = ciphertext if end < _COPY_LIMIT else memoryview(ciphertext)
+                    nonce = ciphertext[start : start + NONCE_SIZE]
                     try:
-                        return aead.decrypt(
-                            ciphertext[start : start + NONCE_SIZE],
-                            body[start + NONCE_SIZE : end],
-                            aad,
+                        if end < self._offload_threshold:
+                            return aead.decrypt(nonce, body[start + NONCE_SIZE : end], aad)
+                        return await anyio.to_thread.run_sync(
+                            aead.decrypt, nonce, body[start + NONCE_SIZE : end], aad
                         )
                     except InvalidTag:
                         raise DecryptionError(
@@ -534,6 +566,10 @@ class KMS:
         if len(sealed) < NONCE_SIZE + TAG_SIZE:
             raise DecryptionError("ciphertext is too short")
         try:
+            if len(sealed) >= self._offload_threshold:
+                return await anyio.to_thread.run_sync(
+                    aead.decrypt, sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad
+                )
             return aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
         except InvalidTag:
             raise DecryptionError(
@@ -678,6 +714,42 @@ class KMS:
 
     # -- writes ------------------------------------------------------------
 
+    def _check_scope_list(self, scope_ids: Iterable[str]) -> list[str]:
+        if isinstance(scope_ids, (str, bytes)):
+            raise InvalidParameterError(
+                "scope_ids must be a list of scope ids, not one string; write [scope_id]"
+            )
+        scopes = [_check_scope(scope_id) for scope_id in scope_ids]
+        if not scopes:
+            raise InvalidParameterError("missing scope ids")
+        return scopes
+
+    async def _new_roots(self, count: int) -> list[tuple[VersionKey, bytes]]:
+        """Make ``count`` root key versions, wrapped, several wrapper calls at a time.
+
+        Runs before any transaction opens: no connection or lock is held
+        while a root key service answers.
+        """
+        keys = [os.urandom(KEY_SIZE) for _ in range(count)]
+        wrapped = [b""] * count
+        pending = iter(range(count))
+
+        async def worker() -> None:
+            for i in pending:
+                wrapped[i] = await self._wrap_root(keys[i])
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(count, _WRAP_CONCURRENCY))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        return [
+            (VersionKey(new_id(ROOT_KEY_VERSION_PREFIX), 1, AESGCM(key), key), blob)
+            for key, blob in zip(keys, wrapped, strict=True)
+        ]
+
     async def create_keys(
         self,
         scope_id: str,
@@ -697,51 +769,74 @@ class KMS:
             KeyNotFoundError: no root wrapper is registered.
             WrapperError: the root wrapper failed.
         """
+        await self.create_keys_many([scope_id], purposes, conn=conn)
+
+    async def create_keys_many(
+        self,
+        scope_ids: Iterable[str],
+        purposes: Iterable[str] | None = None,
+        *,
+        conn: Any = None,
+    ) -> None:
+        """:meth:`create_keys` for many scopes in one transaction: all or none.
+
+        Raises:
+            InvalidParameterError: bad or duplicate scope ids, bad purposes.
+            KeyExistsError: one of the scopes already has keys; nothing was created.
+            KeyNotFoundError: no root wrapper is registered.
+            WrapperError: the root wrapper failed.
+        """
         self._check_open()
-        _check_scope(scope_id)
+        scopes = self._check_scope_list(scope_ids)
+        if len(set(scopes)) != len(scopes):
+            raise InvalidParameterError("scope_ids lists a scope more than once")
         wanted = self._check_purpose_list(purposes)
         self.get_external_root_wrapper()
-        # Every wrapper call happens before the transaction opens, so no
-        # connection or lock is held while a root key service answers.
-        root_key = os.urandom(KEY_SIZE)
-        new_root = repo.NewRootKey(
-            new_id(ROOT_KEY_PREFIX), scope_id, new_id(ROOT_KEY_VERSION_PREFIX), b""
-        )
-        new_root = dataclasses.replace(new_root, wrapped=await self._wrap_root(root_key))
-        root = VersionKey(new_root.version_id, 1, AESGCM(root_key), root_key)
-        data: list[tuple[repo.NewDataKey, VersionKey]] = []
-        for purpose in wanted:
-            key = os.urandom(KEY_SIZE)
-            version_id = new_id(DATA_KEY_VERSION_PREFIX)
-            row = repo.NewDataKey(
-                new_id(DATA_KEY_PREFIX),
-                new_root.id,
-                purpose,
-                version_id,
-                new_root.version_id,
-                _wrap_local(root.aead, root.id, key),
-            )
-            data.append((row, VersionKey(version_id, 1, AESGCM(key), key)))
+        roots = await self._new_roots(len(scopes))
+        new_roots = []
+        data: list[tuple[str, repo.NewDataKey, VersionKey]] = []
+        for scope_id, (root, wrapped) in zip(scopes, roots, strict=True):
+            new_root = repo.NewRootKey(new_id(ROOT_KEY_PREFIX), scope_id, root.id, wrapped)
+            new_roots.append(new_root)
+            for purpose in wanted:
+                key = os.urandom(KEY_SIZE)
+                version = VersionKey(new_id(DATA_KEY_VERSION_PREFIX), 1, AESGCM(key), key)
+                row = repo.NewDataKey(
+                    new_id(DATA_KEY_PREFIX),
+                    new_root.id,
+                    purpose,
+                    version.id,
+                    root.id,
+                    _wrap_local(root.aead, root.id, key),
+                )
+                data.append((scope_id, row, version))
         async with self._db.transaction(conn) as tx:
             changed = await repo.bump_collection_version(tx, self._q)
             try:
-                await repo.insert_root_keys(tx, self._q, [new_root])
+                await repo.insert_root_keys(tx, self._q, new_roots)
             except IntegrityError as exc:
-                if exc.kind == "unique":
-                    raise KeyExistsError(
-                        f"scope {_show(scope_id)} already has keys; use rotate_keys() to make "
-                        "new versions or reconcile_keys() to add purposes"
-                    ) from exc
-                raise
-            await repo.insert_data_keys(tx, self._q, [row for row, _ in data])
-            await repo.announce(tx, self._q, changed, [scope_id])
-        self._cache.invalidate_scope(scope_id)
-        if conn is None:
-            # Committed: the first encrypt for the new scope needs no query.
-            self._cache.put_root(root.id, root)
-            for row, version in data:
+                if exc.kind != "unique":
+                    raise
+                which = (
+                    f"scope {_show(scopes[0])} already has"
+                    if len(scopes) == 1
+                    else ("one of the scopes already has")
+                )
+                raise KeyExistsError(
+                    f"{which} keys and nothing was created; use rotate_keys() to make new "
+                    "versions or reconcile_keys() to add purposes"
+                ) from exc
+            await repo.insert_data_keys(tx, self._q, [row for _, row, _ in data])
+            await repo.announce(tx, self._q, changed, scopes)
+        for scope_id in scopes:
+            self._cache.invalidate_scope(scope_id)
+        if conn is None and len(scopes) <= _PRIME_LIMIT:
+            # Committed: the first encrypt for a new scope needs no query.
+            for root, _ in roots:
+                self._cache.put_root(root.id, root)
+            for scope_id, row, version in data:
                 self._cache.put((scope_id, row.purpose), PurposeKeys([version]))
-        logger.debug("kms_async: created keys for scope %s: %s", scope_id, wanted)
+        logger.debug("kms_async: created keys for %d scope(s): %s", len(scopes), wanted)
 
     async def rotate_keys(self, scope_id: str, *, rewrap: bool = False, conn: Any = None) -> None:
         """Add a new root key version and a new version of each data key.
@@ -757,39 +852,60 @@ class KMS:
             WrapperError: the root wrapper failed.
             TransientStorageError: other writers kept changing the scope.
         """
+        await self.rotate_keys_many([scope_id], rewrap=rewrap, conn=conn)
+
+    async def rotate_keys_many(
+        self, scope_ids: Iterable[str], *, rewrap: bool = False, conn: Any = None
+    ) -> None:
+        """:meth:`rotate_keys` for many scopes in one transaction: all or none.
+
+        Raises:
+            KeyNotFoundError: one of the scopes has no keys; nothing was rotated.
+            WrapperError: the root wrapper failed.
+            TransientStorageError: other writers kept changing the scopes.
+        """
         self._check_open()
-        _check_scope(scope_id)
+        scopes = list(dict.fromkeys(self._check_scope_list(scope_ids)))
         self.get_external_root_wrapper()
-        root_key = os.urandom(KEY_SIZE)
-        root = VersionKey(new_id(ROOT_KEY_VERSION_PREFIX), 0, AESGCM(root_key), root_key)
-        wrapped_root = await self._wrap_root(root_key)
-        await self._write_with_retry(
-            scope_id,
-            conn,
-            rewrap,
-            lambda tx, plan: self._rotate_in(tx, scope_id, root, wrapped_root, plan),
-            target=root,
-        )
-        self._cache.invalidate_scope(scope_id)
-        if conn is None:
-            self._cache.put_root(root.id, root)
-        logger.debug("kms_async: rotated keys of scope %s (rewrap=%s)", scope_id, rewrap)
+        roots = dict(zip(scopes, await self._new_roots(len(scopes)), strict=True))
+
+        async def body(tx: Connection, plans: dict[str, _RewrapPlan]) -> None:
+            await self._rotate_in(tx, roots, plans)
+
+        targets = {scope_id: root for scope_id, (root, _) in roots.items()}
+        await self._write_with_retry(scopes, conn, rewrap, body, targets=targets)
+        for scope_id in scopes:
+            self._cache.invalidate_scope(scope_id)
+        if conn is None and len(scopes) <= _PRIME_LIMIT:
+            for root, _ in roots.values():
+                self._cache.put_root(root.id, root)
+        logger.debug("kms_async: rotated %d scope(s) (rewrap=%s)", len(scopes), rewrap)
 
     async def _rotate_in(
         self,
         tx: Connection,
-        scope_id: str,
-        root: VersionKey,
-        wrapped_root: bytes,
-        plan: _RewrapPlan | None,
+        roots: dict[str, tuple[VersionKey, bytes]],
+        plans: dict[str, _RewrapPlan],
     ) -> None:
         q = self._q
-        root_key_id, _ = await repo.require_root_key(tx, q, scope_id)
-        await tx.execute(q.insert_root_key_version, root.id, root_key_id, wrapped_root)
+        owners = await repo.root_keys_of_scopes(tx, q, list(roots))
+        missing = [scope_id for scope_id in roots if scope_id not in owners]
+        if missing:
+            others = f" (and {len(missing) - 1} more scopes)" if len(missing) > 1 else ""
+            raise KeyNotFoundError(
+                f"scope {_show(missing[0])}{others} has no keys; create them with create_keys()"
+            )
+        await tx.executemany(
+            q.insert_root_key_version,
+            [(root.id, owners[scope_id], wrapped) for scope_id, (root, wrapped) in roots.items()],
+        )
+        new_root_of = {owners[scope_id]: root for scope_id, (root, _) in roots.items()}
         new_versions = []
-        for data_key_id, purpose, _created in await repo.data_keys(tx, q, root_key_id):
+        for data_key_id, root_key_id, purpose in await repo.data_keys_of_roots(
+            tx, q, list(new_root_of)
+        ):
             if purpose in self._purposes:
-                key = os.urandom(KEY_SIZE)
+                root = new_root_of[root_key_id]
                 new_versions.append(
                     repo.NewDataKey(
                         data_key_id,
@@ -797,12 +913,12 @@ class KMS:
                         purpose,
                         new_id(DATA_KEY_VERSION_PREFIX),
                         root.id,
-                        _wrap_local(root.aead, root.id, key),
+                        _wrap_local(root.aead, root.id, os.urandom(KEY_SIZE)),
                         new_key=False,
                     )
                 )
         await repo.insert_data_keys(tx, q, new_versions)
-        if plan is not None:
+        for plan in plans.values():
             await self._apply_rewrap(tx, plan)
 
     async def rewrap_keys(self, scope_id: str, *, conn: Any = None) -> None:
@@ -818,48 +934,63 @@ class KMS:
             WrapperError: the root wrapper failed.
             TransientStorageError: other writers kept changing the scope.
         """
+        await self.rewrap_keys_many([scope_id], conn=conn)
+
+    async def rewrap_keys_many(self, scope_ids: Iterable[str], *, conn: Any = None) -> None:
+        """:meth:`rewrap_keys` for many scopes in one transaction: all or none.
+
+        Raises:
+            KeyNotFoundError: one of the scopes has no keys; nothing was rewrapped.
+            WrapperError: the root wrapper failed.
+            TransientStorageError: other writers kept changing the scopes.
+        """
         self._check_open()
-        _check_scope(scope_id)
+        scopes = list(dict.fromkeys(self._check_scope_list(scope_ids)))
         self.get_external_root_wrapper()
 
-        async def apply(tx: Connection, plan: _RewrapPlan | None) -> None:
-            assert plan is not None
-            await self._apply_rewrap(tx, plan)
+        async def apply(tx: Connection, plans: dict[str, _RewrapPlan]) -> None:
+            for plan in plans.values():
+                await self._apply_rewrap(tx, plan)
 
-        await self._write_with_retry(scope_id, conn, True, apply, target=None)
-        self._cache.invalidate_scope(scope_id)
-        logger.debug("kms_async: rewrapped keys of scope %s", scope_id)
+        await self._write_with_retry(scopes, conn, True, apply, targets=None)
+        for scope_id in scopes:
+            self._cache.invalidate_scope(scope_id)
+        logger.debug("kms_async: rewrapped %d scope(s)", len(scopes))
 
     async def _write_with_retry(
         self,
-        scope_id: str,
+        scope_ids: list[str],
         conn: Any,
         rewrap: bool,
-        body: Any,
+        body: Callable[[Connection, dict[str, _RewrapPlan]], Awaitable[None]],
         *,
-        target: VersionKey | None,
+        targets: dict[str, VersionKey] | None,
     ) -> None:
-        """Run ``body`` in a transaction, preparing a rewrap plan first if asked.
+        """Run ``body`` in one transaction, preparing rewrap plans first if asked.
 
-        The plan is computed from an unlocked read, so wrapper calls never run
+        A plan is computed from an unlocked read, so wrapper calls never run
         while a connection or the write lock is held; inside the transaction
         the rows are read again and, if another writer changed them in
-        between, the transaction is abandoned and the plan rebuilt.
+        between, the transaction is abandoned and the plans rebuilt.
         """
         for _attempt in range(_WRITE_ATTEMPTS):
-            plan = await self._plan_rewrap(scope_id, conn, target) if rewrap else None
+            plans: dict[str, _RewrapPlan] = {}
+            if rewrap:
+                for scope_id in scope_ids:
+                    target = None if targets is None else targets[scope_id]
+                    plans[scope_id] = await self._plan_rewrap(scope_id, conn, target)
             try:
                 async with self._db.transaction(conn) as tx:
                     changed = await repo.bump_collection_version(tx, self._q)
-                    if plan is not None:
+                    for plan in plans.values():
                         await self._check_plan(tx, plan)
-                    await body(tx, plan)
-                    await repo.announce(tx, self._q, changed, [scope_id])
+                    await body(tx, plans)
+                    await repo.announce(tx, self._q, changed, scope_ids)
                 return
             except _Stale:
                 continue
         raise TransientStorageError(
-            f"the keys of scope {_show(scope_id)} kept changing while being rewrapped; retry"
+            "the keys kept changing while being rewrapped by another writer; retry"
         )
 
     async def _plan_rewrap(
@@ -1012,13 +1143,7 @@ class KMS:
             WrapperError: the root wrapper failed.
         """
         self._check_open()
-        if isinstance(scope_ids, (str, bytes)):
-            raise InvalidParameterError(
-                "scope_ids must be a list of scope ids, not one string; write [scope_id]"
-            )
-        scopes = list(dict.fromkeys(_check_scope(s) for s in scope_ids))
-        if not scopes:
-            raise InvalidParameterError("missing scope ids")
+        scopes = list(dict.fromkeys(self._check_scope_list(scope_ids)))
         wanted = self._check_purpose_list(purposes)
         if not wanted:
             raise InvalidParameterError("missing purposes")
@@ -1033,19 +1158,17 @@ class KMS:
             roots: dict[str, VersionKey] = {}
             for root_key_id, row in latest.items():
                 roots[root_key_id] = await self._unwrap_root(row.id, row.version, row.wrapped)
+            rootless = list(dict.fromkeys(m[0] for m in missing if m[2] is None))
             new_roots: dict[str, repo.NewRootKey] = {}
             fresh: list[VersionKey] = []
-            for scope_id in dict.fromkeys(m[0] for m in missing if m[2] is None):
-                key = os.urandom(KEY_SIZE)
-                new_root = repo.NewRootKey(
-                    new_id(ROOT_KEY_PREFIX),
-                    scope_id,
-                    new_id(ROOT_KEY_VERSION_PREFIX),
-                    await self._wrap_root(key),
+            for scope_id, (root, wrapped) in zip(
+                rootless, await self._new_roots(len(rootless)), strict=True
+            ):
+                new_roots[scope_id] = repo.NewRootKey(
+                    new_id(ROOT_KEY_PREFIX), scope_id, root.id, wrapped
                 )
-                new_roots[scope_id] = new_root
-                roots[new_root.id] = VersionKey(new_root.version_id, 1, AESGCM(key), key)
-                fresh.append(roots[new_root.id])
+                roots[new_roots[scope_id].id] = root
+                fresh.append(root)
             rows = []
             for scope_id, purpose, existing_root in missing:
                 owner = existing_root if existing_root is not None else new_roots[scope_id].id
@@ -1075,7 +1198,7 @@ class KMS:
                     if exc.kind not in ("unique", "foreign_key"):
                         raise
                     continue
-                for version in fresh:
+                for version in fresh[:_PRIME_LIMIT]:
                     self._cache.put_root(version.id, version)
                 for scope_id in {m[0] for m in missing}:
                     self._cache.invalidate_scope(scope_id)

@@ -25,6 +25,7 @@ __all__ = [
     "collection_version",
     "data_key_versions",
     "data_keys",
+    "data_keys_of_roots",
     "insert_data_keys",
     "insert_root_keys",
     "latest_root_key_versions",
@@ -33,6 +34,7 @@ __all__ = [
     "referencing_tables",
     "root_key",
     "root_key_versions",
+    "root_keys_of_scopes",
     "schema_version",
     "version_ids",
 ]
@@ -236,6 +238,28 @@ async def latest_root_key_versions(
         for r in await conn.fetch(q.latest_root_key_versions, q.array(batch)):
             latest[r[0]] = RootKeyVersionRow(r[1], int(r[3]), bytes(r[2]), None)
     return latest
+
+
+async def root_keys_of_scopes(
+    conn: Connection, q: Queries, scope_ids: Sequence[str]
+) -> dict[str, str]:
+    """scope id -> root key id, for the scopes that have keys."""
+    found: dict[str, str] = {}
+    for start in range(0, len(scope_ids), BATCH):
+        rows = await conn.fetch(q.root_keys_of_scopes, q.array(scope_ids[start : start + BATCH]))
+        found.update((r[0], r[1]) for r in rows)
+    return found
+
+
+async def data_keys_of_roots(
+    conn: Connection, q: Queries, root_key_ids: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """(data key id, root key id, purpose) of every data key under the root keys."""
+    found: list[tuple[str, str, str]] = []
+    for start in range(0, len(root_key_ids), BATCH):
+        rows = await conn.fetch(q.data_keys_of_roots, q.array(root_key_ids[start : start + BATCH]))
+        found.extend((r[0], r[1], r[2]) for r in rows)
+    return found
 
 
 async def referencing_tables(conn: Connection, q: Queries) -> list[str]:

@@ -176,6 +176,14 @@ class Queries:
             f"  join {p}_data_key_version v on v.data_key_id = k.private_id"
             "   where k.root_key_id = r.private_id and k.purpose = $2)"
         )
+        # Bulk operations bind a whole list as one parameter ($1).
+        self.root_keys_of_scopes = (
+            f"select scope_id, private_id from {p}_root_key where scope_id {self.in_list('$1')}"
+        )
+        self.data_keys_of_roots = (
+            f"select private_id, root_key_id, purpose from {p}_data_key"
+            f" where root_key_id {self.in_list('$1')}"
+        )
         self.scope_has_purpose = (
             f"select r.private_id, k.private_id from {p}_root_key r"
             f" left join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = $2"
@@ -236,3 +244,7 @@ class Queries:
     def array(self, values: Sequence[Any]) -> Any:
         """Bind a list as one parameter (PostgreSQL arrays; SQLite overrides with JSON)."""
         return list(values)
+
+    def in_list(self, param: str) -> str:
+        """SQL testing membership in a list bound by :meth:`array` as ``param``."""
+        return f"= any({param}::text[])"

@@ -135,11 +135,20 @@ class SqliteQueries(Queries):
     def array(self, values: Sequence[Any]) -> Any:
         return json.dumps(list(values))
 
+    def in_list(self, param: str) -> str:
+        return f"in (select value from json_each({param}))"
+
+
+async def _pragma(conn: aiosqlite.Connection, statement: str) -> None:
+    # Pragmas that return a row keep their statement open (and, for
+    # journal_mode, a lock) until the cursor is exhausted and closed.
+    with translate_errors():
+        await conn.execute_fetchall(statement)
+
 
 async def _configure(conn: aiosqlite.Connection) -> None:
-    with translate_errors():
-        await conn.execute("pragma foreign_keys = on")
-        await conn.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
+    await _pragma(conn, "pragma foreign_keys = on")
+    await _pragma(conn, f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 class SqliteDatabase:
@@ -176,8 +185,8 @@ class SqliteDatabase:
             await _configure(writer)
             reader = None
             if not memory:
+                await _pragma(writer, "pragma journal_mode = wal")
                 with translate_errors():
-                    await writer.execute("pragma journal_mode = wal")
                     reader = await aiosqlite.connect(path, isolation_level=None)
                 await _configure(reader)
         except BaseException:
@@ -235,12 +244,12 @@ class SqliteDatabase:
                     "pass it as conn= to join that transaction, or commit first"
                 )
             with translate_errors():
-                await writer.execute("begin immediate")
+                await (await writer.execute("begin immediate")).close()
             committed = False
             try:
                 yield _SqliteConnection(writer)
                 with translate_errors():
-                    await writer.execute("commit")
+                    await (await writer.execute("commit")).close()
                 committed = True
             finally:
                 if not committed:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -81,7 +81,7 @@ class KeyCache:
         self.roots: collections.OrderedDict[str, VersionKey] = collections.OrderedDict()
         self._generation: dict[str, int] = {}
         self._epoch = 0
-        self._loads: dict[CacheKey, asyncio.Future[PurposeKeys]] = {}
+        self._loads: dict[CacheKey, tuple[asyncio.Future[PurposeKeys], tuple[int, int]]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -91,15 +91,27 @@ class KeyCache:
     def token(self, scope_id: str) -> tuple[int, int]:
         return (self._epoch, self._generation.get(scope_id, 0))
 
-    def invalidate_scope(self, scope_id: str) -> None:
-        """Drop the scope's entries and make in-flight loads of it stale."""
-        self._generation[scope_id] = self._generation.get(scope_id, 0) + 1
-        for purpose in self.purposes:
-            self.entries.pop((scope_id, purpose), None)
+    def mark_stale(self, scope_ids: Iterable[str] | None) -> None:
+        """Keep serving the scopes' entries, but refuse loads already in flight.
+
+        A load that read the database before a change must not be installed
+        after it. ``None`` marks every scope.
+        """
+        if scope_ids is None:
+            self._epoch += 1
+            return
+        for scope_id in scope_ids:
+            self._generation[scope_id] = self._generation.get(scope_id, 0) + 1
         if len(self._generation) > 4 * self.max_entries + 1024:
             # Forget old counters; a new epoch keeps in-flight loads stale.
             self._generation.clear()
             self._epoch += 1
+
+    def invalidate_scope(self, scope_id: str) -> None:
+        """Drop the scope's entries and make in-flight loads of it stale."""
+        self.mark_stale((scope_id,))
+        for purpose in self.purposes:
+            self.entries.pop((scope_id, purpose), None)
 
     def clear(self) -> None:
         """Drop everything, including unwrapped root keys."""
@@ -148,9 +160,12 @@ class KeyCache:
         The load runs in its own task so that one cancelled waiter does not
         cancel it for the others.
         """
-        future = self._loads.get(key)
-        if future is None:
-            token = self.token(key[0])
+        token = self.token(key[0])
+        in_flight = self._loads.get(key)
+        if in_flight is not None and in_flight[1] == token:
+            future = in_flight[0]
+        else:
+            # Nothing in flight, or only a load that started before a change.
 
             async def run() -> PurposeKeys:
                 keys = await loader()
@@ -158,13 +173,14 @@ class KeyCache:
                 return keys
 
             task = asyncio.ensure_future(run())
-            self._loads[key] = task
+            self._loads[key] = (task, token)
             task.add_done_callback(lambda t: self._load_done(key, t))
             future = task
         return await asyncio.shield(future)
 
     def _load_done(self, key: CacheKey, task: asyncio.Future[PurposeKeys]) -> None:
-        if self._loads.get(key) is task:
+        in_flight = self._loads.get(key)
+        if in_flight is not None and in_flight[0] is task:
             del self._loads[key]
         if not task.cancelled():
             # Mark the exception retrieved even if every waiter was cancelled.
@@ -172,7 +188,7 @@ class KeyCache:
 
     async def drain(self) -> None:
         """Cancel loads in flight (used by aclose)."""
-        loads = list(self._loads.values())
+        loads = [task for task, _ in self._loads.values()]
         for task in loads:
             task.cancel()
         await asyncio.gather(*loads, return_exceptions=True)

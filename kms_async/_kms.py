@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -56,7 +56,7 @@ logger = logging.getLogger("kms_async")
 MAX_SCOPE_BYTES = 1024
 #: Longest purpose accepted, in UTF-8 bytes.
 MAX_PURPOSE_BYTES = 256
-#: Optimistic writes (rewrap) retry this often when another writer got there first.
+#: reconcile_keys reads again this often when other processes create the same keys.
 _WRITE_ATTEMPTS = 5
 #: Root keys wrapped concurrently by bulk operations (for remote root wrappers).
 _WRAP_CONCURRENCY = 16
@@ -407,7 +407,7 @@ class KMS:
         try:
             blob = await wrapper.encrypt(key)
         except Exception as exc:
-            raise WrapperError(f"the root wrapper failed to wrap a new root key: {exc}") from exc
+            raise WrapperError(f"the root wrapper failed to wrap a root key: {exc}") from exc
         if not isinstance(blob, BlobInfo):
             raise WrapperError(
                 f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
@@ -750,6 +750,20 @@ class KMS:
             for key, blob in zip(keys, wrapped, strict=True)
         ]
 
+    @contextlib.asynccontextmanager
+    async def _invalidating(self, scope_ids: list[str]) -> AsyncIterator[None]:
+        """Drop the scopes' cached keys when a write ends, however it ends.
+
+        A write cancelled while its commit was in flight may still have
+        committed, so the cache is invalidated on every exit, not only on
+        success; the next use reloads from what the database holds.
+        """
+        try:
+            yield
+        finally:
+            for scope_id in scope_ids:
+                self._cache.invalidate_scope(scope_id)
+
     async def create_keys(
         self,
         scope_id: str,
@@ -810,7 +824,7 @@ class KMS:
                     _wrap_local(root.aead, root.id, key),
                 )
                 data.append((scope_id, row, version))
-        async with self._db.transaction(conn) as tx:
+        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
             changed = await repo.bump_collection_version(tx, self._q)
             try:
                 await repo.insert_root_keys(tx, self._q, new_roots)
@@ -828,8 +842,6 @@ class KMS:
                 ) from exc
             await repo.insert_data_keys(tx, self._q, [row for _, row, _ in data])
             await repo.announce(tx, self._q, changed, scopes)
-        for scope_id in scopes:
-            self._cache.invalidate_scope(scope_id)
         if conn is None and len(scopes) <= _PRIME_LIMIT:
             # Committed: the first encrypt for a new scope needs no query.
             for root, _ in roots:
@@ -873,9 +885,8 @@ class KMS:
             await self._rotate_in(tx, roots, plans)
 
         targets = {scope_id: root for scope_id, (root, _) in roots.items()}
-        await self._write_with_retry(scopes, conn, rewrap, body, targets=targets)
-        for scope_id in scopes:
-            self._cache.invalidate_scope(scope_id)
+        async with self._invalidating(scopes):
+            await self._write_with_retry(scopes, conn, rewrap, body, targets=targets)
         if conn is None and len(scopes) <= _PRIME_LIMIT:
             for root, _ in roots.values():
                 self._cache.put_root(root.id, root)
@@ -952,9 +963,8 @@ class KMS:
             for plan in plans.values():
                 await self._apply_rewrap(tx, plan)
 
-        await self._write_with_retry(scopes, conn, True, apply, targets=None)
-        for scope_id in scopes:
-            self._cache.invalidate_scope(scope_id)
+        async with self._invalidating(scopes):
+            await self._write_with_retry(scopes, conn, True, apply, targets=None)
         logger.debug("kms_async: rewrapped %d scope(s)", len(scopes))
 
     async def _write_with_retry(
@@ -966,51 +976,73 @@ class KMS:
         *,
         targets: dict[str, VersionKey] | None,
     ) -> None:
-        """Run ``body`` in one transaction, preparing rewrap plans first if asked.
+        """Run ``body`` in one transaction, with rewrap plans if asked.
 
-        A plan is computed from an unlocked read, so wrapper calls never run
-        while a connection or the write lock is held; inside the transaction
-        the rows are read again and, if another writer changed them in
-        between, the transaction is abandoned and the plans rebuilt.
+        The first attempt computes the plans from an unlocked read, so wrapper
+        calls (maybe a remote root key service) run while no connection or
+        write lock is held; inside the transaction the rows are read again.
+        If another writer changed them in between, the next attempt builds
+        the plans inside the transaction, under the write lock, which cannot
+        be overtaken: contention costs holding the lock, never a failure.
         """
-        for _attempt in range(_WRITE_ATTEMPTS):
+        for attempt in range(2):
+            optimistic = rewrap and attempt == 0
             plans: dict[str, _RewrapPlan] = {}
-            if rewrap:
+            if optimistic:
                 for scope_id in scope_ids:
-                    target = None if targets is None else targets[scope_id]
-                    plans[scope_id] = await self._plan_rewrap(scope_id, conn, target)
+                    plans[scope_id] = await self._planned(scope_id, conn, targets)
             try:
                 async with self._db.transaction(conn) as tx:
                     changed = await repo.bump_collection_version(tx, self._q)
-                    for plan in plans.values():
-                        await self._check_plan(tx, plan)
+                    if optimistic:
+                        for plan in plans.values():
+                            await self._check_plan(tx, plan)
+                    elif rewrap:
+                        for scope_id in scope_ids:
+                            target = None if targets is None else targets[scope_id]
+                            snapshot = await self._snapshot(tx, scope_id)
+                            plans[scope_id] = await self._plan_rewrap(scope_id, snapshot, target)
                     await body(tx, plans)
                     await repo.announce(tx, self._q, changed, scope_ids)
                 return
             except _Stale:
                 continue
-        raise TransientStorageError(
-            "the keys kept changing while being rewrapped by another writer; retry"
-        )
+        raise AssertionError("unreachable: the locked attempt cannot be stale")
 
-    async def _plan_rewrap(
-        self, scope_id: str, conn: Any, target: VersionKey | None
+    async def _planned(
+        self, scope_id: str, conn: Any, targets: dict[str, VersionKey] | None
     ) -> _RewrapPlan:
+        """A rewrap plan for ``scope_id`` from a read outside any write transaction."""
         if conn is not None:
             async with self._db.transaction(conn) as tx:
                 snapshot = await self._snapshot(tx, scope_id)
         else:
             async with self._db.read() as reader:
                 snapshot = await self._snapshot(reader, scope_id)
+        return await self._plan_rewrap(
+            scope_id, snapshot, None if targets is None else targets[scope_id]
+        )
+
+    async def _plan_rewrap(
+        self,
+        scope_id: str,
+        snapshot: tuple[str, list[repo.RootKeyVersionRow], list[repo.DataKeyVersionRow]],
+        target: VersionKey | None,
+    ) -> _RewrapPlan:
+        """New wrappings for every key version in ``snapshot``.
+
+        Root versions are re-wrapped by the root wrapper, data versions by
+        ``target`` (a rotation's new root version) or else the newest root
+        version.
+        """
         root_key_id, root_rows, data_rows = snapshot
         if not root_rows:
             raise KeyNotFoundError(f"scope {_show(scope_id)} has no root key versions")
-        wrapper = self.get_external_root_wrapper()
         roots: dict[str, VersionKey] = {}
         root_updates = []
         for row in root_rows:
             roots[row.id] = await self._unwrap_root(row.id, row.version, row.wrapped)
-            rewrapped = await self._wrap_root_with(wrapper, roots[row.id].key)
+            rewrapped = await self._wrap_root(roots[row.id].key)
             root_updates.append((rewrapped, row.id, row.wrapped))
         goal = target if target is not None else roots[root_rows[-1].id]
         data_updates = []
@@ -1021,17 +1053,6 @@ class KMS:
             key = _unwrap_local(parent.aead, parent.id, d.id, d.wrapped)
             data_updates.append((_wrap_local(goal.aead, goal.id, key), goal.id, d.id, d.wrapped))
         return _RewrapPlan(root_key_id, goal.id, root_updates, data_updates)
-
-    async def _wrap_root_with(self, wrapper: Wrapper, key: bytes) -> bytes:
-        try:
-            blob = await wrapper.encrypt(key)
-        except Exception as exc:
-            raise WrapperError(f"the root wrapper failed to re-wrap a root key: {exc}") from exc
-        if not isinstance(blob, BlobInfo):
-            raise WrapperError(
-                f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
-            )
-        return blob.to_bytes()
 
     async def _snapshot(
         self, conn: Connection, scope_id: str
@@ -1083,7 +1104,8 @@ class KMS:
                 f"{ROOT_KEY_VERSION_PREFIX}_ or {DATA_KEY_VERSION_PREFIX}_"
             )
         q = self._q
-        async with self._db.transaction(conn) as tx:
+        owners: list[str] = []
+        async with self._invalidating(owners), self._db.transaction(conn) as tx:
             changed = await repo.bump_collection_version(tx, q)
             if is_root:
                 row = await tx.fetchrow(q.root_key_version_for_revoke, key_version_id)
@@ -1093,6 +1115,7 @@ class KMS:
                 where = "" if scope_id is None else f" in scope {_show(scope_id)}"
                 raise KeyNotFoundError(f"no key version {_show(key_version_id)}{where}")
             owner = row[0]
+            owners.append(owner)
             if is_root:
                 _, newest, referencing = row
                 if newest:
@@ -1123,7 +1146,6 @@ class KMS:
                         "re-encrypt them under the newest version before revoking it"
                     ) from exc
             await repo.announce(tx, q, changed, [owner])
-        self._cache.invalidate_scope(owner)
         if is_root:
             self._cache.roots.pop(key_version_id, None)
         logger.debug("kms_async: revoked key version %s of scope %s", key_version_id, owner)
@@ -1187,7 +1209,10 @@ class KMS:
                 )
             else:
                 try:
-                    async with self._db.transaction() as tx:
+                    async with (
+                        self._invalidating([m[0] for m in missing]),
+                        self._db.transaction() as tx,
+                    ):
                         changed = await repo.bump_collection_version(tx, self._q)
                         await repo.insert_root_keys(tx, self._q, list(new_roots.values()))
                         await repo.insert_data_keys(tx, self._q, rows)
@@ -1200,8 +1225,6 @@ class KMS:
                     continue
                 for version in fresh[:_PRIME_LIMIT]:
                     self._cache.put_root(version.id, version)
-                for scope_id in {m[0] for m in missing}:
-                    self._cache.invalidate_scope(scope_id)
                 created = sorted((m[0], m[1]) for m in missing)
                 logger.debug("kms_async: reconcile created %d data keys", len(created))
                 return created
@@ -1280,6 +1303,7 @@ class KMS:
             if scopes is not None and version == (self._seen_version or 0) + 1:
                 # The next change in sequence: only these scopes need reloading.
                 self._seen_version = version
+                self._cache.mark_stale(scopes)
                 self._changes.put_nowait(scopes)
                 return
         # A reconnect, a gap (e.g. a write by the Go package, which does not
@@ -1323,6 +1347,8 @@ class KMS:
         if version == self._seen_version:
             return
         self._seen_version = version
+        # Loads in flight may have read the rows before the change.
+        self._cache.mark_stale(None)
         pairs = list(self._entries)
         if not pairs:
             return

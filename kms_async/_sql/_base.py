@@ -9,9 +9,10 @@ ones its database spells differently and translates placeholders if needed.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
@@ -23,6 +24,7 @@ __all__ = [
     "IntegrityError",
     "Queries",
     "Row",
+    "run_to_completion",
     "validate_prefix",
 ]
 
@@ -39,6 +41,29 @@ def validate_prefix(prefix: object) -> str:
             f"underscores, starting with a letter; got {prefix!r}"
         )
     return prefix
+
+
+async def run_to_completion(cleanup: Awaitable[object]) -> None:
+    """Await a cleanup step (a rollback) to its end even if cancelled meanwhile.
+
+    The cancellation is re-raised once the step is done, so the connection is
+    never handed on with the step still pending. Errors of the step itself
+    are the caller's to suppress.
+    """
+    task = asyncio.ensure_future(cleanup)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                break
+            cancelled = True
+    try:
+        task.result()
+    finally:
+        if cancelled:
+            raise asyncio.CancelledError
 
 
 class IntegrityError(StorageError):

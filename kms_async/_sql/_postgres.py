@@ -18,7 +18,7 @@ from .._errors import (
     StorageError,
     TransientStorageError,
 )
-from ._base import IntegrityError, Queries, Row
+from ._base import IntegrityError, Queries, Row, run_to_completion
 
 __all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
 
@@ -186,7 +186,7 @@ class PostgresDatabase:
                 yield inner
             except BaseException:
                 with contextlib.suppress(KMSError):
-                    await asyncio.shield(inner.execute("rollback to savepoint kms_async_op"))
+                    await run_to_completion(inner.execute("rollback to savepoint kms_async_op"))
                 raise
             await inner.execute("release savepoint kms_async_op")
             return

@@ -20,7 +20,7 @@ from .._errors import (
     StorageError,
     TransientStorageError,
 )
-from ._base import IntegrityError, Queries, Row
+from ._base import IntegrityError, Queries, Row, run_to_completion
 
 __all__ = ["SqliteDatabase", "SqliteQueries", "translate_errors"]
 
@@ -232,35 +232,32 @@ class SqliteDatabase:
                 yield inner
             except BaseException:
                 with contextlib.suppress(KMSError):
-                    await asyncio.shield(inner.execute("rollback to savepoint kms_async_op"))
+                    await run_to_completion(inner.execute("rollback to savepoint kms_async_op"))
                 raise
             await inner.execute("release savepoint kms_async_op")
             return
         async with self._lock:
             writer = self._writer
-            if writer.in_transaction:
+            if not self._owns and writer.in_transaction:
                 raise InvalidParameterError(
                     "the SQLite connection given to the KMS is inside a transaction; "
                     "pass it as conn= to join that transaction, or commit first"
                 )
-            with translate_errors():
-                await (await writer.execute("begin immediate")).close()
             committed = False
             try:
+                with translate_errors():
+                    await (await writer.execute("begin immediate")).close()
                 yield _SqliteConnection(writer)
                 with translate_errors():
                     await (await writer.execute("commit")).close()
                 committed = True
             finally:
                 if not committed:
-                    await self._rollback()
-
-    async def _rollback(self) -> None:
-        # Runs on failure and on cancellation. aiosqlite executes calls in
-        # order on its thread, so the rollback follows whatever statement was
-        # in flight; shielding keeps a second cancellation from skipping it.
-        with contextlib.suppress(sqlite3.Error, ValueError):
-            await asyncio.shield(self._writer.rollback())
+                    # On failure and on cancellation. aiosqlite runs calls in
+                    # order on its thread, so this follows any statement still
+                    # in flight; the lock is held until it is done.
+                    with contextlib.suppress(sqlite3.Error, ValueError):
+                        await run_to_completion(writer.rollback())
 
     async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
         return None

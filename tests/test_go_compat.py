@@ -22,12 +22,11 @@ import secrets
 from typing import Any
 
 import pytest
+from conftest import POSTGRES_DSN, TestDB, _with_search_path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import kms_async
-from kms_async import AeadWrapper, KMS
-
-from conftest import POSTGRES_DSN, TestDB, _with_search_path
+from kms_async import KMS, AeadWrapper
 
 GO_SQLITE_SCHEMA = """
 create table kms_schema_version (

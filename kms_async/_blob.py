@@ -13,9 +13,8 @@ field it does not use.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 
 from ._errors import DecryptionError
 
@@ -27,7 +26,6 @@ __all__ = [
     "envelope_header",
     "nonces",
     "reset_nonces",
-    "split_fast",
 ]
 
 NONCE_SIZE = 12
@@ -197,67 +195,33 @@ def decode(data: bytes | bytearray | memoryview) -> BlobInfo:
     return BlobInfo(**values)  # type: ignore[arg-type]
 
 
-def split_fast(data: bytes) -> tuple[memoryview, bytes] | None:
-    """Split the library's own envelope layout without a general parse.
-
-    Returns (field 1 payload, key id bytes) when ``data`` is exactly field 1
-    followed by a ``key_info`` holding only ``key_id``, which is what every
-    encrypt of this library writes; otherwise ``None`` and the caller falls
-    back to :func:`decode`.
-    """
-    n = len(data)
-    if n < 4 or data[0] != 0x0A:
-        return None
-    length = data[1]
-    pos = 2
-    if length >= 0x80:
-        second = data[2]
-        if second >= 0x80:
-            if n < 5 or data[3] >= 0x80:
-                return None
-            length = (length & 0x7F) | ((second & 0x7F) << 7) | (data[3] << 14)
-            pos = 4
-        else:
-            length = (length & 0x7F) | (second << 7)
-            pos = 3
-    end = pos + length
-    # key_info: 0x2a, len, 0x1a, len, id; key ids are short, so one-byte lengths.
-    if end + 4 > n or data[end] != 0x2A or data[end + 2] != 0x1A:
-        return None
-    if data[end + 1] != n - end - 2 or data[end + 3] != n - end - 4 or data[end + 1] >= 0x80:
-        return None
-    return memoryview(data)[pos:end], data[end + 4 :]
-
-
 _NONCE_BATCH = 512
-_nonce_state: tuple[bytes, Iterator[int]] = (b"", itertools.count())
+_nonce_pool: list[bytes] = []
 
 
 def reset_nonces() -> None:
-    """Discard buffered nonces (called in a forked child, and on exhaustion)."""
-    global _nonce_state
-    _nonce_state = (os.urandom(NONCE_SIZE * _NONCE_BATCH), itertools.count(0, NONCE_SIZE))
+    """Discard buffered nonces (called in a forked child)."""
+    _nonce_pool.clear()
 
 
-def nonces() -> bytes:
+def nonces(pop: Callable[[], bytes] = _nonce_pool.pop) -> bytes:
     """A fresh random 96-bit nonce.
 
     One ``os.urandom`` call costs about a quarter of a small AES-GCM round
-    trip, so nonces are drawn from the OS CSPRNG in batches. Each buffer is
-    paired with its own counter and both are read together, so two threads
-    never receive the same slice; a forked child discards the inherited
-    buffer (``os.register_at_fork`` below) so parent and child never share a
-    nonce.
+    trip, so nonces are drawn from the OS CSPRNG in batches and handed out
+    one by one. ``list.pop`` is atomic under the GIL, so two threads never
+    receive the same nonce (two threads refilling at once only add more fresh
+    ones); a forked child discards the inherited pool (``os.register_at_fork``
+    below) so parent and child never share a nonce.
     """
-    buf, counter = _nonce_state
-    i = next(counter)  # atomic under the GIL: each offset is handed out once
-    if i < len(buf):
-        return buf[i : i + NONCE_SIZE]
-    reset_nonces()
-    return nonces()
+    try:
+        return pop()
+    except IndexError:
+        batch = os.urandom(NONCE_SIZE * _NONCE_BATCH)
+        _nonce_pool.extend([batch[i : i + NONCE_SIZE] for i in range(0, len(batch), NONCE_SIZE)])
+        return pop()
 
 
-reset_nonces()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=reset_nonces)
 

@@ -1,0 +1,520 @@
+"""Soak run: several worker processes use one database while faults happen.
+
+    python scripts/soak.py --duration 20            # PostgreSQL (a private cluster), then SQLite
+    python scripts/soak.py --dialect sqlite --duration 600 --workers 6
+
+Workers encrypt rows for many tenants, store them in an application table
+(restrict foreign key to the data key versions), read them back, rotate
+tenants' keys (with and without rewrap) and revoke versions nothing uses.
+During a PostgreSQL run the server is restarted once and a rotating worker
+is killed with SIGKILL in the middle of a rotation and started again. At the
+end every stored row must decrypt to what was written, every rotation must be
+whole (a root key version and one version of every data key, or nothing),
+and every error a worker saw must be a retryable KMSError subclass or an
+expected refusal (KeyInUseError). The run is bounded in time; all traffic
+stays on 127.0.0.1.
+
+PostgreSQL runs in a throwaway cluster made with initdb in a temporary
+directory on a free port, so restarting it disturbs nothing else on the
+machine. Pass --pg-dsn to use an existing server instead (it is then not
+restarted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import kms_async
+
+PURPOSES = ["database", "oidc"]
+APP_TABLE = """
+create table if not exists soak_row (
+  id text primary key,
+  tenant text not null,
+  key_version_id text not null
+    references kms_data_key_version (private_id) on delete restrict,
+  ciphertext bytea not null,
+  digest text not null
+)
+"""
+# Revokers work on the first tenants only, so the others keep contiguous
+# version numbers that the final check can compare one to one.
+REVOCABLE = 4
+
+
+# -- a private PostgreSQL cluster ----------------------------------------------
+
+
+class PrivateCluster:
+    """A PostgreSQL server of our own in a temporary directory (needs initdb)."""
+
+    def __init__(self) -> None:
+        found = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not found:
+            raise SystemExit("soak: PostgreSQL binaries (initdb) not found; use --pg-dsn")
+        self.bin = found[-1].parent
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="kms-soak-pg-"))
+        self.data = self.dir / "data"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:  # the server refuses to run as root
+            shutil.chown(self.dir, "postgres")
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def start(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.pg_ctl("start")
+
+    def pg_ctl(self, action: str) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "-m",
+            "fast",
+            action,
+        )
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.pg_ctl("stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- workers ---------------------------------------------------------------------
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.bad: list[str] = []
+
+    def error(self, exc: BaseException) -> None:
+        name = type(exc).__name__
+        self.errors[name] += 1
+        expected = isinstance(exc, kms_async.KMSError) and (
+            exc.retryable or isinstance(exc, kms_async.KeyInUseError)
+        )
+        if not expected and len(self.bad) < 20:
+            self.bad.append(f"{name}: {exc}")
+
+
+async def app_connection(dsn: str) -> Any:
+    if dsn.startswith("sqlite"):
+        import aiosqlite
+
+        conn = await aiosqlite.connect(dsn[len("sqlite:///") :], isolation_level=None)
+        await conn.execute("pragma busy_timeout = 10000")
+        await conn.execute("pragma foreign_keys = on")
+        return conn
+    import asyncpg
+
+    return await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+
+
+class VersionRevokedMeanwhile(Exception):
+    """The row's key version was revoked between encrypt and insert.
+
+    Another process rotated and revoked the version while this one still had
+    it cached (for at most max_staleness); the restrict foreign key refused
+    the row, nothing was stored, and the application encrypts again.
+    """
+
+
+async def app_execute(db: Any, sql: str, *args: Any) -> list[Any]:
+    """One statement on the app's own connection, driver errors as KMSError."""
+    import sqlite3
+
+    import asyncpg
+
+    try:
+        if hasattr(db, "acquire"):
+            async with db.acquire() as conn:
+                return list(await conn.fetch(sql, *args))
+        return list(await db.execute_fetchall(sql.replace("$", "?"), args))
+    except (asyncpg.ForeignKeyViolationError, sqlite3.IntegrityError) as exc:
+        raise VersionRevokedMeanwhile(str(exc)) from exc
+    except (
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        asyncpg.exceptions.AdminShutdownError,
+        asyncpg.exceptions.CannotConnectNowError,
+        sqlite3.OperationalError,
+    ) as exc:
+        raise kms_async.TransientStorageError(str(exc)) from exc
+
+
+async def worker(
+    role: str,
+    index: int,
+    dsn: str,
+    root_key: bytes,
+    tenants: int,
+    until: float,
+    marker: pathlib.Path | None,
+) -> Stats:
+    stats = Stats()
+    root = kms_async.AeadWrapper(root_key, key_id="soak-root")
+    kms = None
+    while kms is None and time.time() < until:
+        try:
+            kms = await kms_async.KMS.open(
+                dsn, purposes=PURPOSES, root_wrapper=root, max_staleness=0.5
+            )
+        except kms_async.KMSError as exc:
+            stats.error(exc)
+            await asyncio.sleep(0.2)
+    if kms is None:
+        return stats
+    db = await app_connection(dsn)
+    rng = random.Random(f"{role}-{index}-{os.getpid()}")
+    try:
+
+        async def writer() -> None:
+            while time.time() < until:
+                tenant = f"tenant-{rng.randrange(tenants)}"
+                purpose = rng.choice(PURPOSES)
+                try:
+                    row_id = f"{role}{index}-{os.getpid()}-{secrets.token_hex(6)}"
+                    data = secrets.token_bytes(rng.choice([16, 200, 3000]))
+                    ct = await kms.encrypt(tenant, purpose, data, aad=row_id.encode())
+                    version = kms_async.BlobInfo.from_bytes(ct).key_id
+                    await app_execute(
+                        db,
+                        "insert into soak_row (id, tenant, key_version_id, ciphertext, digest)"
+                        " values ($1, $2, $3, $4, $5)",
+                        row_id,
+                        f"{tenant}|{purpose}",
+                        version,
+                        ct,
+                        hashlib.sha256(data).hexdigest(),
+                    )
+                    stats.ops["write"] += 1
+                    rows = await app_execute(
+                        db,
+                        "select id, tenant, ciphertext, digest from soak_row"
+                        " where tenant = $1 order by id desc limit 1",
+                        f"{tenant}|{purpose}",
+                    )
+                    for rid, owner, cipher, digest in rows:
+                        scope, used = owner.split("|")
+                        plain = await kms.decrypt(scope, used, bytes(cipher), aad=rid.encode())
+                        if hashlib.sha256(plain).hexdigest() != digest:
+                            stats.bad.append(f"row {rid} decrypted to different data")
+                        stats.ops["read"] += 1
+                except VersionRevokedMeanwhile:
+                    stats.ops["write retried: version revoked meanwhile"] += 1
+                except Exception as exc:
+                    stats.error(exc)
+                    await asyncio.sleep(0.05)
+
+        async def rotator() -> None:
+            while time.time() < until:
+                tenant = f"tenant-{rng.randrange(tenants)}"
+                try:
+                    if marker is not None:
+                        # Synchronous on purpose: the marker must exist before
+                        # the rotation starts, for the kill to land inside it.
+                        marker.write_text(tenant)  # noqa: ASYNC240
+                    await kms.rotate_keys(tenant, rewrap=rng.random() < 0.5)
+                    stats.ops["rotate"] += 1
+                except Exception as exc:
+                    stats.error(exc)
+                    await asyncio.sleep(0.05)
+                finally:
+                    if marker is not None:
+                        marker.unlink(missing_ok=True)  # noqa: ASYNC240
+                await asyncio.sleep(rng.uniform(0.0, 0.05))
+
+        async def revoker() -> None:
+            while time.time() < until:
+                tenant = f"tenant-{rng.randrange(REVOCABLE)}"
+                try:
+                    keys = await kms.list_keys(tenant)
+                    await kms.rewrap_keys(tenant)
+                    for key in keys:
+                        for version in key.versions[:-1]:
+                            try:
+                                await kms.revoke_key_version(version.id, scope_id=tenant)
+                                stats.ops["revoke"] += 1
+                            except (kms_async.KeyInUseError, kms_async.KeyNotFoundError):
+                                stats.ops["revoke refused"] += 1
+                except Exception as exc:
+                    stats.error(exc)
+                await asyncio.sleep(rng.uniform(0.1, 0.3))
+
+        body = {"writer": writer, "rotator": rotator, "revoker": revoker}[role]
+        await asyncio.gather(*(body() for _ in range(4 if role == "writer" else 1)))
+    finally:
+        await kms.aclose()
+        await db.close()
+    return stats
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    marker = pathlib.Path(args.marker) if args.marker else None
+    stats = asyncio.run(
+        worker(
+            args.role,
+            args.index,
+            args.dsn,
+            base64.b64decode(args.root_key),
+            args.tenants,
+            args.until,
+            marker,
+        )
+    )
+    pathlib.Path(args.result).write_text(
+        json.dumps({"ops": stats.ops, "errors": stats.errors, "bad": stats.bad})
+    )
+
+
+# -- the run -------------------------------------------------------------------
+
+
+async def prepare(dsn: str, root_key: bytes, tenants: int) -> None:
+    for attempt in range(50):
+        try:
+            await kms_async.migrate(dsn)
+            break
+        except kms_async.TransientStorageError:
+            await asyncio.sleep(0.2 * (attempt + 1))
+    root = kms_async.AeadWrapper(root_key, key_id="soak-root")
+    async with await kms_async.KMS.open(
+        dsn, purposes=PURPOSES, root_wrapper=root, max_staleness=None
+    ) as kms:
+        await kms.reconcile_keys([f"tenant-{i}" for i in range(tenants)])
+    db = await app_connection(dsn)
+    try:
+        await app_execute(db, APP_TABLE)
+    finally:
+        await db.close()
+
+
+async def verify(dsn: str, root_key: bytes, tenants: int) -> dict[str, Any]:
+    """Every row decrypts; every rotation is whole; nothing half-written."""
+    root = kms_async.AeadWrapper(root_key, key_id="soak-root")
+    problems: list[str] = []
+    rows_checked = 0
+    db = await app_connection(dsn)
+    try:
+        async with await kms_async.KMS.open(
+            dsn, purposes=PURPOSES, root_wrapper=root, max_staleness=None
+        ) as kms:
+            for rid, owner, cipher, digest in await app_execute(
+                db, "select id, tenant, ciphertext, digest from soak_row"
+            ):
+                scope, purpose = owner.split("|")
+                plain = await kms.decrypt(scope, purpose, bytes(cipher), aad=rid.encode())
+                if hashlib.sha256(plain).hexdigest() != digest:
+                    problems.append(f"row {rid} does not match what was written")
+                rows_checked += 1
+            for i in range(tenants):
+                keys = await kms.list_keys(f"tenant-{i}")
+                counts = {k.purpose: [v.version for v in k.versions] for k in keys}
+                if sorted(counts) != sorted([*PURPOSES, "rootKey"]):
+                    problems.append(f"tenant-{i} has keys {sorted(counts)}")
+                if any(not versions for versions in counts.values()):
+                    problems.append(f"tenant-{i} has a key without versions")
+                if i >= REVOCABLE:
+                    expected = list(range(1, len(counts["rootKey"]) + 1))
+                    for purpose, versions in counts.items():
+                        if versions != expected:
+                            problems.append(
+                                f"tenant-{i} {purpose} versions {versions}, expected {expected}"
+                            )
+        orphans = await app_execute(
+            db,
+            "select count(*) from kms_data_key_version v where not exists"
+            " (select 1 from kms_root_key_version r where r.private_id = v.root_key_version_id)",
+        )
+        if orphans[0][0]:
+            problems.append(f"{orphans[0][0]} data key versions point at no root key version")
+    finally:
+        await db.close()
+    return {"rows_checked": rows_checked, "problems": problems}
+
+
+def spawn(
+    role: str,
+    index: int,
+    dsn: str,
+    root_key: bytes,
+    tenants: int,
+    until: float,
+    work: pathlib.Path,
+    marker: pathlib.Path | None = None,
+) -> tuple[subprocess.Popen[bytes], pathlib.Path]:
+    result = work / f"{role}-{index}-{time.monotonic_ns()}.json"
+    command = [
+        sys.executable,
+        __file__,
+        "worker",
+        "--role",
+        role,
+        "--index",
+        str(index),
+        "--dsn",
+        dsn,
+        "--root-key",
+        base64.b64encode(root_key).decode(),
+        "--tenants",
+        str(tenants),
+        "--until",
+        str(until),
+        "--result",
+        str(result),
+    ]
+    if marker is not None:
+        command += ["--marker", str(marker)]
+    return subprocess.Popen(command), result
+
+
+def run_dialect(dialect: str, args: argparse.Namespace) -> dict[str, Any]:
+    work = pathlib.Path(tempfile.mkdtemp(prefix="kms-soak-"))
+    cluster = None
+    faults: list[str] = []
+    try:
+        if dialect == "sqlite":
+            dsn = f"sqlite:///{work}/soak.db"
+        elif args.pg_dsn:
+            dsn = args.pg_dsn
+        else:
+            cluster = PrivateCluster()
+            cluster.start()
+            dsn = cluster.dsn
+        root_key = secrets.token_bytes(32)
+        asyncio.run(prepare(dsn, root_key, args.tenants))
+        started = time.time()
+        until = started + args.duration
+        marker = work / "rotating"
+        roles = ["rotator", "revoker"] + ["writer"] * max(1, args.workers - 2)
+        procs = []
+        for i, role in enumerate(roles):
+            procs.append(
+                spawn(
+                    role,
+                    i,
+                    dsn,
+                    root_key,
+                    args.tenants,
+                    until,
+                    work,
+                    marker if role == "rotator" else None,
+                )
+            )
+        # Fault 1: restart the database a third of the way in.
+        time.sleep(args.duration / 3)
+        if cluster is not None:
+            cluster.pg_ctl("restart")
+            faults.append("PostgreSQL restarted")
+        # Fault 2: SIGKILL the rotator while it is inside a rotation, then restart it.
+        deadline = time.time() + args.duration / 3
+        while time.time() < deadline and not marker.exists():
+            time.sleep(0.001)
+        rotator, _ = procs[0]
+        rotator.send_signal(signal.SIGKILL)
+        rotator.wait()
+        faults.append(
+            "rotator killed with SIGKILL" + (" during a rotation" if marker.exists() else "")
+        )
+        marker.unlink(missing_ok=True)
+        procs[0] = spawn("rotator", 100, dsn, root_key, args.tenants, until, work, marker)
+        for proc, _ in procs:
+            proc.wait(timeout=args.duration + 120)
+        totals: dict[str, Any] = {
+            "ops": collections.Counter(),
+            "errors": collections.Counter(),
+            "bad": [],
+        }
+        for _, result in procs + [(None, p) for p in work.glob("*.json")]:
+            if result.exists():
+                data = json.loads(result.read_text())
+                result.unlink()
+                totals["ops"].update(data["ops"])
+                totals["errors"].update(data["errors"])
+                totals["bad"].extend(data["bad"])
+        checked = asyncio.run(verify(dsn, root_key, args.tenants))
+        return {
+            "dialect": dialect,
+            "seconds": round(time.time() - started, 1),
+            "ops": dict(totals["ops"]),
+            "errors seen": dict(totals["errors"]),
+            "unexpected errors": totals["bad"],
+            "faults survived": faults,
+            **checked,
+        }
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command")
+    w = sub.add_parser("worker")
+    for name in ("role", "dsn", "root_key", "result", "marker"):
+        w.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    w.add_argument("--index", type=int)
+    w.add_argument("--tenants", type=int)
+    w.add_argument("--until", type=float)
+    parser.add_argument("--dialect", choices=["postgres", "sqlite", "both"], default="both")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per dialect")
+    parser.add_argument("--workers", type=int, default=4, help="worker processes (>= 3)")
+    parser.add_argument("--tenants", type=int, default=20)
+    parser.add_argument("--pg-dsn", help="use this server instead of a private cluster")
+    args = parser.parse_args()
+    if args.command == "worker":
+        worker_main(args)
+        return 0
+    dialects = ["postgres", "sqlite"] if args.dialect == "both" else [args.dialect]
+    failed = False
+    for dialect in dialects:
+        report = run_dialect(dialect, args)
+        print(json.dumps(report, indent=2))
+        if report["problems"] or report["unexpected errors"]:
+            failed = True
+    print("soak: FAILED" if failed else "soak: passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from ._errors import DecryptionError
+from ._errors import DecryptionError, InvalidParameterError
 
 __all__ = [
     "BlobInfo",
@@ -54,6 +54,13 @@ class BlobInfo:
     wrapped_key: bytes = b""
     mechanism: int = 0
     hmac_key_id: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("ciphertext", "iv", "hmac", "wrapped_key"):
+            if not isinstance(getattr(self, name), bytes):
+                raise InvalidParameterError(f"BlobInfo.{name} must be bytes")
+        if not isinstance(self.key_id, str) or not isinstance(self.hmac_key_id, str):
+            raise InvalidParameterError("BlobInfo.key_id and hmac_key_id must be str")
 
     def __repr__(self) -> str:
         return f"BlobInfo(key_id={self.key_id!r}, ciphertext=<{len(self.ciphertext)} bytes>)"
@@ -128,6 +135,8 @@ def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise _Malformed
         byte = data[pos]
         pos += 1
+        if shift == 63 and byte > 1:  # more than 64 bits: Go rejects it too
+            raise _Malformed
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
             return result, pos
@@ -214,12 +223,15 @@ def nonces(pop: Callable[[], bytes] = _nonce_pool.pop) -> bytes:
     ones); a forked child discards the inherited pool (``os.register_at_fork``
     below) so parent and child never share a nonce.
     """
-    try:
-        return pop()
-    except IndexError:
-        batch = os.urandom(NONCE_SIZE * _NONCE_BATCH)
-        _nonce_pool.extend([batch[i : i + NONCE_SIZE] for i in range(0, len(batch), NONCE_SIZE)])
-        return pop()
+    while True:
+        try:
+            return pop()
+        except IndexError:
+            # Other threads may drain the refill before this one pops: loop.
+            batch = os.urandom(NONCE_SIZE * _NONCE_BATCH)
+            _nonce_pool.extend(
+                [batch[i : i + NONCE_SIZE] for i in range(0, len(batch), NONCE_SIZE)]
+            )
 
 
 if hasattr(os, "register_at_fork"):

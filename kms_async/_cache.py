@@ -27,6 +27,8 @@ __all__ = ["KeyCache", "PurposeKeys", "VersionKey"]
 
 CacheKey = tuple[str, str]
 
+_MAX_ROOTS = 10_000
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class VersionKey:
@@ -41,7 +43,7 @@ class VersionKey:
 class PurposeKeys:
     """The unwrapped versions of one (scope, purpose), newest first."""
 
-    __slots__ = ("aead", "by_id", "by_suffix", "loaded_at", "suffix", "used", "versions")
+    __slots__ = ("aead", "loaded_at", "older", "suffix", "used", "versions")
 
     def __init__(self, versions: list[VersionKey], loaded_at: float = 0.0) -> None:
         #: time.monotonic() of the database read these versions came from.
@@ -54,11 +56,11 @@ class PurposeKeys:
         self.aead = newest.aead
         # Encrypt appends this to every envelope: key_info naming the newest version.
         self.suffix = encode_suffix(newest.id)
-        # Decrypt looks up the key id bytes straight from the envelope, and
-        # for envelopes this library wrote, by their whole key_info suffix,
-        # which makes parsing the envelope unnecessary.
-        self.by_id = {v.id.encode(): v.aead for v in versions}
-        self.by_suffix = {encode_suffix(v.id): v.aead for v in versions}
+        # Decrypt finds the version by the envelope's key_info suffix, which
+        # makes parsing the envelope unnecessary: the newest by comparison,
+        # older ones through a dict that single-version pairs (the common
+        # case) do without, to keep each cached pair small.
+        self.older = {encode_suffix(v.id): v.aead for v in versions[1:]} or None
 
     def __repr__(self) -> str:
         return f"PurposeKeys(versions={[v.id for v in self.versions]!r})"
@@ -70,12 +72,25 @@ class PurposeKeys:
     def ids(self) -> set[str]:
         return {v.id for v in self.versions}
 
+    def find(self, suffix: bytes) -> AESGCM | None:
+        """The version whose key_info suffix is ``suffix`` (see ``encode_suffix``)."""
+        if suffix == self.suffix:
+            return self.aead
+        return None if self.older is None else self.older.get(suffix)
+
+    def find_id(self, version_id: str) -> AESGCM | None:
+        """The version with id ``version_id``."""
+        return self.find(encode_suffix(version_id))
+
 
 class KeyCache:
     """LRU of :class:`PurposeKeys` plus an LRU of unwrapped root key versions."""
 
     def __init__(self, max_entries: int, purposes: tuple[str, ...]) -> None:
         self.max_entries = max_entries
+        # Root keys are needed only to unwrap data keys (a cold load of a
+        # pair) and by writes, so fewer of them stay unwrapped.
+        self.max_roots = min(max_entries, _MAX_ROOTS)
         self.purposes = purposes
         self.entries: dict[CacheKey, PurposeKeys] = {}
         self.roots: collections.OrderedDict[str, VersionKey] = collections.OrderedDict()
@@ -144,7 +159,7 @@ class KeyCache:
     def put_root(self, version_id: str, key: VersionKey) -> None:
         self.roots[version_id] = key
         self.roots.move_to_end(version_id)
-        while len(self.roots) > self.max_entries:
+        while len(self.roots) > self.max_roots:
             self.roots.popitem(last=False)
 
     def get_root(self, version_id: str) -> VersionKey | None:

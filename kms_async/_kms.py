@@ -65,7 +65,7 @@ _PRIME_LIMIT = 100
 #: A ciphertext naming an unknown version reloads its scope at most this often.
 _RELOAD_SPACING = 0.2
 
-_VERSION_ID = re.compile(rb"kdkv_[A-Za-z0-9]{10}")
+_VERSION_ID = re.compile(r"kdkv_[A-Za-z0-9]{10}")
 
 
 def _show(value: str, limit: int = 80) -> str:
@@ -518,7 +518,8 @@ class KMS:
         if type(ciphertext) is bytes and len(ciphertext) > _SUFFIX_SIZE + 2:
             # Fast path: an envelope this library wrote ends with key_info
             # naming one of the cached versions; the rest is field 1.
-            aead = keys.by_suffix.get(ciphertext[-_SUFFIX_SIZE:])
+            tail = ciphertext[-_SUFFIX_SIZE:]
+            aead = keys.aead if tail == keys.suffix else keys.find(tail)
             if aead is not None:
                 length = ciphertext[1]
                 start = 2
@@ -558,10 +559,9 @@ class KMS:
         aad: bytes | None,
     ) -> bytes:
         """Decrypt any well-formed envelope: the general path."""
-        key_id = blob.key_id.encode()
-        aead = keys.by_id.get(key_id)
+        aead = keys.find_id(blob.key_id)
         if aead is None:
-            aead = await self._unknown_version(scope_id, purpose, key_id)
+            aead = await self._unknown_version(scope_id, purpose, blob.key_id)
         sealed = blob.ciphertext
         if len(sealed) < NONCE_SIZE + TAG_SIZE:
             raise DecryptionError("ciphertext is too short")
@@ -615,7 +615,7 @@ class KMS:
         )
         return PurposeKeys(versions, loaded_at=time.monotonic())
 
-    async def _unknown_version(self, scope_id: str, purpose: str, key_id: bytes) -> AESGCM:
+    async def _unknown_version(self, scope_id: str, purpose: str, key_id: str) -> AESGCM:
         """A ciphertext names a version not in the cache: reload the pair once.
 
         Reloads of one pair are spaced by ``_RELOAD_SPACING`` so that hostile
@@ -629,15 +629,15 @@ class KMS:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 current = self._entries.get(key)
-            if current is not None and key_id in current.by_id:
-                return current.by_id[key_id]
+            found = None if current is None else current.find_id(key_id)
+            if found is not None:
+                return found
             self._check_open()
-            keys = await self._purpose_keys_reload(scope_id, purpose)
-            aead = keys.by_id.get(key_id)
-            if aead is not None:
-                return aead
+            found = (await self._purpose_keys_reload(scope_id, purpose)).find_id(key_id)
+            if found is not None:
+                return found
         raise UnknownKeyVersionError(
-            f"ciphertext names key version {_show(key_id.decode(errors='replace'))}, which "
+            f"ciphertext names key version {_show(key_id)}, which "
             f"{purpose!r} keys of scope {_show(scope_id)} do not have: it was revoked, or the "
             "ciphertext belongs to another scope or purpose"
         )
@@ -666,9 +666,9 @@ class KMS:
             versions = await self._root_versions(scope_id)
         else:
             keys = await self._purpose_keys(scope_id, purpose)
-            if key_version_id is not None and key_version_id.encode() not in keys.by_id:
+            if key_version_id is not None and keys.find_id(key_version_id) is None:
                 with contextlib.suppress(UnknownKeyVersionError):
-                    await self._unknown_version(scope_id, purpose, key_version_id.encode())
+                    await self._unknown_version(scope_id, purpose, key_version_id)
                 keys = self._entries.get((scope_id, purpose), keys)
             versions = list(keys.versions)
         wrappers = [AeadWrapper._from_aead(v.aead, v.key, v.id) for v in versions]
@@ -988,10 +988,10 @@ class KMS:
         for attempt in range(2):
             optimistic = rewrap and attempt == 0
             plans: dict[str, _RewrapPlan] = {}
-            if optimistic:
-                for scope_id in scope_ids:
-                    plans[scope_id] = await self._planned(scope_id, conn, targets)
             try:
+                if optimistic:
+                    for scope_id in scope_ids:
+                        plans[scope_id] = await self._planned(scope_id, conn, targets)
                 async with self._db.transaction(conn) as tx:
                     changed = await repo.bump_collection_version(tx, self._q)
                     if optimistic:
@@ -1049,7 +1049,9 @@ class KMS:
         for d in data_rows:
             parent = roots.get(d.root_key_version_id)
             if parent is None:
-                raise StorageError(f"data key version {d.id} points at a missing root key version")
+                # The two reads of an unlocked snapshot straddled another
+                # writer's commit; under the write lock this cannot happen.
+                raise _Stale
             key = _unwrap_local(parent.aead, parent.id, d.id, d.wrapped)
             data_updates.append((_wrap_local(goal.aead, goal.id, key), goal.id, d.id, d.wrapped))
         return _RewrapPlan(root_key_id, goal.id, root_updates, data_updates)

@@ -191,8 +191,20 @@ class PostgresDatabase:
             await inner.execute("release savepoint kms_async_op")
             return
         with translate_errors():
-            async with self._pool.acquire() as raw, raw.transaction():
-                yield _PgConnection(raw)
+            async with self._pool.acquire() as raw:
+                committed = False
+                try:
+                    await raw.execute("begin")
+                    yield _PgConnection(raw)
+                    await raw.execute("commit")
+                    committed = True
+                finally:
+                    if not committed and not raw.is_closed():
+                        # Also after a cancelled BEGIN, which may have run; and
+                        # to the end even if cancelled again, so the connection
+                        # never goes back to the pool inside a transaction.
+                        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
+                            await run_to_completion(raw.execute("rollback"))
 
     async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
         """LISTEN on a connection of its own, reconnecting with backoff when it drops.

@@ -140,6 +140,14 @@ def _unwrap_local(aead: AESGCM, wrapping_id: str, version_id: str, wrapped: byte
     return key
 
 
+def _wrapper_error(message: str, cause: Exception) -> WrapperError:
+    """A WrapperError for a failed root wrapper call, as retryable as its cause."""
+    error = WrapperError(message)
+    if isinstance(cause, KMSError) and cause.retryable:
+        error.retryable = True
+    return error
+
+
 class _Stale(Exception):
     """Another writer changed the keys between an optimistic read and the write."""
 
@@ -407,7 +415,7 @@ class KMS:
         try:
             blob = await wrapper.encrypt(key)
         except Exception as exc:
-            raise WrapperError(f"the root wrapper failed to wrap a root key: {exc}") from exc
+            raise _wrapper_error(f"the root wrapper failed to wrap a root key: {exc}", exc) from exc
         if not isinstance(blob, BlobInfo):
             raise WrapperError(
                 f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
@@ -428,10 +436,11 @@ class KMS:
         try:
             key = await wrapper.decrypt(blob)
         except Exception as exc:
-            raise WrapperError(
+            raise _wrapper_error(
                 f"the root wrapper cannot unwrap root key version {version_id} (wrapped under "
-                f"key id {_show(blob.key_id)}); if the root key was replaced, register "
-                "PooledWrapper(new, old) until rewrap_keys() has run for every scope"
+                f"key id {_show(blob.key_id)}): {exc}; if the root key was replaced, register "
+                "PooledWrapper(new, old) until rewrap_keys() has run for every scope",
+                exc,
             ) from exc
         if not isinstance(key, bytes) or len(key) != KEY_SIZE:
             raise WrapperError(f"root key version {version_id} did not unwrap to a 32-byte key")

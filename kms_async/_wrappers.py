@@ -7,7 +7,11 @@ and may do network I/O, so the protocol is asynchronous.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import hmac
+import os
 from typing import Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
@@ -20,9 +24,15 @@ from ._errors import (
     UnknownKeyVersionError,
 )
 
-__all__ = ["AeadWrapper", "PooledWrapper", "Wrapper"]
+__all__ = ["AeadWrapper", "PooledWrapper", "Wrapper", "key_fingerprint"]
 
 KEY_SIZE = 32
+DEFAULT_KEY_ENV = "KMS_ROOT_KEY"
+
+_MAKE_KEY = 'python -c "import os,base64;print(base64.b64encode(os.urandom(32)).decode())"'
+_BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_=")
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 
 
 @runtime_checkable
@@ -73,6 +83,75 @@ class AeadWrapper:
         self._aead = AESGCM(self._key)
 
     @classmethod
+    def from_env(cls, name: str = DEFAULT_KEY_ENV, *, key_id: str | None = None) -> AeadWrapper:
+        """A wrapper for the base64 key (standard or URL-safe) in environment variable ``name``.
+
+        ``key_id`` defaults to :func:`key_fingerprint` of the key: an id that
+        follows the key wherever it is kept, so two different keys never
+        share an id. Pass ``key_id=`` to keep an id already in use.
+
+        Raises:
+            InvalidParameterError: the variable is unset or empty, is not
+                base64, or does not hold 32 bytes.
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidParameterError("name must be the name of an environment variable")
+        value = os.environ.get(name, "")
+        if not value.strip():
+            state = "is empty" if name in os.environ else "is not set"
+            raise InvalidParameterError(
+                f"environment variable {name} {state}; set it to the base64 of 32 random bytes, "
+                f"made with: {_MAKE_KEY}"
+            )
+        key = _decode_base64_key(value.encode("utf-8", "replace"), f"environment variable {name}")
+        return cls(key, key_id=_default_key_id(key, key_id))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, key_id: str | None = None) -> AeadWrapper:
+        """A wrapper for the key in the file at ``path``.
+
+        The file holds either the 32 raw key bytes or their base64 (standard
+        or URL-safe), with any surrounding whitespace. ``key_id`` defaults to
+        :func:`key_fingerprint` of the key, as for :meth:`from_env`.
+
+        Raises:
+            InvalidParameterError: the file is missing or unreadable, or does
+                not hold a 32-byte key in either form.
+        """
+        try:
+            shown = os.fsdecode(path)
+        except TypeError:
+            raise InvalidParameterError(
+                f"path must be a file path, not {type(path).__name__}"
+            ) from None
+        try:
+            with open(path, "rb") as file:
+                data = file.read(64 * 1024 + 1)
+        except FileNotFoundError as exc:
+            raise InvalidParameterError(
+                f"key file {shown} does not exist; write the base64 of 32 random bytes to it, "
+                f"made with: {_MAKE_KEY}"
+            ) from exc
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise InvalidParameterError(
+                f"cannot read key file {shown} ({reason}); check the path and that this "
+                "process may read it"
+            ) from exc
+        source = f"key file {shown}"
+        stripped = data.strip()
+        if stripped and _BASE64_ALPHABET.issuperset(stripped):
+            key = _decode_base64_key(stripped, source)
+        elif len(data) == KEY_SIZE:
+            key = data
+        else:
+            raise InvalidParameterError(
+                f"{source} holds {len(data)} bytes, neither a raw {KEY_SIZE}-byte key nor base64 "
+                f"text; write the base64 of 32 random bytes to it, made with: {_MAKE_KEY}"
+            )
+        return cls(key, key_id=_default_key_id(key, key_id))
+
+    @classmethod
     def _from_aead(cls, aead: AESGCM, key: bytes, key_id: str) -> AeadWrapper:
         self = cls.__new__(cls)
         self._key = key
@@ -93,7 +172,8 @@ class AeadWrapper:
 
     def matches_key(self, key: bytes) -> bool:
         """Compare ``key`` with this wrapper's key in constant time."""
-        return hmac.compare_digest(self._key, key)
+        _check_bytes("key", key)
+        return hmac.compare_digest(self._key, bytes(key))
 
     async def encrypt(self, plaintext: bytes, *, aad: bytes | None = None) -> BlobInfo:
         return self.encrypt_sync(plaintext, aad=aad)
@@ -124,6 +204,50 @@ class AeadWrapper:
             raise DecryptionError(
                 "decryption failed: wrong key, wrong AAD or tampered ciphertext"
             ) from None
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A stable, non-secret id for a 32-byte key: ``"local-"`` and 16 hex digits.
+
+    The digits are HMAC-SHA256 of a fixed label under the key, so they say
+    nothing about the key itself, yet differ between keys and stay the same
+    for one key wherever it is stored (environment, file, secret manager).
+
+    Raises:
+        InvalidParameterError: ``key`` is not 32 bytes.
+    """
+    _check_bytes("key", key)
+    if len(key) != KEY_SIZE:
+        raise InvalidParameterError(f"a key must be {KEY_SIZE} bytes, got {len(key)} bytes")
+    digest = hmac.new(bytes(key), b"kms_async key id v1", hashlib.sha256).hexdigest()
+    return "local-" + digest[:16]
+
+
+def _default_key_id(key: bytes, key_id: str | None) -> str:
+    return key_fingerprint(key) if key_id is None else key_id
+
+
+def _decode_base64_key(text: bytes, source: str) -> bytes:
+    """Decode base64 in either alphabet, padding optional; never echo the text."""
+    stripped = text.strip()
+    fix = f"set it to the base64 of 32 random bytes, made with: {_MAKE_KEY}"
+    if not _BASE64_ALPHABET.issuperset(stripped):
+        raise InvalidParameterError(f"{source} is not base64 (standard or URL-safe); {fix}")
+    standard = stripped.translate(_URLSAFE_TO_STANDARD).rstrip(b"=")
+    try:
+        key = base64.b64decode(standard + b"=" * (-len(standard) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParameterError(
+            f"{source} is not valid base64 (standard or URL-safe); {fix}"
+        ) from None
+    if len(key) != KEY_SIZE:
+        hint = ""
+        if len(stripped) == 2 * KEY_SIZE and _HEX_DIGITS.issuperset(stripped):
+            hint = " (it looks like hex; the key must be base64)"
+        raise InvalidParameterError(
+            f"{source} decodes to {len(key)} bytes, but a root key is {KEY_SIZE} bytes{hint}; {fix}"
+        )
+    return key
 
 
 class PooledWrapper:
@@ -168,7 +292,13 @@ class PooledWrapper:
 
     def wrapper_for(self, key_id: str) -> Wrapper | None:
         """The member with ``key_id``, or ``None``."""
-        return self._by_id.get(key_id)
+        member = self._by_id.get(key_id)
+        if member is None:
+            # Some wrappers learn their final key id later (a cloud KMS
+            # reports the key's ARN on first use): look at them afresh.
+            self._by_id = {m.key_id: m for m in self._by_id.values()}
+            member = self._by_id.get(key_id)
+        return member
 
     async def encrypt(self, plaintext: bytes, *, aad: bytes | None = None) -> BlobInfo:
         return await self._primary.encrypt(plaintext, aad=aad)
@@ -176,7 +306,7 @@ class PooledWrapper:
     async def decrypt(self, blob: BlobInfo, *, aad: bytes | None = None) -> bytes:
         if not isinstance(blob, BlobInfo):
             raise InvalidParameterError(f"blob must be a BlobInfo, not {type(blob).__name__}")
-        member = self._primary if not blob.key_id else self._by_id.get(blob.key_id)
+        member = self._primary if not blob.key_id else self.wrapper_for(blob.key_id)
         if member is None:
             raise UnknownKeyVersionError(
                 f"blob names key id {blob.key_id!r}, which is not in this pool"

@@ -23,6 +23,7 @@ from ._errors import (
 )
 from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
+from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._types import ROOT_PURPOSE, Key, KeyVersion
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
@@ -36,6 +37,7 @@ __all__ = [
     "BlobInfo",
     "ClosedError",
     "DecryptionError",
+    "EncryptedColumn",
     "InvalidParameterError",
     "KMSError",
     "Key",
@@ -45,10 +47,12 @@ __all__ = [
     "KeyVersion",
     "Migration",
     "PooledWrapper",
+    "ReencryptReport",
     "SchemaVersionError",
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",
+    "VersionUsage",
     "Wrapper",
     "WrapperError",
     "migrate",

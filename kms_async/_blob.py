@@ -31,6 +31,10 @@ __all__ = [
 NONCE_SIZE = 12
 TAG_SIZE = 16
 
+#: Fields accepted per message. A BlobInfo has eleven kinds; a cap keeps a
+#: hostile envelope of millions of tiny fields from stalling the event loop.
+_MAX_FIELDS = 64
+
 _WIRE_VARINT = 0
 _WIRE_FIXED64 = 1
 _WIRE_LEN = 2
@@ -170,7 +174,7 @@ def _fields(data: bytes | memoryview) -> list[tuple[int, int, object]]:
             value = None
         else:  # groups are not used by this message
             raise _Malformed
-        if pos > end:
+        if pos > end or len(fields) == _MAX_FIELDS:
             raise _Malformed
         fields.append((field, wire, value))
     return fields

@@ -2,23 +2,129 @@
 
 Each subcommand is a function that adds its parser and points
 ``set_defaults(run=...)`` at a coroutine taking the parsed arguments and
-returning the exit status; :func:`main` runs it and turns a
-:class:`~kms_async.KMSError` into ``error: <message>`` and status 1.
+returning the exit status. :func:`main` runs it under :func:`asyncio.run`
+and turns errors into the documented exit statuses (:data:`EXIT_CODES`).
+
+Ctrl-C cancels the running command. Every write the library makes is one
+transaction that rolls back when cancelled, and the bulk commands commit in
+batches of whole scopes (or rows), so an interrupted run leaves nothing
+half-written and can simply be run again.
+
+Nothing printed here is key material: only ids, counts and timestamps.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
 import os
+import re
+import signal
+import sqlite3
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, NoReturn
+
+import aiosqlite
+import asyncpg
 
 from . import __version__
-from ._demo import DEFAULT_DB, POSTGRES_SCHEMA, run_demo
-from ._errors import KMSError
+from ._demo import DEFAULT_DB, POSTGRES_SCHEMA, redact, run_demo
+from ._errors import (
+    InvalidParameterError,
+    KeyExistsError,
+    KeyInUseError,
+    KeyNotFoundError,
+    KMSError,
+    SchemaVersionError,
+    StorageError,
+    TransientStorageError,
+    WrapperError,
+)
+from ._kms import KMS
+from ._migrations import SCHEMA_VERSION, migrate
+from ._progress import Progress
+from ._reencrypt import EncryptedColumn, VersionUsage
+from ._sql import sqlite_path, validate_prefix
+from ._types import Key
+from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_CODES", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+EXIT_SCHEMA = 5
+EXIT_STORAGE = 6
+EXIT_INTERRUPTED = 130
+
+#: Exit status -> what it means; the ``--help`` epilog and the README print it.
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_ERROR: "any other error (a wrapper or decryption failure, ...)",
+    EXIT_USAGE: "usage or configuration error: bad arguments, no --db, no root key",
+    EXIT_NOT_FOUND: "not found: no such scope, key or key version",
+    EXIT_REFUSED: "refused: the key version is still in use, or the keys already exist",
+    EXIT_SCHEMA: "schema missing or at another version: run `migrate`",
+    EXIT_STORAGE: "the database failed; the message says when a plain retry may work",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing half-written, run it again to continue",
+}
+
+INTERRUPTED_MESSAGE = "interrupted; nothing half-written \N{EM DASH} rerun to continue"
+
+DSN_ENV = "KMS_DATABASE_URL"
+PREFIX_ENV = "KMS_TABLE_PREFIX"
+PURPOSES_ENV = "KMS_PURPOSES"
+ROOT_KEY_ENV = "KMS_ROOT_KEY"
+ROOT_KEY_FILE_ENV = "KMS_ROOT_KEY_FILE"
+ROOT_KEY_ID_ENV = "KMS_ROOT_KEY_ID"
+PREVIOUS_KEY_ENV = "KMS_PREVIOUS_ROOT_KEY"
+PREVIOUS_KEY_FILE_ENV = "KMS_PREVIOUS_ROOT_KEY_FILE"
+PREVIOUS_KEY_ID_ENV = "KMS_PREVIOUS_ROOT_KEY_ID"
+AWS_KEY_ENV = "KMS_AWS_KMS_KEY_ID"
+PKCS11_LIB_ENV = "KMS_PKCS11_LIB"
+PKCS11_TOKEN_ENV = "KMS_PKCS11_TOKEN"
+PKCS11_KEY_LABEL_ENV = "KMS_PKCS11_KEY_LABEL"
+PKCS11_PIN_ENV = "KMS_PKCS11_PIN"
+
+DEFAULT_SCOPE_BATCH = 1000
+DEFAULT_ROW_BATCH = 500
+
+_COLUMN_FIELDS = {
+    "table": True,
+    "ciphertext_column": True,
+    "key_version_column": True,
+    "scope_column": True,
+    "purpose": True,
+    "aad_template": False,
+    "primary_key": False,
+}
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class _Interrupted(Exception):
+    """The command was cancelled by Ctrl-C and has finished cleaning up."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors can come out as JSON."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_errors:
+            _print_json_error("UsageError", f"{self.prog}: {message}", EXIT_USAGE)
+            raise SystemExit(EXIT_USAGE)
+        super().error(message)
 
 
 def _prog() -> str:
@@ -27,16 +133,232 @@ def _prog() -> str:
     return "kms-async"
 
 
-def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+# -- argument types ---------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _age_or_time(text: str) -> datetime.timedelta | datetime.datetime:
+    """A duration (``90d``, ``12h``, ``30m``, ``45s``, ``2w``) or an ISO 8601 instant."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is not None:
+        return datetime.timedelta(seconds=float(match[1]) * _SECONDS[match[2]])
+    try:
+        return _as_utc(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (a number with s, m, h, d or w, e.g. 90d) "
+            "nor a time (e.g. 2025-01-31T12:00:00Z)"
+        ) from None
+
+
+def _purpose_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+# -- the parser -------------------------------------------------------------
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("database and output")
+    group.add_argument(
+        "--db",
+        metavar="DSN",
+        help=f"postgresql://... or sqlite:///FILE (default: ${DSN_ENV})",
+    )
+    group.add_argument(
+        "--table-prefix",
+        metavar="PREFIX",
+        help=f"the tables' name prefix (default: ${PREFIX_ENV}, else kms)",
+    )
+    group.add_argument(
+        "--purposes",
+        metavar="A,B",
+        type=_purpose_list,
+        help=(
+            "the data key purposes your application uses, comma-separated "
+            f"(default: ${PURPOSES_ENV}, else database)"
+        ),
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        help="machine output: one JSON document on stdout; errors as a JSON object on stderr",
+    )
+    group.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress on stderr: auto shows it on a terminal only (never with --json)",
+    )
+    return common
+
+
+def _root_options() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(add_help=False)
+    group = root.add_argument_group(
+        "root key (choose one; default: the base64 key in $KMS_ROOT_KEY)"
+    )
+    group.add_argument(
+        "--root-key-env",
+        metavar="NAME",
+        help=f"environment variable holding the base64 of a 32-byte key (default: {ROOT_KEY_ENV})",
+    )
+    group.add_argument(
+        "--root-key-file",
+        metavar="PATH",
+        help=f"file holding the key, raw or base64 (default: ${ROOT_KEY_FILE_ENV})",
+    )
+    group.add_argument(
+        "--root-key-id",
+        metavar="ID",
+        help=(
+            "key id recorded with what a local root key wraps "
+            f"(default: ${ROOT_KEY_ID_ENV}, else a fingerprint of the key)"
+        ),
+    )
+    group.add_argument(
+        "--aws-kms-key-id",
+        metavar="KEY",
+        help=f"AWS KMS key id, ARN or alias (default: ${AWS_KEY_ENV})",
+    )
+    group.add_argument("--aws-region", metavar="REGION", help="AWS region of the KMS key")
+    group.add_argument("--aws-endpoint-url", metavar="URL", help="AWS KMS endpoint (testing)")
+    group.add_argument(
+        "--pkcs11-lib",
+        metavar="PATH",
+        help=f"the HSM's PKCS#11 module (default: ${PKCS11_LIB_ENV}); PIN from ${PKCS11_PIN_ENV}",
+    )
+    group.add_argument(
+        "--pkcs11-token",
+        metavar="LABEL",
+        help=f"token label (default: ${PKCS11_TOKEN_ENV})",
+    )
+    group.add_argument(
+        "--pkcs11-key-label",
+        metavar="LABEL",
+        help=f"AES key label (default: ${PKCS11_KEY_LABEL_ENV})",
+    )
+    previous = root.add_argument_group(
+        "previous root key (while replacing a local root key, until rewrap has run everywhere)"
+    )
+    previous.add_argument(
+        "--previous-root-key-env",
+        metavar="NAME",
+        help=f"environment variable holding the old key, base64 (default: ${PREVIOUS_KEY_ENV})",
+    )
+    previous.add_argument(
+        "--previous-root-key-file",
+        metavar="PATH",
+        help=f"file holding the old key, raw or base64 (default: ${PREVIOUS_KEY_FILE_ENV})",
+    )
+    previous.add_argument(
+        "--previous-root-key-id",
+        metavar="ID",
+        help=(
+            f"the old key's id (default: ${PREVIOUS_KEY_ID_ENV}, else a fingerprint of the key); "
+            "it must be the id the old key wrote"
+        ),
+    )
+    return root
+
+
+def _scope_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("scopes", nargs="*", metavar="SCOPE", help=f"scope ids to {verb}")
+    parser.add_argument(
+        "--all-scopes",
+        action="store_true",
+        help=f"{verb} every scope that has keys",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_SCOPE_BATCH,
+        metavar="N",
+        help=f"scopes per transaction (default: {DEFAULT_SCOPE_BATCH})",
+    )
+
+
+def _columns_argument(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--columns",
+        metavar="FILE",
+        required=required,
+        help=(
+            "JSON list of the encrypted columns: objects with table, ciphertext_column, "
+            "key_version_column, scope_column, purpose, and optionally aad_template "
+            '(e.g. "{id}") and primary_key (default ["id"])'
+        ),
+    )
+
+
+_COLUMNS_EXAMPLE = """\
+columns file (--columns), one object per encrypted column:
+  [{"table": "app_secret", "ciphertext_column": "ciphertext",
+    "key_version_column": "key_version_id", "scope_column": "tenant_id",
+    "purpose": "database", "aad_template": "{id}", "primary_key": ["id"]}]
+"""
+
+
+class _Adder:
+    """Adds subparsers that share the common options and help layout."""
+
+    def __init__(self, commands: Any) -> None:
+        self.commands = commands
+        self.common = _common_options()
+        self.root = _root_options()
+
+    def add(
+        self,
+        name: str,
+        *,
+        help: str,
+        description: str,
+        epilog: str,
+        root_key: bool,
+    ) -> argparse.ArgumentParser:
+        parents = [self.common, self.root] if root_key else [self.common]
+        parser: argparse.ArgumentParser = self.commands.add_parser(
+            name,
+            help=help,
+            # RawDescriptionHelpFormatter keeps the epilog's layout; wrap the prose here.
+            description=textwrap.fill(description, 79, break_on_hyphens=False),
+            epilog=epilog,
+            parents=parents,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.set_defaults(needs_root_key=root_key)
+        return parser
+
+
+def _add_demo(commands: Any) -> None:
     parser = commands.add_parser(
         "demo",
         help="walk through the key lifecycle on a throwaway database",
-        description=(
+        description=textwrap.fill(
             "Create keys for three tenants, encrypt rows, rotate, re-encrypt and revoke, "
             "printing one line per step. The database is rebuilt on every run: a SQLite "
             f"file is deleted and created again; on PostgreSQL the demo uses the schema "
-            f"{POSTGRES_SCHEMA}, dropped and created again."
+            f"{POSTGRES_SCHEMA}, dropped and created again.",
+            79,
+            break_on_hyphens=False,
         ),
+        epilog=(
+            "example:\n"
+            "  %(prog)s\n"
+            "  %(prog)s --db postgresql://postgres@localhost/scratch\n\n"
+            f"The demo never reads ${DSN_ENV}: it would rebuild your database."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--db",
@@ -44,38 +366,1040 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default=DEFAULT_DB,
         help=f"sqlite:///FILE or postgresql://... (default: {DEFAULT_DB})",
     )
-    parser.set_defaults(run=_run_demo)
+    parser.set_defaults(run=_run_demo, json=False, progress="never")
 
 
 async def _run_demo(args: argparse.Namespace) -> int:
     await run_demo(args.db)
-    return 0
+    return EXIT_OK
+
+
+def _add_migrate(adder: _Adder) -> None:
+    parser = adder.add(
+        "migrate",
+        help="create or upgrade the key tables",
+        description=(
+            "Apply the schema files the database lacks, each in its own transaction. "
+            "Running it again, or from several processes at once, is harmless."
+        ),
+        epilog=(
+            "example:\n"
+            "  %(prog)s --db postgresql://app@db.internal/app\n"
+            f"  {DSN_ENV}=sqlite:///app.db %(prog)s --table-prefix billing_kms"
+        ),
+        root_key=False,
+    )
+    parser.set_defaults(run=_run_migrate)
+
+
+def _add_create(adder: _Adder) -> None:
+    parser = adder.add(
+        "create",
+        help="create the root key and data keys of new scopes",
+        description=(
+            "Create a root key and one data key per purpose for each scope, all in one "
+            "transaction: if any scope already has keys, nothing is created (exit 4)."
+        ),
+        epilog=(
+            "example:\n"
+            "  export KMS_ROOT_KEY=$(python -c "
+            "'import os,base64;print(base64.b64encode(os.urandom(32)).decode())')\n"
+            "  %(prog)s --db sqlite:///app.db acme globex --purposes database,oidc\n"
+            "  %(prog)s acme --purpose database"
+        ),
+        root_key=True,
+    )
+    parser.add_argument("scopes", nargs="+", metavar="SCOPE", help="scope ids to create keys for")
+    parser.add_argument(
+        "--purpose",
+        action="append",
+        metavar="P",
+        dest="only_purposes",
+        help="create only this purpose's data key (repeatable; default: every --purposes)",
+    )
+    parser.set_defaults(run=_run_create)
+
+
+def _add_list(adder: _Adder) -> None:
+    parser = adder.add(
+        "list",
+        help="show a scope's keys and their versions",
+        description="Print the scope's root key and data keys with every version, oldest first.",
+        epilog=("example:\n  %(prog)s acme\n  %(prog)s acme --json | jq '.keys[].versions[].id'"),
+        root_key=False,
+    )
+    parser.add_argument("scope", metavar="SCOPE", help="the scope id")
+    parser.set_defaults(run=_run_list)
+
+
+def _add_rotate(adder: _Adder) -> None:
+    parser = adder.add(
+        "rotate",
+        help="add new key versions for scopes",
+        description=(
+            "Add a new root key version and a new version of each data key of --purposes; "
+            "new data is encrypted with them and old data still decrypts. Scopes are "
+            "rotated --batch-size at a time, each batch one transaction, so an interrupted "
+            "run never leaves a scope half-rotated. With --rewrap every existing version "
+            "is also re-wrapped under the new root key version. --older-than skips scopes "
+            "rotated recently, which also makes an interrupted run resumable."
+        ),
+        epilog=(
+            "example:\n"
+            "  %(prog)s acme globex --rewrap\n"
+            "  %(prog)s --all-scopes --older-than 90d --purposes database,oidc\n\n"
+            "Only the data keys of --purposes are rotated: list every purpose you use."
+        ),
+        root_key=True,
+    )
+    _scope_arguments(parser, "rotate")
+    parser.add_argument(
+        "--rewrap",
+        action="store_true",
+        help="also re-wrap every existing version under the new root key version",
+    )
+    parser.add_argument(
+        "--older-than",
+        type=_age_or_time,
+        metavar="AGE|TIME",
+        help=(
+            "only scopes whose newest root key version is at least AGE old (e.g. 90d, 12h) "
+            "or was made before TIME (e.g. 2025-01-31T12:00:00Z), by the database's clock"
+        ),
+    )
+    parser.set_defaults(run=_run_rotate)
+
+
+def _add_rewrap(adder: _Adder) -> None:
+    parser = adder.add(
+        "rewrap",
+        help="re-wrap every key version under the current root key",
+        description=(
+            "Re-wrap root key versions with the root key given here and data key versions "
+            "with the newest root key version, making no new versions; run it for every "
+            "scope after replacing the root key. Batches of --batch-size scopes, each one "
+            "transaction."
+        ),
+        epilog=(
+            "example (replacing a local root key):\n"
+            "  %(prog)s --all-scopes --root-key-file /run/secrets/new-root-key \\\n"
+            "      --previous-root-key-file /run/secrets/old-root-key\n"
+            "  %(prog)s acme"
+        ),
+        root_key=True,
+    )
+    _scope_arguments(parser, "rewrap")
+    parser.set_defaults(run=_run_rewrap)
+
+
+def _add_reconcile(adder: _Adder) -> None:
+    parser = adder.add(
+        "reconcile",
+        help="create whatever keys are missing for scopes and purposes",
+        description=(
+            "Create the missing root keys and data keys, for example after adding a purpose "
+            "to your application. Prints the (scope, purpose) pairs created."
+        ),
+        epilog=(
+            "example:\n"
+            "  %(prog)s --all-scopes --purpose oidc\n"
+            "  %(prog)s acme globex --purposes database,oidc"
+        ),
+        root_key=True,
+    )
+    _scope_arguments(parser, "reconcile")
+    parser.add_argument(
+        "--purpose",
+        action="append",
+        metavar="P",
+        dest="only_purposes",
+        help="reconcile this purpose (repeatable; default: every --purposes)",
+    )
+    parser.set_defaults(run=_run_reconcile)
+
+
+def _add_revoke(adder: _Adder) -> None:
+    parser = adder.add(
+        "revoke",
+        help="delete one key version for good, if nothing uses it",
+        description=(
+            "Delete a root (krkv_...) or data (kdkv_...) key version. Refused with exit 4 for "
+            "the newest version of a key, a root version still wrapping data key versions "
+            "(rewrap first) and a data version whose rows still exist (reencrypt first)."
+        ),
+        epilog="example:\n  %(prog)s kdkv_3kTmZ8vQ1a --scope acme",
+        root_key=False,
+    )
+    parser.add_argument("version_id", metavar="VERSION_ID", help="the key version id")
+    parser.add_argument("--scope", metavar="SCOPE", help="refuse unless it belongs to SCOPE")
+    parser.set_defaults(run=_run_revoke)
+
+
+def _add_reencrypt(adder: _Adder) -> None:
+    parser = adder.add(
+        "reencrypt",
+        help="re-encrypt the rows a data key version protects under the newest version",
+        description=(
+            "Decrypt every row of the --columns tables still using VERSION_ID and encrypt it "
+            "again under the newest version of its key, --batch-size rows per transaction. "
+            "Interrupted, it keeps the batches done; run it again to continue."
+        ),
+        epilog=(
+            "example:\n  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json\n\n" + _COLUMNS_EXAMPLE
+        ),
+        root_key=True,
+    )
+    _add_version_work_arguments(parser, dry_run=False)
+    parser.set_defaults(run=_run_reencrypt)
+
+
+def _add_destroy(adder: _Adder) -> None:
+    parser = adder.add(
+        "destroy",
+        help="re-encrypt a data key version's rows, then revoke it",
+        description=(
+            "Re-encrypt, then revoke: afterwards nothing can decrypt with VERSION_ID. "
+            "--dry-run only counts the rows it would re-encrypt (no root key needed)."
+        ),
+        epilog=(
+            "example:\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --dry-run\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --batch-size 2000\n\n"
+            + _COLUMNS_EXAMPLE
+        ),
+        root_key=True,
+    )
+    _add_version_work_arguments(parser, dry_run=True)
+    parser.set_defaults(run=_run_destroy)
+
+
+def _add_version_work_arguments(parser: argparse.ArgumentParser, *, dry_run: bool) -> None:
+    parser.add_argument("version_id", metavar="VERSION_ID", help="the data key version id")
+    _columns_argument(parser, required=True)
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_ROW_BATCH,
+        metavar="N",
+        help=f"rows per transaction (default: {DEFAULT_ROW_BATCH})",
+    )
+    if dry_run:
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the rows that use the version and change nothing",
+        )
+
+
+def _add_status(adder: _Adder) -> None:
+    parser = adder.add(
+        "status",
+        help="key versions per scope, and the rows each still protects",
+        description=(
+            "Print every key version of the scopes (default: every scope). With --columns, "
+            "also the rows of each table that each data key version still protects."
+        ),
+        epilog=(
+            "example:\n"
+            "  %(prog)s acme\n"
+            "  %(prog)s --columns columns.json --json\n\n" + _COLUMNS_EXAMPLE
+        ),
+        root_key=False,
+    )
+    parser.add_argument("scopes", nargs="*", metavar="SCOPE", help="scope ids (default: all)")
+    _columns_argument(parser, required=False)
+    parser.set_defaults(run=_run_status)
+
+
+def _exit_code_epilog() -> str:
+    lines = ["exit status:"]
+    lines += [f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items()]
+    lines += [
+        "",
+        "environment:",
+        f"  {DSN_ENV}, {PREFIX_ENV}, {PURPOSES_ENV}: defaults of --db, --table-prefix, --purposes",
+        f"  {ROOT_KEY_ENV} (base64), {ROOT_KEY_FILE_ENV}, {ROOT_KEY_ID_ENV}, {AWS_KEY_ENV},",
+        f"  {PKCS11_LIB_ENV}, {PKCS11_TOKEN_ENV}, {PKCS11_KEY_LABEL_ENV}, {PKCS11_PIN_ENV},",
+        f"  {PREVIOUS_KEY_ENV}, {PREVIOUS_KEY_FILE_ENV}, {PREVIOUS_KEY_ID_ENV}",
+        "",
+        "example:",
+        f"  export {DSN_ENV}=postgresql://app@db.internal/app",
+        "  %(prog)s migrate && %(prog)s create acme && %(prog)s list acme",
+        "  %(prog)s COMMAND --help",
+    ]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=_prog(),
         description="Envelope-encryption keys for asyncio services, kept in PostgreSQL or SQLite.",
+        epilog=_exit_code_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    adder = _Adder(commands)
+    _add_migrate(adder)
+    _add_create(adder)
+    _add_list(adder)
+    _add_status(adder)
+    _add_rotate(adder)
+    _add_rewrap(adder)
+    _add_reconcile(adder)
+    _add_revoke(adder)
+    _add_reencrypt(adder)
+    _add_destroy(adder)
     _add_demo(commands)
     return parser
 
 
+# -- configuration ----------------------------------------------------------
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def _dsn(args: argparse.Namespace) -> str:
+    dsn = args.db or _env(DSN_ENV)
+    if not dsn:
+        raise InvalidParameterError(
+            f"no database given: pass --db postgresql://... or --db sqlite:///FILE, "
+            f"or set {DSN_ENV}"
+        )
+    return str(dsn)
+
+
+def _prefix(args: argparse.Namespace) -> str:
+    return validate_prefix(args.table_prefix or _env(PREFIX_ENV) or "kms")
+
+
+def _purposes(args: argparse.Namespace, *extra: Iterable[str]) -> list[str]:
+    purposes = args.purposes
+    if purposes is None:
+        purposes = _purpose_list(_env(PURPOSES_ENV) or "database")
+    if not purposes:
+        raise InvalidParameterError("--purposes lists no purpose; write e.g. --purposes database")
+    merged = list(purposes)
+    for more in extra:
+        merged += [p for p in more if p not in merged]
+    return merged
+
+
+async def _root_wrapper(args: argparse.Namespace) -> tuple[Wrapper, Callable[[], Awaitable[None]]]:
+    """The root wrapper the options (else the environment) choose, and how to close it.
+
+    With a previous root key it is ``PooledWrapper(new, previous)``: both
+    unwrap, the new one wraps, as ``rewrap`` needs after a key replacement.
+    """
+    previous = _previous_root_key(args)
+    wrapper, close = await _new_root_wrapper(args)
+    if previous is None:
+        return wrapper, close
+    try:
+        return PooledWrapper(wrapper, previous), close
+    except BaseException:
+        await close()
+        raise
+
+
+def _previous_root_key(args: argparse.Namespace) -> Wrapper | None:
+    name, path = args.previous_root_key_env, args.previous_root_key_file
+    if not name and not path:
+        name, path = (
+            (PREVIOUS_KEY_ENV if _env(PREVIOUS_KEY_ENV) else None),
+            _env(PREVIOUS_KEY_FILE_ENV),
+        )
+    if name and path:
+        raise InvalidParameterError(
+            "give the previous root key once: in an environment variable or in a file"
+        )
+    key_id = args.previous_root_key_id or _env(PREVIOUS_KEY_ID_ENV)
+    if path:
+        return AeadWrapper.from_file(path, key_id=key_id)
+    if name:
+        return AeadWrapper.from_env(name, key_id=key_id)
+    return None
+
+
+async def _new_root_wrapper(
+    args: argparse.Namespace,
+) -> tuple[Wrapper, Callable[[], Awaitable[None]]]:
+    flags = {
+        "--pkcs11-lib": args.pkcs11_lib,
+        "--aws-kms-key-id": args.aws_kms_key_id,
+        "--root-key-file": args.root_key_file,
+        "--root-key-env": args.root_key_env,
+    }
+    chosen = [name for name, value in flags.items() if value]
+    if not chosen:
+        # Nothing on the command line: the environment decides.
+        flags = {
+            PKCS11_LIB_ENV: _env(PKCS11_LIB_ENV),
+            AWS_KEY_ENV: _env(AWS_KEY_ENV),
+            ROOT_KEY_FILE_ENV: _env(ROOT_KEY_FILE_ENV),
+        }
+        chosen = [name for name, value in flags.items() if value]
+    if len(chosen) > 1:
+        raise InvalidParameterError(f"{' and '.join(chosen)} both name a root key; keep only one")
+    source = chosen[0] if chosen else None
+    key_id = args.root_key_id or _env(ROOT_KEY_ID_ENV)
+
+    async def nothing() -> None:
+        return None
+
+    if source in ("--pkcs11-lib", PKCS11_LIB_ENV):
+        from .pkcs11 import Pkcs11Wrapper
+
+        token = args.pkcs11_token or _env(PKCS11_TOKEN_ENV)
+        label = args.pkcs11_key_label or _env(PKCS11_KEY_LABEL_ENV)
+        pin = os.environ.get(PKCS11_PIN_ENV, "")
+        missing = [
+            what
+            for what, value in (
+                (f"--pkcs11-token (or {PKCS11_TOKEN_ENV})", token),
+                (f"--pkcs11-key-label (or {PKCS11_KEY_LABEL_ENV})", label),
+                (f"the user PIN in {PKCS11_PIN_ENV}", pin),
+            )
+            if not value
+        ]
+        if missing:
+            raise InvalidParameterError(f"a PKCS#11 root key also needs {', '.join(missing)}")
+        hsm = Pkcs11Wrapper(
+            flags[source], token_label=str(token), pin=pin, key_label=str(label), key_id=key_id
+        )
+        try:
+            # Log in now, so a wrong PIN or label is a configuration error
+            # (exit 2) before any work starts, not a failed wrap later.
+            await hsm.connect()
+        except BaseException:
+            await hsm.aclose()
+            raise
+        return hsm, hsm.aclose
+    if source in ("--aws-kms-key-id", AWS_KEY_ENV):
+        from .aws import AwsKmsWrapper
+
+        aws = AwsKmsWrapper(
+            str(flags[source]),
+            region_name=args.aws_region or None,
+            endpoint_url=args.aws_endpoint_url or None,
+        )
+        return aws, aws.aclose
+    if source in ("--root-key-file", ROOT_KEY_FILE_ENV):
+        return AeadWrapper.from_file(str(flags[source]), key_id=key_id), nothing
+    name = args.root_key_env or ROOT_KEY_ENV
+    if not _env(name):
+        raise InvalidParameterError(
+            f"no root key: set {name} to the base64 of 32 random bytes, or pass "
+            "--root-key-file, --aws-kms-key-id or --pkcs11-lib"
+        )
+    return AeadWrapper.from_env(name, key_id=key_id), nothing
+
+
+def _load_columns(path: str) -> list[EncryptedColumn]:
+    """The EncryptedColumn list described by the JSON file at ``path``."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise InvalidParameterError(
+            f"cannot read columns file {path}: {exc.strerror or type(exc).__name__}"
+        ) from exc
+    except UnicodeDecodeError:
+        raise InvalidParameterError(f"columns file {path} is not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameterError(
+            f"columns file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+            f"{exc.msg})"
+        ) from None
+    if not isinstance(data, list) or not data:
+        raise InvalidParameterError(
+            f"columns file {path} must hold a non-empty JSON list of objects, one per "
+            'encrypted column: [{"table": ..., "ciphertext_column": ..., ...}]'
+        )
+    columns = []
+    for n, entry in enumerate(data, 1):
+        where = f"columns file {path}, entry {n}"
+        if not isinstance(entry, dict):
+            raise InvalidParameterError(f"{where} is {type(entry).__name__}, not an object")
+        unknown = sorted(set(entry) - set(_COLUMN_FIELDS))
+        if unknown:
+            raise InvalidParameterError(
+                f"{where} has unknown field(s) {', '.join(unknown)}; the fields are "
+                f"{', '.join(_COLUMN_FIELDS)}"
+            )
+        for field, required in _COLUMN_FIELDS.items():
+            value = entry.get(field)
+            if field == "primary_key":
+                if value is not None and (
+                    not isinstance(value, list)
+                    or not value
+                    or not all(isinstance(c, str) and c for c in value)
+                ):
+                    raise InvalidParameterError(
+                        f'{where}: primary_key must be a list of column names, e.g. ["id"]'
+                    )
+            elif value is None:
+                if required:
+                    raise InvalidParameterError(f"{where} lacks {field!r}")
+            elif not isinstance(value, str) or not value:
+                raise InvalidParameterError(f"{where}: {field} must be a non-empty string")
+        kwargs: dict[str, Any] = {
+            "table": entry["table"],
+            "ciphertext_column": entry["ciphertext_column"],
+            "key_version_column": entry["key_version_column"],
+            "scope": entry["scope_column"],
+            "purpose": entry["purpose"],
+            "aad": entry.get("aad_template"),
+        }
+        if entry.get("primary_key") is not None:
+            kwargs["primary_key"] = tuple(entry["primary_key"])
+        try:
+            columns.append(EncryptedColumn(**kwargs))
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"{where}: {exc}") from exc
+    return columns
+
+
+def _column_purposes(columns: Sequence[EncryptedColumn]) -> list[str]:
+    return list(dict.fromkeys(c.purpose for c in columns))
+
+
+# -- running ----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _open_kms(
+    args: argparse.Namespace, *, root_key: bool, purposes: Iterable[str] = ()
+) -> AsyncIterator[KMS]:
+    """A KMS for one short command: no background refresh, no listener."""
+    dsn = _dsn(args)
+    prefix = _prefix(args)
+    wanted = _purposes(args, purposes)
+    wrapper: Wrapper | None = None
+    close_wrapper: Callable[[], Awaitable[None]] | None = None
+    if root_key:
+        wrapper, close_wrapper = await _root_wrapper(args)
+    try:
+        kms = await KMS.open(
+            dsn,
+            purposes=wanted,
+            root_wrapper=wrapper,
+            table_prefix=prefix,
+            max_staleness=None,
+            notifications=False,
+        )
+        async with kms:
+            yield kms
+    finally:
+        if close_wrapper is not None:
+            await close_wrapper()
+
+
+def _progress(args: argparse.Namespace, label: str, total: int | None, unit: str) -> Progress:
+    tty = sys.stderr.isatty()
+    enabled = not args.json and (args.progress == "always" or (args.progress == "auto" and tty))
+    return Progress(label, total, unit=unit, stream=sys.stderr, enabled=enabled, in_place=tty)
+
+
+def _out(args: argparse.Namespace, data: object, text: str | Sequence[str]) -> None:
+    if args.json:
+        print(json.dumps(data, default=_json_default, ensure_ascii=False))
+        return
+    lines = [text] if isinstance(text, str) else text
+    for line in lines:
+        print(line)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (tuple, frozenset, set)):
+        return list(value)
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+
+
+def _when(value: datetime.datetime) -> str:
+    return value.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# -- reading scopes with a plain query --------------------------------------
+
+
+@contextlib.contextmanager
+def _driver_errors(dsn: str) -> Iterator[None]:
+    try:
+        yield
+    except (asyncpg.PostgresConnectionError, ConnectionError, TimeoutError) as exc:
+        raise TransientStorageError(f"reading scopes from {redact(dsn)} failed: {exc}") from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, sqlite3.Error) as exc:
+        raise StorageError(f"reading scopes from {redact(dsn)} failed: {exc}") from exc
+
+
+async def _query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of one read-only query on a connection of its own."""
+    with _driver_errors(dsn):
+        if dsn.startswith(("postgresql://", "postgres://")):
+            pg = await asyncpg.connect(dsn)
+            try:
+                return [tuple(r) for r in await pg.fetch(sql)]
+            finally:
+                await pg.close()
+        lite = await aiosqlite.connect(sqlite_path(dsn))
+        try:
+            return [tuple(r) for r in await lite.execute_fetchall(sql)]
+        finally:
+            await lite.close()
+
+
+async def _all_scopes(kms: KMS, dsn: str, prefix: str) -> list[str]:
+    """Every scope with a root key, sorted."""
+    list_scopes = getattr(kms, "list_scopes", None)
+    if list_scopes is not None:
+        return sorted(await list_scopes())
+    rows = await _query(dsn, f"select scope_id from {prefix}_root_key order by scope_id")
+    return [str(r[0]) for r in rows]
+
+
+def _as_utc(value: object) -> datetime.datetime:
+    parsed = (
+        value
+        if isinstance(value, datetime.datetime)
+        else datetime.datetime.fromisoformat(str(value))
+    )
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return parsed
+
+
+async def _database_now(dsn: str) -> datetime.datetime:
+    rows = await _query(dsn, "select current_timestamp")
+    return _as_utc(rows[0][0])
+
+
+async def _newest_root_versions(dsn: str, prefix: str) -> dict[str, datetime.datetime]:
+    """When each scope's newest root key version was made."""
+    rows = await _query(
+        dsn,
+        f"select r.scope_id, max(v.create_time) from {prefix}_root_key r"
+        f" join {prefix}_root_key_version v on v.root_key_id = r.private_id group by r.scope_id",
+    )
+    return {str(scope): _as_utc(newest) for scope, newest in rows}
+
+
+def _iso(value: datetime.datetime) -> str:
+    return value.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def _scopes(args: argparse.Namespace, kms: KMS) -> list[str]:
+    if args.all_scopes and args.scopes:
+        raise InvalidParameterError("give scope ids or --all-scopes, not both")
+    if args.all_scopes:
+        return await _all_scopes(kms, _dsn(args), _prefix(args))
+    if not args.scopes:
+        raise InvalidParameterError("give the scope ids, or --all-scopes for every scope")
+    return list(dict.fromkeys(args.scopes))
+
+
+# -- commands ---------------------------------------------------------------
+
+
+async def _run_migrate(args: argparse.Namespace) -> int:
+    applied = await migrate(_dsn(args), table_prefix=_prefix(args))
+    text = (
+        f"applied {', '.join(applied)}; schema at {SCHEMA_VERSION}"
+        if applied
+        else f"nothing to apply; schema at {SCHEMA_VERSION}"
+    )
+    _out(args, {"applied": applied, "schema_version": SCHEMA_VERSION}, text)
+    return EXIT_OK
+
+
+async def _run_create(args: argparse.Namespace) -> int:
+    only = args.only_purposes
+    async with _open_kms(args, root_key=True, purposes=only or ()) as kms:
+        scopes = list(args.scopes)
+        purposes = list(only) if only else list(kms.purposes)
+        await kms.create_keys_many(scopes, purposes)
+    _out(
+        args,
+        {"created": scopes, "purposes": purposes},
+        f"created keys for {len(scopes)} scope(s) ({', '.join(scopes[:10])}"
+        f"{', ...' if len(scopes) > 10 else ''}); purposes: {', '.join(purposes)}",
+    )
+    return EXIT_OK
+
+
+def _key_json(key: Key, usage: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    versions = []
+    for v in key.versions:
+        entry: dict[str, Any] = {"id": v.id, "version": v.version, "create_time": v.create_time}
+        if usage is not None and key.type == "dek":
+            tables = usage.get(v.id, {})
+            entry["rows"] = sum(tables.values())
+            entry["tables"] = tables
+        versions.append(entry)
+    return {
+        "id": key.id,
+        "type": key.type,
+        "purpose": key.purpose,
+        "create_time": key.create_time,
+        "versions": versions,
+    }
+
+
+def _key_rows(
+    keys: Sequence[Key], usage: dict[str, dict[str, int]] | None = None, scope: str | None = None
+) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for key in keys:
+        for v in key.versions:
+            row: list[object] = [] if scope is None else [scope]
+            row += [key.purpose, key.type, key.id, v.version, v.id, _when(v.create_time)]
+            if usage is not None:
+                if key.type == "dek":
+                    tables = usage.get(v.id, {})
+                    detail = ", ".join(f"{t} {n}" for t, n in sorted(tables.items()) if n)
+                    row.append(f"{sum(tables.values())}" + (f" ({detail})" if detail else ""))
+                else:
+                    row.append("-")
+            rows.append(row)
+    return rows
+
+
+_KEY_HEADERS = ["PURPOSE", "TYPE", "KEY", "VERSION", "VERSION ID", "CREATED"]
+
+
+async def _run_list(args: argparse.Namespace) -> int:
+    async with _open_kms(args, root_key=False) as kms:
+        keys = await kms.list_keys(args.scope)
+    _out(
+        args,
+        {"scope": args.scope, "keys": [_key_json(k) for k in keys]},
+        [f"scope {args.scope}", *_table(_KEY_HEADERS, _key_rows(keys))],
+    )
+    return EXIT_OK
+
+
+async def _in_batches(
+    args: argparse.Namespace,
+    scopes: Sequence[str],
+    label: str,
+    step: Callable[[Sequence[str]], Awaitable[object]],
+) -> int:
+    """Run ``step`` on ``--batch-size`` scopes at a time; return the transactions run."""
+    progress = _progress(args, label, len(scopes), "scopes")
+    batches = 0
+    try:
+        for batch in _chunks(scopes, args.batch_size):
+            await step(batch)
+            batches += 1
+            progress.advance(len(batch))
+    finally:
+        progress.close()
+    return batches
+
+
+async def _run_rotate(args: argparse.Namespace) -> int:
+    async with _open_kms(args, root_key=True) as kms:
+        scopes = await _scopes(args, kms)
+        dsn, prefix = _dsn(args), _prefix(args)
+        # Every root key version this run makes is at least this new.
+        started = await _database_now(dsn)
+        skipped = 0
+        if args.older_than is not None:
+            newest = await _newest_root_versions(dsn, prefix)
+            if isinstance(args.older_than, datetime.timedelta):
+                cutoff = started - args.older_than
+                due = {s for s, made in newest.items() if made <= cutoff}
+            else:
+                due = {s for s, made in newest.items() if made < args.older_than}
+            # A scope without keys stays in: rotating it reports it (exit 3).
+            kept = [s for s in scopes if s in due or s not in newest]
+            skipped = len(scopes) - len(kept)
+            scopes = kept
+
+        async def step(batch: Sequence[str]) -> None:
+            await kms.rotate_keys_many(batch, rewrap=args.rewrap)
+
+        try:
+            batches = await _in_batches(args, scopes, "rotating", step) if scopes else 0
+        except asyncio.CancelledError:
+            if args.older_than is None:
+                # (With --older-than, the same command run again already continues.)
+                args.resume_hint = (
+                    "to rotate only the scopes this run did not reach, run it again with "
+                    f"--older-than {_iso(started)}"
+                )
+            raise
+    text = f"rotated {len(scopes)} scope(s) in {batches} transaction(s)"
+    if args.rewrap:
+        text += ", re-wrapping every existing version"
+    if skipped:
+        text += f"; skipped {skipped} rotated more recently than --older-than"
+    _out(
+        args,
+        {
+            "rotated": len(scopes),
+            "skipped": skipped,
+            "transactions": batches,
+            "rewrap": args.rewrap,
+        },
+        text,
+    )
+    return EXIT_OK
+
+
+async def _run_rewrap(args: argparse.Namespace) -> int:
+    async with _open_kms(args, root_key=True) as kms:
+        scopes = await _scopes(args, kms)
+
+        async def step(batch: Sequence[str]) -> None:
+            await kms.rewrap_keys_many(batch)
+
+        batches = await _in_batches(args, scopes, "rewrapping", step) if scopes else 0
+    _out(
+        args,
+        {"rewrapped": len(scopes), "transactions": batches},
+        f"rewrapped {len(scopes)} scope(s) in {batches} transaction(s)",
+    )
+    return EXIT_OK
+
+
+async def _run_reconcile(args: argparse.Namespace) -> int:
+    only = args.only_purposes
+    created: list[tuple[str, str]] = []
+    async with _open_kms(args, root_key=True, purposes=only or ()) as kms:
+        scopes = await _scopes(args, kms)
+        purposes = list(only) if only else list(kms.purposes)
+
+        async def step(batch: Sequence[str]) -> None:
+            created.extend(await kms.reconcile_keys(batch, purposes))
+
+        if scopes:
+            await _in_batches(args, scopes, "reconciling", step)
+    lines = [f"created {len(created)} key(s) for {len(scopes)} scope(s) checked"]
+    lines += [f"  {scope}  {purpose}" for scope, purpose in created]
+    _out(
+        args,
+        {
+            "checked": len(scopes),
+            "purposes": purposes,
+            "created": [{"scope": s, "purpose": p} for s, p in created],
+        },
+        lines,
+    )
+    return EXIT_OK
+
+
+async def _run_revoke(args: argparse.Namespace) -> int:
+    async with _open_kms(args, root_key=False) as kms:
+        await kms.revoke_key_version(args.version_id, scope_id=args.scope)
+    _out(args, {"revoked": args.version_id}, f"revoked {args.version_id}")
+    return EXIT_OK
+
+
+def _usage_map(usages: Iterable[VersionUsage]) -> dict[str, dict[str, int]]:
+    by_version: dict[str, dict[str, int]] = {}
+    for u in usages:
+        tables = by_version.setdefault(u.key_version_id, {})
+        tables[u.table] = tables.get(u.table, 0) + u.rows
+    return by_version
+
+
+async def _run_status(args: argparse.Namespace) -> int:
+    columns = _load_columns(args.columns) if args.columns else None
+    purposes = _column_purposes(columns) if columns else []
+    report = []
+    async with _open_kms(args, root_key=False, purposes=purposes) as kms:
+        scopes = list(dict.fromkeys(args.scopes)) or await _all_scopes(
+            kms, _dsn(args), _prefix(args)
+        )
+        usage = _usage_map(await kms.version_usage(columns)) if columns else None
+        progress = _progress(args, "reading", len(scopes), "scopes")
+        try:
+            for scope in scopes:
+                report.append((scope, await kms.list_keys(scope)))
+                progress.advance(1)
+        finally:
+            progress.close()
+    headers = ["SCOPE", *_KEY_HEADERS] + (["ROWS"] if usage is not None else [])
+    rows = [row for scope, keys in report for row in _key_rows(keys, usage, scope)]
+    data: dict[str, Any] = {
+        "scopes": [
+            {"scope": scope, "keys": [_key_json(k, usage) for k in keys]} for scope, keys in report
+        ]
+    }
+    _out(args, data, _table(headers, rows) if rows else ["no scopes have keys"])
+    return EXIT_OK
+
+
+def _usage_lines(version_id: str, usages: Sequence[VersionUsage]) -> list[str]:
+    lines = [f"{version_id} protects {sum(u.rows for u in usages)} row(s)"]
+    lines += [f"  {u.table}: {u.rows}" for u in usages if u.rows]
+    return lines
+
+
+async def _reencrypt(args: argparse.Namespace, *, destroy: bool) -> int:
+    columns = _load_columns(args.columns)
+    async with _open_kms(args, root_key=True, purposes=_column_purposes(columns)) as kms:
+        usages = await kms.version_usage(columns, key_version_id=args.version_id)
+        progress = _progress(args, "re-encrypting", sum(u.rows for u in usages), "rows")
+        work = kms.destroy_key_version if destroy else kms.reencrypt_key_version
+        try:
+            report = await work(
+                args.version_id, columns, batch_size=args.batch_size, progress=progress.advance
+            )
+        finally:
+            progress.close()
+    lines = [
+        f"re-encrypted {report.rows_reencrypted} row(s) of {report.version_id}; "
+        f"{report.rows_remaining} remaining"
+    ]
+    if report.revoked:
+        lines.append(f"{report.version_id} revoked")
+    _out(args, dataclasses.asdict(report), lines)
+    return EXIT_OK
+
+
+async def _run_reencrypt(args: argparse.Namespace) -> int:
+    return await _reencrypt(args, destroy=False)
+
+
+async def _run_destroy(args: argparse.Namespace) -> int:
+    if not args.dry_run:
+        return await _reencrypt(args, destroy=True)
+    columns = _load_columns(args.columns)
+    async with _open_kms(args, root_key=False, purposes=_column_purposes(columns)) as kms:
+        usages = await kms.version_usage(columns, key_version_id=args.version_id)
+    _out(
+        args,
+        {
+            "version_id": args.version_id,
+            "dry_run": True,
+            "rows": sum(u.rows for u in usages),
+            "tables": {u.table: u.rows for u in usages},
+        },
+        [*_usage_lines(args.version_id, usages), "dry run: nothing changed"],
+    )
+    return EXIT_OK
+
+
+# -- main ---------------------------------------------------------------------
+
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit status for an error."""
+    if isinstance(exc, InvalidParameterError):
+        return EXIT_USAGE
+    if isinstance(exc, KeyNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, (KeyInUseError, KeyExistsError)):
+        return EXIT_REFUSED
+    if isinstance(exc, SchemaVersionError):
+        return EXIT_SCHEMA
+    if isinstance(exc, StorageError):
+        return EXIT_STORAGE
+    return EXIT_ERROR
+
+
+def _print_json_error(kind: str, message: str, code: int, **extra: object) -> None:
+    error = {"type": kind, "message": message, "exit_code": code, **extra}
+    print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
+
+
+async def _supervised(args: argparse.Namespace) -> int:
+    """Run the command; Ctrl-C cancels it, so open transactions roll back."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    interrupted = False
+
+    def on_interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        if task is not None:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):
+        # Windows, or not the main thread: KeyboardInterrupt does the job.
+        installed = False
+    try:
+        status: int = await args.run(args)
+        return status
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        if task is not None and hasattr(task, "uncancel"):
+            task.uncancel()
+        raise _Interrupted from None
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGINT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+    _Parser.json_errors = json_mode
     try:
-        status: int = asyncio.run(args.run(args))
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    finally:
+        _Parser.json_errors = False
+    try:
+        return asyncio.run(_supervised(args))
     except KMSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        code = exit_code(exc)
+        message = str(exc)
+        if isinstance(exc, WrapperError) and "PooledWrapper" in message:
+            # The library's advice is for code; say what it means here.
+            message += (
+                "; on the command line, pass the old key with --previous-root-key-env "
+                "or --previous-root-key-file"
+            )
+        if args.json:
+            _print_json_error(type(exc).__name__, message, code, retryable=exc.retryable)
+        else:
+            if exc.retryable:
+                message += " (a temporary failure: run the same command again)"
+            print(f"error: {message}", file=sys.stderr)
+        return code
+    except (_Interrupted, KeyboardInterrupt):
+        hint = getattr(args, "resume_hint", None)
+        if args.json:
+            extra = {} if hint is None else {"hint": hint}
+            _print_json_error("Interrupted", INTERRUPTED_MESSAGE, EXIT_INTERRUPTED, **extra)
+        else:
+            print(INTERRUPTED_MESSAGE, file=sys.stderr)
+            if hint is not None:
+                print(hint, file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Whoever read the output left (`| head`); stop without a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    return status
+        return EXIT_ERROR

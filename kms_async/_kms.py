@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +19,7 @@ import anyio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import _reencrypt
 from . import _repository as repo
 from ._blob import NONCE_SIZE, TAG_SIZE, BlobInfo, decode, encode_suffix, envelope_header, nonces
 from ._cache import KeyCache, PurposeKeys, VersionKey
@@ -44,6 +45,7 @@ from ._ids import (
     new_id,
 )
 from ._migrations import SCHEMA_VERSION
+from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._sql import Connection, Database, IntegrityError, open_database
 from ._types import ROOT_PURPOSE, Key, KeyVersion
 from ._wrappers import KEY_SIZE, AeadWrapper, PooledWrapper, Wrapper
@@ -537,9 +539,11 @@ class KMS:
                     if second < 0x80:
                         length = (length & 0x7F) | (second << 7)
                         start = 3
-                    else:  # up to 2 MiB; longer envelopes take the general path
+                    elif ciphertext[3] < 0x80:  # up to 2 MiB; longer: the general path
                         length = (length & 0x7F) | ((second & 0x7F) << 7) | (ciphertext[3] << 14)
                         start = 4
+                    else:
+                        length = -1
                 end = len(ciphertext) - _SUFFIX_SIZE
                 if ciphertext[0] == 0x0A and start + length == end and length >= 28:
                     body = ciphertext if end < _COPY_LIMIT else memoryview(ciphertext)
@@ -669,8 +673,8 @@ class KMS:
         self._check_open()
         _check_scope(scope_id)
         self._check_known_purpose(purpose)
-        if key_version_id is not None and not isinstance(key_version_id, str):
-            raise InvalidParameterError("key_version_id must be a str")
+        if key_version_id is not None:
+            _check_text("key version id", key_version_id, MAX_SCOPE_BYTES)
         if purpose == ROOT_PURPOSE:
             versions = await self._root_versions(scope_id)
         else:
@@ -1010,7 +1014,9 @@ class KMS:
                         for scope_id in scope_ids:
                             target = None if targets is None else targets[scope_id]
                             snapshot = await self._snapshot(tx, scope_id)
-                            plans[scope_id] = await self._plan_rewrap(scope_id, snapshot, target)
+                            plans[scope_id] = await self._plan_rewrap(
+                                scope_id, snapshot, target, locked=True
+                            )
                     await body(tx, plans)
                     await repo.announce(tx, self._q, changed, scope_ids)
                 return
@@ -1029,7 +1035,7 @@ class KMS:
             async with self._db.read() as reader:
                 snapshot = await self._snapshot(reader, scope_id)
         return await self._plan_rewrap(
-            scope_id, snapshot, None if targets is None else targets[scope_id]
+            scope_id, snapshot, None if targets is None else targets[scope_id], locked=False
         )
 
     async def _plan_rewrap(
@@ -1037,6 +1043,8 @@ class KMS:
         scope_id: str,
         snapshot: tuple[str, list[repo.RootKeyVersionRow], list[repo.DataKeyVersionRow]],
         target: VersionKey | None,
+        *,
+        locked: bool,
     ) -> _RewrapPlan:
         """New wrappings for every key version in ``snapshot``.
 
@@ -1058,6 +1066,11 @@ class KMS:
         for d in data_rows:
             parent = roots.get(d.root_key_version_id)
             if parent is None:
+                if locked:
+                    raise StorageError(
+                        f"data key version {d.id} points at a missing root key version (none "
+                        "of its scope's); the key tables were changed outside kms_async"
+                    )
                 # The two reads of an unlocked snapshot straddled another
                 # writer's commit; under the write lock this cannot happen.
                 raise _Stale
@@ -1106,6 +1119,7 @@ class KMS:
         self._check_open()
         if not isinstance(key_version_id, str) or not key_version_id:
             raise InvalidParameterError("missing key version id")
+        _check_text("key version id", key_version_id, MAX_SCOPE_BYTES)
         if scope_id is not None:
             _check_scope(scope_id)
         is_root = key_version_id.startswith(ROOT_KEY_VERSION_PREFIX + "_")
@@ -1379,11 +1393,89 @@ class KMS:
             if (scope_id, purpose) in self._entries:
                 try:
                     await self._purpose_keys_reload(scope_id, purpose)
-                except KeyNotFoundError:
+                except KMSError as exc:
+                    # One broken scope must not keep the others stale: drop
+                    # it (its next use reports the error) and go on.
+                    if not isinstance(exc, KeyNotFoundError):
+                        logger.warning(
+                            "kms_async: reloading scope %s failed: %s", _show(scope_id), exc
+                        )
                     self._cache.invalidate_scope(scope_id)
 
     async def _purpose_keys_reload(self, scope_id: str, purpose: str) -> PurposeKeys:
         """Load the pair again (shared with any concurrent load) and cache it."""
         return await self._cache.load(
             (scope_id, purpose), lambda: self._load_purpose(scope_id, purpose)
+        )
+
+    # -- re-encrypting application rows (logic in _reencrypt) ----------------
+
+    async def version_usage(
+        self, columns: Sequence[EncryptedColumn], *, key_version_id: str | None = None
+    ) -> list[VersionUsage]:
+        """Rows per (table, data key version) of the described columns, sorted.
+
+        The dry run of :meth:`destroy_key_version`: what uses which version,
+        or only ``key_version_id``. A table with two described columns counts
+        a row once per column.
+
+        Raises:
+            InvalidParameterError: a bad description, a name missing from the
+                database, or a column without a foreign key to the data key
+                version table.
+        """
+        return await _reencrypt.version_usage(self, columns, key_version_id=key_version_id)
+
+    async def reencrypt_key_version(
+        self,
+        key_version_id: str,
+        columns: Sequence[EncryptedColumn],
+        *,
+        batch_size: int = 500,
+        progress: Callable[[int], None] | None = None,
+    ) -> ReencryptReport:
+        """Re-encrypt every described row using a data key version under the newest one.
+
+        Each row is decrypted with its scope, purpose and AAD and encrypted
+        again under the newest version of that (scope, purpose); ciphertext
+        and key version column change together, ``batch_size`` rows per
+        transaction, and ``progress(n)`` is called after each committed
+        batch. The application keeps running meanwhile. Safe to cancel, to
+        run again after a failure (it continues) and to run twice at once.
+
+        Raises:
+            InvalidParameterError: bad arguments or descriptions (see
+                :meth:`version_usage`).
+            KeyNotFoundError: no such data key version.
+            KeyInUseError: it is the newest version of its key; rotate first.
+            DecryptionError: a row cannot be decrypted (the message names the
+                table and primary key); batches committed before stay.
+        """
+        return await _reencrypt.reencrypt_key_version(
+            self, key_version_id, columns, batch_size=batch_size, progress=progress
+        )
+
+    async def destroy_key_version(
+        self,
+        key_version_id: str,
+        columns: Sequence[EncryptedColumn],
+        *,
+        batch_size: int = 500,
+        progress: Callable[[int], None] | None = None,
+    ) -> ReencryptReport:
+        """Re-encrypt every row using a data key version, then revoke the version.
+
+        ``columns`` must describe every column with a foreign key to the data
+        key version table, so that no row can be left behind.
+
+        Raises:
+            InvalidParameterError: as :meth:`reencrypt_key_version`, or a
+                referencing column is not described.
+            KeyNotFoundError: no such data key version.
+            KeyInUseError: it is the newest version of its key (rotate
+                first), or rows using it kept appearing.
+            DecryptionError: a row cannot be decrypted; nothing was revoked.
+        """
+        return await _reencrypt.destroy_key_version(
+            self, key_version_id, columns, batch_size=batch_size, progress=progress
         )

@@ -64,6 +64,8 @@ def translate_errors() -> Iterator[None]:
         raise StorageError(f"database error: {text}") from exc
     except sqlite3.Error as exc:
         raise StorageError(f"database error: {exc}") from exc
+    except UnicodeError as exc:
+        raise InvalidParameterError(f"text arguments must be valid Unicode: {exc}") from exc
     except ValueError as exc:
         # aiosqlite reports a closed connection as ValueError.
         raise StorageError(f"database connection is closed: {exc}") from exc

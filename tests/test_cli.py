@@ -1,0 +1,759 @@
+"""The ``kms-async`` command line, in-process through ``main()`` and as ``python -m kms_async``.
+
+In-process runs go through a worker thread, because ``main`` runs its own
+event loop with ``asyncio.run``; the SIGINT test needs a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from conftest import TestDB
+
+import kms_async
+from kms_async import KMS, AeadWrapper, BlobInfo
+from kms_async._cli import EXIT_CODES, INTERRUPTED_MESSAGE, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = [
+    "migrate",
+    "create",
+    "list",
+    "status",
+    "rotate",
+    "rewrap",
+    "reconcile",
+    "revoke",
+    "reencrypt",
+    "destroy",
+    "demo",
+]
+_ENV_VARS = [
+    "KMS_DATABASE_URL",
+    "KMS_TABLE_PREFIX",
+    "KMS_PURPOSES",
+    "KMS_ROOT_KEY",
+    "KMS_ROOT_KEY_FILE",
+    "KMS_ROOT_KEY_ID",
+    "KMS_AWS_KMS_KEY_ID",
+    "KMS_PKCS11_LIB",
+    "KMS_PKCS11_TOKEN",
+    "KMS_PKCS11_KEY_LABEL",
+    "KMS_PKCS11_PIN",
+]
+APP_COLUMNS = [
+    {
+        "table": "app_secret",
+        "ciphertext_column": "ciphertext",
+        "key_version_column": "key_version_id",
+        "scope_column": "scope_id",
+        "purpose": "database",
+        "aad_template": "{id}",
+    }
+]
+
+
+@dataclasses.dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def error(self) -> dict[str, Any]:
+        error: dict[str, Any] = json.loads(self.err)["error"]
+        return error
+
+
+Cli = Callable[..., Awaitable[Result]]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def root_key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@pytest.fixture
+def env(db: TestDB, root_key: str, monkeypatch: pytest.MonkeyPatch) -> TestDB:
+    """The database and root key in the environment, as a deployment would set them."""
+    monkeypatch.setenv("KMS_DATABASE_URL", db.dsn)
+    monkeypatch.setenv("KMS_ROOT_KEY", root_key)
+    return db
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run ``main(argv)`` in a worker thread; return its status and output."""
+
+    async def run(*argv: str) -> Result:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, list(argv))
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def run_sync(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+async def open_kms(purposes: list[str] | None = None) -> KMS:
+    """A KMS with the root key from the environment, as the command line uses."""
+    return await KMS.open(
+        os.environ["KMS_DATABASE_URL"],
+        purposes=purposes or ["database"],
+        root_wrapper=AeadWrapper.from_env(),
+        max_staleness=None,
+    )
+
+
+def versions_by_scope(rows: list[tuple[Any, ...]]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for scope, version in rows:
+        found.setdefault(str(scope), []).append(int(version))
+    return {scope: sorted(v) for scope, v in found.items()}
+
+
+async def root_versions(db: TestDB) -> dict[str, list[int]]:
+    return versions_by_scope(
+        await db.fetch(
+            "select r.scope_id, v.version from kms_root_key r"
+            " join kms_root_key_version v on v.root_key_id = r.private_id"
+        )
+    )
+
+
+async def data_versions(db: TestDB) -> dict[tuple[str, str], list[int]]:
+    found: dict[tuple[str, str], list[int]] = {}
+    for scope, purpose, version in await db.fetch(
+        "select r.scope_id, k.purpose, v.version from kms_root_key r"
+        " join kms_data_key k on k.root_key_id = r.private_id"
+        " join kms_data_key_version v on v.data_key_id = k.private_id"
+    ):
+        found.setdefault((str(scope), str(purpose)), []).append(int(version))
+    return {key: sorted(v) for key, v in found.items()}
+
+
+def write_columns(tmp_path: Any, columns: object, name: str = "columns.json") -> str:
+    """Write a columns file (JSON of ``columns``, or a string as it is); return its path."""
+    path = os.path.join(str(tmp_path), name)
+    with open(path, "w") as file:
+        file.write(columns if isinstance(columns, str) else json.dumps(columns))
+    return path
+
+
+# -- help, usage and configuration errors ------------------------------------
+
+
+def test_top_level_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_sync(capsys, "--help")
+    assert result.code == 0
+    for code, meaning in EXIT_CODES.items():
+        assert f"{code:>3}  {meaning}" in result.out
+    assert "example" in result.out
+    for command in COMMANDS:
+        assert command in result.out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    result = run_sync(capsys, command, "--help")
+    assert result.code == 0
+    assert "example" in result.out
+    assert command in result.out
+
+
+def test_python_dash_m_runs_the_same_command_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kms_async", "rotate", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "python -m kms_async rotate" in proc.stdout
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_sync(capsys).code == 2
+    result = run_sync(capsys, "rotate", "--batch-size", "0")
+    assert result.code == 2
+    assert "--batch-size" in result.err
+    result = run_sync(capsys, "list", "--json")
+    assert result.code == 2
+    assert result.out == ""
+    assert result.error()["exit_code"] == 2
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_missing_dsn_exits_2(capsys: pytest.CaptureFixture[str], json_mode: bool) -> None:
+    result = run_sync(capsys, "list", "acme", *(["--json"] if json_mode else []))
+    assert result.code == 2
+    assert result.out == ""
+    if json_mode:
+        error = result.error()
+        assert error["type"] == "InvalidParameterError"
+        assert error["exit_code"] == 2
+        assert "KMS_DATABASE_URL" in error["message"]
+    else:
+        assert result.err.startswith("error: no database given")
+        assert "--db" in result.err
+        assert "KMS_DATABASE_URL" in result.err
+
+
+async def test_missing_root_key_exits_2_naming_the_variable(
+    db: TestDB, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", db.dsn)
+    for command in (["create", "acme"], ["rotate", "acme"], ["rewrap", "--all-scopes"]):
+        result = await cli(*command)
+        assert result.code == 2, result.err
+        assert "KMS_ROOT_KEY" in result.err
+    result = await cli("create", "acme", "--root-key-env", "MY_KEY")
+    assert result.code == 2
+    assert "MY_KEY" in result.err
+    monkeypatch.setenv("KMS_ROOT_KEY", "not base64!")
+    result = await cli("create", "acme")
+    assert result.code == 2
+    assert "KMS_ROOT_KEY" in result.err
+    assert "not base64!" not in result.err
+    assert await db.fetchval("select count(*) from kms_root_key") == 0
+
+
+async def test_commands_without_keys_work_without_a_root_key(
+    db: TestDB, cli: Cli, root_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", db.dsn)
+    monkeypatch.setenv("KMS_ROOT_KEY", root_key)
+    assert (await cli("create", "acme")).code == 0
+    assert (await cli("rotate", "acme")).code == 0
+    monkeypatch.delenv("KMS_ROOT_KEY")
+    assert (await cli("migrate")).code == 0
+    listed = await cli("list", "acme", "--json")
+    assert listed.code == 0, listed.err
+    old_root = listed.json()["keys"][0]["versions"][0]["id"]
+    assert (await cli("status")).code == 0
+    revoked = await cli("revoke", old_root)
+    assert revoked.code == 4  # still wraps the old data key version
+    assert "rewrap" in revoked.err
+
+
+def test_two_root_key_sources_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    result = run_sync(capsys, "create", "acme", "--root-key-file", "k", "--aws-kms-key-id", "a")
+    assert result.code == 2
+    assert "--aws-kms-key-id and --root-key-file" in result.err
+
+
+def test_pkcs11_pin_only_from_the_environment(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    result = run_sync(
+        capsys,
+        *("create", "acme", "--pkcs11-lib", "/nonexistent/lib.so"),
+        *("--pkcs11-token", "t", "--pkcs11-key-label", "k"),
+    )
+    assert result.code == 2
+    assert "KMS_PKCS11_PIN" in result.err
+    assert run_sync(capsys, "create", "acme", "--pkcs11-pin", "1234").code == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read columns file"),
+        ("{not json", "is not valid JSON (line 1"),
+        ("{}", "non-empty JSON list"),
+        ("[]", "non-empty JSON list"),
+        ("[1]", "entry 1 is int, not an object"),
+        ([{**APP_COLUMNS[0], "purpose": None}], "entry 1 lacks 'purpose'"),
+        ([{**APP_COLUMNS[0], "tabel": "x"}], "unknown field(s) tabel"),
+        ([{**APP_COLUMNS[0], "primary_key": "id"}], "primary_key must be a list"),
+        ([{**APP_COLUMNS[0], "table": "bad name"}], "entry 1: table"),
+        ([{**APP_COLUMNS[0], "ciphertext_column": 3}], "ciphertext_column must be a non-empty"),
+    ],
+)
+def test_bad_columns_file_exits_2(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    content: object,
+    message: str,
+) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    path = os.path.join(str(tmp_path), "missing.json")
+    if content is not None:
+        path = write_columns(tmp_path, content)
+    for argv in (
+        ["status", "--columns", path],
+        ["destroy", "kdkv_x", "--columns", path, "--dry-run"],
+    ):
+        result = run_sync(capsys, *argv)
+        assert result.code == 2
+        assert message in result.err
+        assert path in result.err
+
+
+# -- the key lifecycle ---------------------------------------------------------
+
+
+async def test_lifecycle(env: TestDB, cli: Cli) -> None:
+    db = env
+    migrated = await cli("migrate", "--json")
+    assert migrated.code == 0
+    assert migrated.json() == {"applied": [], "schema_version": kms_async.SCHEMA_VERSION}
+
+    created = await cli("create", "acme", "globex", "--purposes", "database,oidc")
+    assert created.code == 0, created.err
+    assert "created keys for 2 scope(s)" in created.out
+    assert created.err == ""
+    again = await cli("create", "globex", "initech", "--purposes", "database,oidc")
+    assert again.code == 4
+    assert "nothing was created" in again.err
+    assert "initech" not in await root_versions(db)
+
+    table = await cli("list", "acme")
+    assert table.code == 0
+    lines = table.out.splitlines()
+    assert lines[0] == "scope acme"
+    assert lines[1].split() == ["PURPOSE", "TYPE", "KEY", "VERSION", "VERSION", "ID", "CREATED"]
+    assert [line.split()[0] for line in lines[2:]] == ["rootKey", "database", "oidc"]
+    listed = (await cli("list", "acme", "--json")).json()
+    assert listed["scope"] == "acme"
+    assert [(k["type"], k["purpose"]) for k in listed["keys"]] == [
+        ("kek", "rootKey"),
+        ("dek", "database"),
+        ("dek", "oidc"),
+    ]
+    old_root = listed["keys"][0]["versions"][0]["id"]
+    old_oidc = listed["keys"][2]["versions"][0]["id"]
+    assert old_root.startswith("krkv_")
+
+    rotated = await cli("rotate", "acme", "--rewrap", "--purposes", "database,oidc", "--json")
+    assert rotated.code == 0, rotated.err
+    assert rotated.json() == {"rotated": 1, "skipped": 0, "transactions": 1, "rewrap": True}
+    assert rotated.err == ""
+    assert await root_versions(db) == {"acme": [1, 2], "globex": [1]}
+    assert (await data_versions(db))[("acme", "oidc")] == [1, 2]
+
+    reconciled = await cli("reconcile", "--all-scopes", "--purpose", "billing", "--json")
+    assert reconciled.code == 0, reconciled.err
+    assert reconciled.json()["created"] == [
+        {"scope": "acme", "purpose": "billing"},
+        {"scope": "globex", "purpose": "billing"},
+    ]
+    nothing = await cli("reconcile", "acme", "--purposes", "database,oidc,billing")
+    assert nothing.code == 0
+    assert nothing.out.startswith("created 0 key(s)")
+
+    status = await cli("status", "--json")
+    assert status.code == 0
+    scopes = {s["scope"]: s for s in status.json()["scopes"]}
+    assert sorted(scopes) == ["acme", "globex"]
+    acme_purposes = [(k["purpose"], len(k["versions"])) for k in scopes["acme"]["keys"]]
+    assert acme_purposes == [("rootKey", 2), ("billing", 1), ("database", 2), ("oidc", 2)]
+    status_text = await cli("status", "globex")
+    assert status_text.code == 0
+    assert status_text.out.splitlines()[0].split()[:3] == ["SCOPE", "PURPOSE", "TYPE"]
+    assert all(line.startswith("globex") for line in status_text.out.splitlines()[1:])
+
+    newest_oidc = scopes["acme"]["keys"][3]["versions"][-1]["id"]
+    refused = await cli("revoke", newest_oidc, "--json")
+    assert refused.code == 4
+    assert refused.error()["type"] == "KeyInUseError"
+    assert "newest" in refused.error()["message"]
+    wrong_scope = await cli("revoke", old_oidc, "--scope", "globex")
+    assert wrong_scope.code == 3
+    assert (await cli("revoke", old_oidc, "--scope", "acme")).code == 0
+    # The rewrap moved every data key version to root version 2.
+    revoked = await cli("revoke", old_root, "--json")
+    assert revoked.code == 0, revoked.err
+    assert revoked.json() == {"revoked": old_root}
+    assert await root_versions(db) == {"acme": [2], "globex": [1]}
+    assert (await data_versions(db))[("acme", "oidc")] == [2]
+
+    rewrapped = await cli("rewrap", "--all-scopes", "--batch-size", "1")
+    assert rewrapped.code == 0, rewrapped.err
+    assert "rewrapped 2 scope(s) in 2 transaction(s)" in rewrapped.out
+
+    kms = await open_kms(["database", "oidc", "billing"])
+    async with kms:
+        for scope in ("acme", "globex"):
+            for purpose in ("database", "oidc", "billing"):
+                ciphertext = await kms.encrypt(scope, purpose, b"still works")
+                assert await kms.decrypt(scope, purpose, ciphertext) == b"still works"
+
+
+async def test_unknown_scope_and_version_exit_3(env: TestDB, cli: Cli) -> None:
+    assert (await cli("create", "acme")).code == 0
+    listed = await cli("list", "nope")
+    assert listed.code == 3
+    assert listed.err.startswith("error: ")
+    assert "'nope'" in listed.err
+    as_json = await cli("list", "nope", "--json")
+    assert as_json.code == 3
+    assert as_json.out == ""
+    assert as_json.error() == {
+        "type": "KeyNotFoundError",
+        "message": as_json.error()["message"],
+        "exit_code": 3,
+        "retryable": False,
+    }
+    rotated = await cli("rotate", "acme", "nope")
+    assert rotated.code == 3
+    assert await root_versions(env) == {"acme": [1]}  # all or nothing
+    assert (await cli("revoke", "kdkv_0000000000")).code == 3
+    assert (await cli("status", "nope")).code == 3
+    assert (await cli("revoke", "nonsense")).code == 2
+
+
+async def test_scopes_or_all_scopes(env: TestDB, cli: Cli) -> None:
+    assert (await cli("create", "a", "b", "c")).code == 0
+    both = await cli("rotate", "a", "--all-scopes")
+    assert both.code == 2
+    assert "not both" in both.err
+    neither = await cli("rotate")
+    assert neither.code == 2
+    assert "--all-scopes" in neither.err
+    batched = await cli("rotate", "--all-scopes", "--batch-size", "2", "--json")
+    assert batched.json()["transactions"] == 2
+    assert await root_versions(env) == {"a": [1, 2], "b": [1, 2], "c": [1, 2]}
+
+
+async def test_rotate_older_than(env: TestDB, cli: Cli) -> None:
+    assert (await cli("create", "a", "b")).code == 0
+    recent = await cli("rotate", "--all-scopes", "--older-than", "1h", "--json")
+    assert recent.code == 0
+    assert recent.json()["rotated"] == 0
+    assert recent.json()["skipped"] == 2
+    assert (await cli("rotate", "a", "--older-than", "0s")).code == 0
+    assert await root_versions(env) == {"a": [1, 2], "b": [1]}
+    future = "2999-01-01T00:00:00Z"
+    assert (await cli("rotate", "--all-scopes", "--older-than", future)).code == 0
+    assert await root_versions(env) == {"a": [1, 2, 3], "b": [1, 2]}
+    past = await cli("rotate", "--all-scopes", "--older-than", "2000-01-01T00:00:00Z")
+    assert "skipped 2" in past.out
+    bad = await cli("rotate", "a", "--older-than", "soon")
+    assert bad.code == 2
+
+
+async def test_root_key_file_and_table_prefix(
+    db: TestDB, cli: Cli, root_key: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await kms_async.migrate(db.dsn, table_prefix="other")
+    key_file = write_columns(tmp_path, root_key + "\n", name="root.key")
+    monkeypatch.setenv("KMS_DATABASE_URL", db.dsn)
+    monkeypatch.setenv("KMS_TABLE_PREFIX", "other")
+    created = await cli("create", "acme", "--root-key-file", key_file)
+    assert created.code == 0, created.err
+    monkeypatch.setenv("KMS_ROOT_KEY_FILE", key_file)
+    assert (await cli("rotate", "--all-scopes", "--rewrap")).code == 0
+    assert await db.fetchval("select count(*) from other_root_key_version") == 2
+    assert await db.fetchval("select count(*) from kms_root_key") == 0
+    assert (await cli("list", "acme", "--table-prefix", "kms")).code == 3
+    assert (await cli("list", "acme", "--table-prefix", "Bad-Prefix")).code == 2
+
+
+async def test_replacing_the_root_key(
+    env: TestDB, cli: Cli, root_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (await cli("create", "acme", "globex")).code == 0
+    monkeypatch.setenv("KMS_ROOT_KEY", base64.b64encode(secrets.token_bytes(32)).decode())
+    alone = await cli("rewrap", "--all-scopes")
+    assert alone.code == 1
+    assert "--previous-root-key-env" in alone.err
+    assert root_key not in alone.err
+    monkeypatch.setenv("KMS_PREVIOUS_ROOT_KEY", root_key)
+    rewrapped = await cli("rewrap", "--all-scopes", "--batch-size", "1")
+    assert rewrapped.code == 0, rewrapped.err
+    monkeypatch.delenv("KMS_PREVIOUS_ROOT_KEY")
+    # The new key alone now unwraps everything.
+    assert (await cli("rotate", "--all-scopes", "--rewrap")).code == 0
+    kms = await open_kms()
+    async with kms:
+        ciphertext = await kms.encrypt("acme", "database", b"x")
+        assert await kms.decrypt("acme", "database", ciphertext) == b"x"
+
+
+async def test_schema_missing_exits_5(
+    cli: Cli, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/empty.db")
+    result = await cli("list", "acme")
+    assert result.code == 5
+    assert "migrate" in result.err
+
+
+async def test_unreachable_database_exits_6(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    result = await cli("list", "acme", "--json")
+    assert result.code == 6
+    assert result.error()["exit_code"] == 6
+
+
+async def test_progress_only_when_asked_or_on_a_terminal(env: TestDB, cli: Cli) -> None:
+    assert (await cli("create", "a", "b", "c")).code == 0
+    quiet = await cli("rotate", "--all-scopes", "--batch-size", "1")
+    assert quiet.code == 0
+    assert quiet.err == ""
+    shown = await cli("rotate", "--all-scopes", "--batch-size", "1", "--progress", "always")
+    assert shown.code == 0
+    assert "rotating [" in shown.err
+    assert "3/3 scopes" in shown.err
+    assert "scopes/s" in shown.err
+    as_json = await cli("rotate", "--all-scopes", "--progress", "always", "--json")
+    assert as_json.err == ""
+    assert as_json.json()["rotated"] == 3
+
+
+# -- re-encrypting and destroying ----------------------------------------------
+
+
+async def store_rows(db: TestDB, rows: dict[str, str]) -> None:
+    """Encrypt one row per id for its scope, bound to the id, as an application would."""
+    kms = await open_kms()
+    async with kms:
+        for row_id, scope in rows.items():
+            ciphertext = await kms.encrypt(scope, "database", row_id.encode(), aad=row_id.encode())
+            await db.execute(
+                "insert into app_secret (id, scope_id, key_version_id, ciphertext)"
+                " values ($1, $2, $3, $4)",
+                row_id,
+                scope,
+                BlobInfo.from_bytes(ciphertext).key_id,
+                ciphertext,
+            )
+
+
+async def check_rows(db: TestDB) -> dict[str, str]:
+    """Every row decrypts; return each row's key version."""
+    kms = await open_kms()
+    versions = {}
+    async with kms:
+        for row_id, scope, version, ciphertext in await db.fetch(
+            "select id, scope_id, key_version_id, ciphertext from app_secret"
+        ):
+            aad = str(row_id).encode()
+            assert await kms.decrypt(scope, "database", bytes(ciphertext), aad=aad) == aad
+            versions[str(row_id)] = str(version)
+    return versions
+
+
+async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> None:
+    db = env
+    await db.add_app_table()
+    columns = write_columns(tmp_path, APP_COLUMNS)
+    assert (await cli("create", "acme", "globex")).code == 0
+    acme_rows = {f"a{n}": "acme" for n in range(5)}
+    globex_rows = {f"g{n}": "globex" for n in range(3)}
+    await store_rows(db, {**acme_rows, **globex_rows})
+    before = await check_rows(db)
+    acme_v1, globex_v1 = before["a0"], before["g0"]
+
+    status = await cli("status", "--columns", columns, "--json")
+    assert status.code == 0, status.err
+    by_scope = {s["scope"]: s["keys"] for s in status.json()["scopes"]}
+    database = next(k for k in by_scope["acme"] if k["purpose"] == "database")
+    assert database["versions"][0]["rows"] == 5
+    assert database["versions"][0]["tables"] == {"app_secret": 5}
+    table = await cli("status", "acme", "--columns", columns)
+    assert table.out.splitlines()[0].split()[-1] == "ROWS"
+    assert "5 (app_secret 5)" in table.out
+
+    newest = await cli("reencrypt", acme_v1, "--columns", columns)
+    assert newest.code == 4  # the newest version: nothing newer to move to
+    assert "rotate" in newest.err
+
+    assert (await cli("rotate", "--all-scopes")).code == 0
+    in_use = await cli("revoke", acme_v1)
+    assert in_use.code == 4
+    assert "re-encrypt" in in_use.err
+
+    dry = await cli("destroy", acme_v1, "--columns", columns, "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    assert dry.json() == {
+        "version_id": acme_v1,
+        "dry_run": True,
+        "rows": 5,
+        "tables": {"app_secret": 5},
+    }
+    dry_text = await cli("destroy", acme_v1, "--columns", columns, "--dry-run")
+    assert f"{acme_v1} protects 5 row(s)" in dry_text.out
+    assert "nothing changed" in dry_text.out
+    assert await check_rows(db) == before
+
+    moved = await cli("reencrypt", acme_v1, "--columns", columns, "--batch-size", "2", "--json")
+    assert moved.code == 0, moved.err
+    assert moved.json() == {
+        "version_id": acme_v1,
+        "rows_reencrypted": 5,
+        "rows_remaining": 0,
+        "tables": {"app_secret": 5},
+        "revoked": False,
+    }
+    after = await check_rows(db)
+    (acme_v2,) = {after[r] for r in acme_rows}
+    assert acme_v2 != acme_v1
+    assert {after[r] for r in globex_rows} == {globex_v1}
+
+    destroyed = await cli("destroy", acme_v1, "--columns", columns)
+    assert destroyed.code == 0, destroyed.err
+    assert f"{acme_v1} revoked" in destroyed.out
+    destroyed = await cli(
+        "destroy", globex_v1, "--columns", columns, "--batch-size", "1", "--progress", "always"
+    )
+    assert destroyed.code == 0, destroyed.err
+    assert "re-encrypted 3 row(s)" in destroyed.out
+    assert "3/3 rows" in destroyed.err
+    final = await check_rows(db)
+    assert not {acme_v1, globex_v1} & set(final.values())
+    assert (await data_versions(db))[("acme", "database")] == [2]
+    gone = await cli("destroy", acme_v1, "--columns", columns)
+    assert gone.code == 3
+
+
+# -- Ctrl-C ----------------------------------------------------------------------
+
+
+async def test_sigint_stops_between_whole_scopes(env: TestDB, tmp_path: Any) -> None:
+    db = env
+    scopes = [f"s{n:05d}" for n in range(3000)]
+    kms = await open_kms()
+    async with kms:
+        for start in range(0, len(scopes), 1000):
+            await kms.create_keys_many(scopes[start : start + 1000])
+    # SQLite keeps whole seconds: let the resume hint's instant follow the keys'.
+    await asyncio.sleep(1.1)
+
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "kms_async", "rotate", "--all-scopes"),
+        *("--batch-size", "2", "--progress", "always"),
+        cwd=REPO,
+        env=dict(os.environ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    first = await asyncio.wait_for(proc.stderr.readline(), 60)
+    assert first.startswith(b"rotating "), first
+    proc.send_signal(signal.SIGINT)
+    out, rest = await asyncio.wait_for(proc.communicate(), 60)
+    err = (first + rest).decode()
+    assert proc.returncode == 130, err
+    assert INTERRUPTED_MESSAGE in err
+    assert "Traceback" not in err
+    assert out == b""
+
+    roots = await root_versions(db)
+    data = await data_versions(db)
+    assert sorted(roots) == scopes
+    counts = {len(v) for v in roots.values()}
+    assert counts <= {1, 2}
+    assert 2 in counts and 1 in counts, "the interrupt should land mid-run"
+    for scope, versions in roots.items():
+        assert versions == list(range(1, len(versions) + 1))
+        assert data[(scope, "database")] == versions  # never half-rotated
+
+    hint = re.search(r"run it again with (--older-than \S+)", err)
+    assert hint is not None, err
+    rerun = await asyncio.to_thread(
+        subprocess.run,
+        [
+            *(sys.executable, "-m", "kms_async", "rotate", "--all-scopes"),
+            *hint[1].split(),
+            *("--batch-size", "500", "--json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["rotated"] == sum(1 for v in roots.values() if len(v) == 1)
+    assert await root_versions(db) == {scope: [1, 2] for scope in scopes}
+    assert {tuple(v) for v in (await data_versions(db)).values()} == {(1, 2)}
+
+
+# -- other root keys, and the demo ---------------------------------------------
+
+
+async def test_aws_kms_root_key(cli: Cli, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_root_aws import REGION, create_kms_key, moto_endpoint, set_aws_test_env
+
+    set_aws_test_env(monkeypatch)
+    endpoint = moto_endpoint()
+    arn = create_kms_key(endpoint)["Arn"]
+    dsn = f"sqlite:///{tmp_path}/aws.db"
+    await kms_async.migrate(dsn)
+    monkeypatch.setenv("KMS_DATABASE_URL", dsn)
+    aws = ["--aws-kms-key-id", arn, "--aws-region", REGION, "--aws-endpoint-url", endpoint]
+    created = await cli("create", "acme", *aws)
+    assert created.code == 0, created.err
+    monkeypatch.setenv("KMS_AWS_KMS_KEY_ID", arn)
+    rotated = await cli(
+        "rotate", "acme", "--rewrap", "--aws-region", REGION, "--aws-endpoint-url", endpoint
+    )
+    assert rotated.code == 0, rotated.err
+
+
+async def test_pkcs11_root_key(cli: Cli, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_root_pkcs11 import require_softhsm
+
+    hsm = require_softhsm()
+    dsn = f"sqlite:///{tmp_path}/hsm.db"
+    await kms_async.migrate(dsn)
+    monkeypatch.setenv("KMS_DATABASE_URL", dsn)
+    monkeypatch.setenv("KMS_PKCS11_PIN", hsm.pin)
+    options = [
+        *("--pkcs11-lib", hsm.lib_path, "--pkcs11-token", hsm.token_label),
+        *("--pkcs11-key-label", hsm.key_labels[0]),
+    ]
+    created = await cli("create", "acme", *options)
+    assert created.code == 0, created.err
+    assert hsm.pin not in created.out + created.err
+    rotated = await cli("rotate", "acme", "--rewrap", *options)
+    assert rotated.code == 0, rotated.err
+    monkeypatch.setenv("KMS_PKCS11_PIN", "0000")
+    wrong = await cli("rotate", "acme", *options)
+    assert wrong.code == 2, wrong.err
+    assert "0000" not in wrong.err
+
+
+async def test_demo_still_works(cli: Cli, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", "postgresql://must-not-be-used@127.0.0.1:1/x")
+    result = await cli("demo", "--db", f"sqlite:///{tmp_path}/demo.db")
+    assert result.code == 0, result.err
+    assert "done: every step behaved as expected" in result.out

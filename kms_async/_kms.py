@@ -219,7 +219,7 @@ class KMS:
         cache_size: int = 100_000,
         max_staleness: float | None = 1.0,
         notifications: bool | None = None,
-        offload_threshold: int | None = 256 * 1024,
+        offload_threshold: int | None = 4 * 1024 * 1024,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -290,6 +290,11 @@ class KMS:
             await kms.validate_schema()
             async with database.read() as conn:
                 kms._seen_version = await repo.collection_version(conn, kms._q)
+                if kms._q.notify is not None:
+                    oid = await conn.fetchval(
+                        kms._q.collection_version_oid, f"{kms._q.prefix}_collection_version"
+                    )
+                    kms._q.notify_channel = f"{kms._q.prefix}_key_change_{oid}"
             kms._marker = await database.change_marker()
         except BaseException:
             await database.aclose()
@@ -1336,22 +1341,35 @@ class KMS:
         self._changes.put_nowait(None)
 
     async def _watch(self) -> None:
-        """Pick up other processes' key changes within ``max_staleness``."""
+        """Pick up other processes' key changes within ``max_staleness``.
+
+        Notifications are handled as they arrive; the periodic check runs on
+        a clock, so a steady stream of notifications cannot starve it.
+        """
         assert self._max_staleness is not None
+        loop = asyncio.get_running_loop()
         interval = self._max_staleness / 2
-        while True:
+        next_check = loop.time() + interval
+        while not self._closed:
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that lands as an item arrives, and aclose() would hang.
+            getter = asyncio.ensure_future(self._changes.get())
             try:
-                item = await asyncio.wait_for(self._changes.get(), interval)
-            except asyncio.TimeoutError:
-                item = None
+                done, _ = await asyncio.wait({getter}, timeout=max(0.0, next_check - loop.time()))
+            finally:
+                getter.cancel()
+            item = getter.result() if getter in done else None
             try:
-                if item is None:
-                    await self.refresh()
-                else:
+                if item is not None:
                     await self._reload_pairs(
                         [pair for scope in item for pair in self._cache.cached_pairs(scope)]
                     )
+                if loop.time() >= next_check:
+                    next_check = loop.time() + interval
+                    await self.refresh()
             except KMSError as exc:
+                if self._closed:
+                    return
                 # Keep serving cached keys while the database is away.
                 logger.warning("kms_async: checking for key changes failed: %s", exc)
 

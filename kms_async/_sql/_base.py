@@ -259,6 +259,7 @@ class Queries:
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
     notify_channel: str = ""
+    collection_version_oid: str = ""
 
     # Statements whose text differs between dialects; set by subclasses.
     missing_data_keys: str

@@ -63,6 +63,11 @@ def translate_errors() -> Iterator[None]:
         raise TransientStorageError(f"cannot reach the database, retry: {exc}") from exc
 
 
+async def _reset(conn: Any) -> None:
+    if conn.is_in_transaction():
+        await conn.execute("rollback")
+
+
 def _rowcount(status: str) -> int:
     # asyncpg returns the command tag, e.g. "UPDATE 1" or "INSERT 0 1".
     tail = status.rpartition(" ")[2]
@@ -104,7 +109,10 @@ class PostgresQueries(Queries):
         p = self.prefix
         self.bump_collection_version += " returning version"
         # Delivered to listeners when (and only if) the transaction commits.
+        # Made specific to one table at open (see channel_for): schemas of one
+        # database share a notification namespace.
         self.notify_channel = f"{p}_key_change"
+        self.collection_version_oid = "select to_regclass($1)::oid"
         self.notify = "select pg_notify($1, $2)"
         self.missing_data_keys = (
             "select s.scope_id, pu.purpose, r.private_id"
@@ -124,7 +132,7 @@ class PostgresQueries(Queries):
         self.referencing_tables = (
             "select distinct c.conrelid::regclass::text from pg_constraint c"
             " where c.contype = 'f' and c.confrelid = to_regclass($1)"
-            " and c.conrelid <> c.confrelid order by 1"
+            " and c.conrelid <> c.confrelid and c.conparentid = 0 order by 1"
         )
         self.version_ids_of_pairs = (
             "select c.scope_id, c.purpose, v.private_id"
@@ -151,7 +159,9 @@ class PostgresDatabase:
     @classmethod
     async def connect(cls, dsn: str, *, prefix: str) -> PostgresDatabase:
         with translate_errors():
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10)
+            # The default reset costs a round trip on every release; the KMS
+            # changes no session state, so only an open transaction needs undoing.
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, reset=_reset)
         return cls(pool, prefix=prefix, owns_pool=True, dsn=dsn)
 
     @property
@@ -227,12 +237,14 @@ class PostgresDatabase:
                 backoff = min(backoff * 2, 5.0)
                 continue
             lost = asyncio.Event()
+
+            def on_notify(_c: object, _pid: int, _ch: str, payload: str) -> None:
+                on_payload(payload)
+
             try:
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 with translate_errors():
-                    await conn.add_listener(
-                        channel, lambda _c, _pid, _ch, payload: on_payload(payload)
-                    )
+                    await conn.add_listener(channel, on_notify)
                 backoff = 0.1
                 on_payload(None)
                 await lost.wait()
@@ -244,6 +256,8 @@ class PostgresDatabase:
                 if self._dsn is not None:
                     conn.terminate()
                 else:
+                    with contextlib.suppress(Exception):
+                        await conn.remove_listener(channel, on_notify)
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self._pool.release(conn))
 

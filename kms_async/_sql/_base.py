@@ -10,13 +10,14 @@ ones its database spells differently and translates placeholders if needed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
-from .._errors import InvalidParameterError, StorageError
+from .._errors import InvalidParameterError, KMSError, StorageError
 
 __all__ = [
     "Connection",
@@ -25,6 +26,7 @@ __all__ = [
     "Queries",
     "Row",
     "run_to_completion",
+    "savepoint",
     "validate_prefix",
 ]
 
@@ -64,6 +66,26 @@ async def run_to_completion(cleanup: Awaitable[object]) -> None:
     finally:
         if cancelled:
             raise asyncio.CancelledError
+
+
+_C = TypeVar("_C", bound="Connection")
+
+
+@contextlib.asynccontextmanager
+async def savepoint(conn: _C) -> AsyncIterator[_C]:
+    """Run a block inside the caller's transaction as one savepoint.
+
+    If the block fails (or is cancelled), its statements are rolled back and
+    the caller's transaction stays usable and keeps none of them.
+    """
+    await conn.execute("savepoint kms_async_op")
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(KMSError):
+            await run_to_completion(conn.execute("rollback to savepoint kms_async_op"))
+        raise
+    await conn.execute("release savepoint kms_async_op")
 
 
 class IntegrityError(StorageError):

@@ -18,7 +18,7 @@ from .._errors import (
     StorageError,
     TransientStorageError,
 )
-from ._base import IntegrityError, Queries, Row, run_to_completion
+from ._base import IntegrityError, Queries, Row, run_to_completion, savepoint
 
 __all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
 
@@ -188,17 +188,8 @@ class PostgresDatabase:
                     "conn has no open transaction; call inside `async with conn.transaction():` "
                     "or leave conn out to let the KMS use its own"
                 )
-            # A savepoint: if this operation fails, the caller's transaction
-            # stays usable and keeps none of its statements.
-            inner = _PgConnection(conn)
-            await inner.execute("savepoint kms_async_op")
-            try:
+            async with savepoint(_PgConnection(conn)) as inner:
                 yield inner
-            except BaseException:
-                with contextlib.suppress(KMSError):
-                    await run_to_completion(inner.execute("rollback to savepoint kms_async_op"))
-                raise
-            await inner.execute("release savepoint kms_async_op")
             return
         with translate_errors():
             async with self._pool.acquire() as raw:

@@ -20,7 +20,7 @@ from .._errors import (
     StorageError,
     TransientStorageError,
 )
-from ._base import IntegrityError, Queries, Row, run_to_completion
+from ._base import IntegrityError, Queries, Row, run_to_completion, savepoint
 
 __all__ = ["SqliteDatabase", "SqliteQueries", "translate_errors"]
 
@@ -228,15 +228,8 @@ class SqliteDatabase:
                     "conn has no open transaction; run BEGIN on it first "
                     "or leave conn out to let the KMS use its own"
                 )
-            inner = _SqliteConnection(conn)
-            await inner.execute("savepoint kms_async_op")
-            try:
+            async with savepoint(_SqliteConnection(conn)) as inner:
                 yield inner
-            except BaseException:
-                with contextlib.suppress(KMSError):
-                    await run_to_completion(inner.execute("rollback to savepoint kms_async_op"))
-                raise
-            await inner.execute("release savepoint kms_async_op")
             return
         async with self._lock:
             writer = self._writer

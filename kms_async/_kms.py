@@ -1365,8 +1365,12 @@ class KMS:
                         [pair for scope in item for pair in self._cache.cached_pairs(scope)]
                     )
                 if loop.time() >= next_check:
-                    next_check = loop.time() + interval
-                    await self.refresh()
+                    try:
+                        await self.refresh()
+                    finally:
+                        # Counted from the end of the check, so a slow check
+                        # is followed by a pause, not by another check.
+                        next_check = loop.time() + interval
             except KMSError as exc:
                 if self._closed:
                     return

@@ -354,7 +354,8 @@ async def test_mixed_load_while_another_instance_rotates(
                     loop = asyncio.get_running_loop()
                     deadline = deadline or loop.time() + 5.0
                     assert loop.time() < deadline, "the worker never saw the rotations"
-                await asyncio.sleep(0.001)
+                # Paced so that 200 clients leave the rotating task room to run.
+                await asyncio.sleep(0.01)
 
         results = await asyncio.gather(rotate_all(), *(client(n) for n in range(200)))
         made = [m for result in results[1:] for m in result]

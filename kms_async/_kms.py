@@ -679,7 +679,7 @@ class KMS:
         _check_scope(scope_id)
         self._check_known_purpose(purpose)
         if key_version_id is not None:
-            _check_text("key version id", key_version_id, MAX_SCOPE_BYTES)
+            _check_text("key_version_id", key_version_id, MAX_SCOPE_BYTES)
         if purpose == ROOT_PURPOSE:
             versions = await self._root_versions(scope_id)
         else:

@@ -266,18 +266,6 @@ class Queries:
         self.delete_root_key_version = f"delete from {p}_root_key_version where private_id = $1"
         self.delete_data_key_version = f"delete from {p}_data_key_version where private_id = $1"
 
-        # Fingerprints of cached (scope, purpose) pairs, to find what another
-        # process changed: newest data key version id and the version count.
-        self.purpose_fingerprint = (
-            "select max(v.version), count(v.private_id),"
-            f" (select y.private_id from {p}_data_key_version y"
-            "   where y.data_key_id = k.private_id order by y.version desc limit 1)"
-            f" from {p}_root_key r"
-            f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = $2"
-            f" join {p}_data_key_version v on v.data_key_id = k.private_id"
-            " where r.scope_id = $1 group by k.private_id"
-        )
-
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
     notify_channel: str = ""

@@ -275,11 +275,7 @@ async def version_ids(
     found: dict[tuple[str, str], set[str]] = {}
     for start in range(0, len(pairs), BATCH):
         batch = pairs[start : start + BATCH]
-        rows = await conn.fetch(
-            q.version_ids_of_pairs,
-            q.array([p[0] for p in batch]),
-            q.array([p[1] for p in batch]),
-        )
+        rows = await conn.fetch(q.version_ids_of_pairs, *q.pairs(batch))
         for scope_id, purpose, version_id in rows:
             found.setdefault((scope_id, purpose), set()).add(version_id)
     return found

@@ -284,3 +284,7 @@ class Queries:
     def in_list(self, param: str) -> str:
         """SQL testing membership in a list bound by :meth:`array` as ``param``."""
         return f"= any({param}::text[])"
+
+    def pairs(self, pairs: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
+        """Bind (scope, purpose) pairs as the parameters of ``version_ids_of_pairs``."""
+        return (self.array([p[0] for p in pairs]), self.array([p[1] for p in pairs]))

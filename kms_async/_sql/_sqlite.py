@@ -127,10 +127,10 @@ class SqliteQueries(Queries):
             " and lower(m.name) <> lower($1) order by 1"
         )
         self.version_ids_of_pairs = (
-            "select s.value, pu.value, v.private_id"
-            " from json_each($1) s join json_each($2) pu on pu.key = s.key"
-            f" join {p}_root_key r on r.scope_id = s.value"
-            f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = pu.value"
+            "select r.scope_id, k.purpose, v.private_id from json_each($1) c"
+            f" join {p}_root_key r on r.scope_id = json_extract(c.value, '$[0]')"
+            f" join {p}_data_key k on k.root_key_id = r.private_id"
+            "  and k.purpose = json_extract(c.value, '$[1]')"
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
         )
 
@@ -139,6 +139,11 @@ class SqliteQueries(Queries):
 
     def in_list(self, param: str) -> str:
         return f"in (select value from json_each({param}))"
+
+    def pairs(self, pairs: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
+        # One JSON array of [scope, purpose]: joining two json_each tables on
+        # their positions is a nested loop, quadratic in the batch size.
+        return (json.dumps(pairs),)
 
 
 async def _pragma(conn: aiosqlite.Connection, statement: str) -> None:

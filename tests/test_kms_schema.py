@@ -118,7 +118,10 @@ async def test_migrate_records_tables_created_by_running_the_sql_files(
     names = await empty_db.run_sql_files()
     assert "kms_migration" not in await empty_db.tables()
 
-    assert await kms_async.migrate(empty_db.dsn) == []
+    # The core file is recorded as present; the later ones (re-runnable by
+    # design) run again, since nothing records that they ran.
+    later = [m.name for m in kms_async.migrations(empty_db.dialect) if m.number > 1]  # type: ignore[arg-type]
+    assert await kms_async.migrate(empty_db.dsn) == later
 
     assert "kms_migration" in await empty_db.tables()
     assert await kms_async.migrate(empty_db.dsn) == []

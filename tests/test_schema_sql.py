@@ -41,6 +41,18 @@ def core_sql(dialect: str, prefix: str = "kms_") -> str:
     return re.sub(r"\bkms_", prefix, text)
 
 
+def later_sql(dialect: str, prefix: str = "kms_") -> list[str]:
+    """The files after the core one, in order (what migrate() applies next)."""
+    paths = sorted((SQL_DIR / dialect).glob("*.up.sql"))
+    return [re.sub(r"\bkms_", prefix, p.read_text()) for p in paths if p != CORE_FILES[dialect]]
+
+
+async def apply_all(db: Db, prefix: str = "kms_") -> None:
+    await db.apply(core_sql(db.dialect, prefix))
+    for text in later_sql(db.dialect, prefix):
+        await db.apply(text)
+
+
 # --------------------------------------------------------------------------
 # Database access shared by both dialects
 # --------------------------------------------------------------------------
@@ -154,8 +166,8 @@ async def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
 
 @pytest_asyncio.fixture
 async def db(empty_db: Db) -> AsyncIterator[Db]:
-    """A fresh database with the core schema applied."""
-    await empty_db.apply(core_sql(empty_db.dialect))
+    """A fresh database with every shipped file applied."""
+    await apply_all(empty_db)
     yield empty_db
 
 
@@ -792,8 +804,8 @@ async def test_pg_table_comments(pg_db: Db) -> None:
 @pytest.mark.asyncio
 async def test_two_prefixes_in_one_database(empty_db: Db) -> None:
     db = empty_db
-    await db.apply(core_sql(db.dialect, "kms_"))
-    await db.apply(core_sql(db.dialect, "acme_"))
+    await apply_all(db, "kms_")
+    await apply_all(db, "acme_")
 
     for p in ("kms_", "acme_"):
         assert await db.fetch(f"select version from {p}schema_version") == [("v0.0.2",)]
@@ -819,9 +831,13 @@ async def test_two_prefixes_in_one_database(empty_db: Db) -> None:
 
 
 @pytest.mark.asyncio
-async def test_pg_tables_in_schema_not_on_search_path(pg_db: Db) -> None:
+@pytest.mark.parametrize("files", ["core", "all"])
+async def test_pg_tables_in_schema_not_on_search_path(pg_db: Db, files: str) -> None:
     db = pg_db
-    await db.apply(core_sql("postgres"))
+    if files == "all":
+        await apply_all(db)
+    else:
+        await db.apply(core_sql("postgres"))
     await db.execute("set search_path to public")
     with pytest.raises(asyncpg.UndefinedTableError):
         await db.execute("select 1 from kms_root_key")
@@ -852,3 +868,90 @@ async def test_pg_tables_in_schema_not_on_search_path(pg_db: Db) -> None:
         await db.execute(f"update {s}.kms_root_key set scope_id = 'other'")
     await db.execute(f"update {s}.kms_collection_version set version = 2")
     assert await db.fetchval(f"select version from {s}.kms_collection_version") == 2
+
+
+# --------------------------------------------------------------------------
+# File 02 (PostgreSQL): version numbering with static SQL
+# --------------------------------------------------------------------------
+
+
+async def _numbering_source(db: Db) -> str:
+    return str(
+        await db.fetchval(
+            "select prosrc from pg_proc where proname = 'kms_next_version'"
+            " and pronamespace = $1::regnamespace",
+            db.schema,
+        )
+    )
+
+
+@pytest.mark.asyncio
+async def test_pg_file_02_takes_over_numbering_of_existing_rows(pg_db: Db) -> None:
+    db = pg_db
+    await db.apply(core_sql("postgres"))
+    assert "execute" in await _numbering_source(db)
+    await add_root_key(db, "r1", "global")
+    assert await add_rkv(db, "a", "r1") == 1
+    assert await add_rkv(db, "b", "r1") == 2
+    await add_data_key(db, "d1", "r1", "database")
+    assert await add_dkv(db, "x", "d1", "b") == 1
+
+    for text in later_sql("postgres"):
+        await db.apply(text)
+        await db.apply(text)  # the later files are safe to run again
+    source = await _numbering_source(db)
+    assert "execute" not in source and "from kms_root_key_version" in source
+    config = await db.fetchval(
+        "select proconfig from pg_proc where proname = 'kms_next_version'"
+        " and pronamespace = $1::regnamespace",
+        db.schema,
+    )
+    assert config == [f"search_path={db.schema}, pg_temp"]
+
+    assert await add_rkv(db, "c", "r1", version=40) == 3
+    assert await add_dkv(db, "y", "d1", "c") == 2
+    # one statement, several rows: each sees the ones before it
+    await db.execute(
+        "insert into kms_data_key_version (private_id, data_key_id, root_key_version_id, key)"
+        " values ('z1', 'd1', 'c', 'k'), ('z2', 'd1', 'c', 'k')"
+    )
+    rows = await db.fetch("select private_id, version from kms_data_key_version order by 2")
+    assert rows == [("x", 1), ("y", 2), ("z1", 3), ("z2", 4)]
+
+
+@pytest.mark.asyncio
+async def test_pg_numbering_reads_only_its_own_schema(pg_db: Db) -> None:
+    db = pg_db
+    await apply_all(db)
+    decoy = f"decoy_{secrets.token_hex(6)}"
+    await db.execute(f'create schema "{decoy}"')
+    try:
+        # A table of the same name, earlier on the caller's search_path.
+        await db.execute(
+            f'create table "{decoy}".kms_root_key_version (root_key_id text, version int)'
+        )
+        await db.execute(f"insert into \"{decoy}\".kms_root_key_version values ('r1', 100)")
+        await db.execute(f'set search_path to "{decoy}", "{db.schema}"')
+        await add_root_key(db, "r1", "global")
+        s = f'"{db.schema}"'
+        await db.execute(
+            f"insert into {s}.kms_root_key_version (private_id, root_key_id, key)"
+            " values ('a', 'r1', 'k')"
+        )
+        assert await db.fetchval(f"select version from {s}.kms_root_key_version") == 1
+    finally:
+        await db.execute(f'set search_path to "{db.schema}"')
+        await db.execute(f'drop schema "{decoy}" cascade')
+
+
+@pytest.mark.asyncio
+async def test_pg_numbering_function_refuses_other_tables(pg_db: Db) -> None:
+    db = pg_db
+    await apply_all(db)
+    await db.execute("create table kms_other (private_id text, version int)")
+    await db.execute(
+        "create trigger kms_other_number before insert on kms_other"
+        " for each row execute function kms_next_version()"
+    )
+    with pytest.raises(asyncpg.PostgresError, match="numbers kms_data_key_version"):
+        await db.execute("insert into kms_other values ('a', null)")

@@ -1,4 +1,4 @@
-"""kms_async core tables (the shipped sql/ files, run as they are).
+"""kms_async core tables (the shipped sql/ file 01, run as it is).
 
 Revision ID: 0001_kms_core
 Revises:
@@ -7,11 +7,7 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
-import sqlite3
-
-from alembic import op
-
-import kms_async
+from kms_schema import run_kms_file
 
 revision = "0001_kms_core"
 down_revision = None
@@ -20,20 +16,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        # psycopg2 runs a whole script in one call.
-        for migration in kms_async.migrations("postgres"):
-            op.execute(migration.sql)
-        return
-    # SQLite's driver runs one statement per call: split the file, keeping
-    # trigger bodies (begin ... end;) whole.
-    pending = ""
-    for migration in kms_async.migrations("sqlite"):
-        for line in migration.sql.splitlines(keepends=True):
-            pending += line
-            if sqlite3.complete_statement(pending):
-                op.execute(pending)
-                pending = ""
+    run_kms_file(1)
 
 
 def downgrade() -> None:

@@ -924,7 +924,9 @@ class KMS:
             raise KeyNotFoundError(
                 f"scope {_show(missing[0])}{others} has no keys; create them with create_keys()"
             )
-        await tx.executemany(
+        await repo.insert_rows(
+            tx,
+            q,
             q.insert_root_key_version,
             [(root.id, owners[scope_id], wrapped) for scope_id, (root, wrapped) in roots.items()],
         )

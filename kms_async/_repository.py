@@ -28,6 +28,7 @@ __all__ = [
     "data_keys_of_roots",
     "insert_data_keys",
     "insert_root_keys",
+    "insert_rows",
     "latest_root_key_versions",
     "load_purpose",
     "missing_data_keys",
@@ -199,18 +200,36 @@ async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str
     return PurposeRows(data, roots)
 
 
+async def insert_rows(
+    conn: Connection, q: Queries, statement: str, rows: Sequence[Sequence[Any]]
+) -> None:
+    """Run an insert statement for every row, in one statement where the dialect can."""
+    if not rows:
+        return
+    many = q.insert_many(statement)
+    if many is None or len(rows) == 1:
+        await conn.executemany(statement, rows)
+    else:
+        await conn.execute(many, *(q.array(column) for column in zip(*rows)))
+
+
 async def insert_root_keys(conn: Connection, q: Queries, keys: Sequence[NewRootKey]) -> None:
-    await conn.executemany(q.insert_root_key, [(k.id, k.scope_id) for k in keys])
-    await conn.executemany(
-        q.insert_root_key_version, [(k.version_id, k.id, k.wrapped) for k in keys]
+    await insert_rows(conn, q, q.insert_root_key, [(k.id, k.scope_id) for k in keys])
+    await insert_rows(
+        conn, q, q.insert_root_key_version, [(k.version_id, k.id, k.wrapped) for k in keys]
     )
 
 
 async def insert_data_keys(conn: Connection, q: Queries, keys: Sequence[NewDataKey]) -> None:
-    await conn.executemany(
-        q.insert_data_key, [(k.key_id, k.root_key_id, k.purpose) for k in keys if k.new_key]
+    await insert_rows(
+        conn,
+        q,
+        q.insert_data_key,
+        [(k.key_id, k.root_key_id, k.purpose) for k in keys if k.new_key],
     )
-    await conn.executemany(
+    await insert_rows(
+        conn,
+        q,
         q.insert_data_key_version,
         [(k.version_id, k.key_id, k.root_key_version_id, k.wrapped) for k in keys],
     )

@@ -266,6 +266,11 @@ class Queries:
         self.delete_root_key_version = f"delete from {p}_root_key_version where private_id = $1"
         self.delete_data_key_version = f"delete from {p}_data_key_version where private_id = $1"
 
+    def insert_many(self, statement: str) -> str | None:
+        """The statement inserting many rows at once with column arrays, if the
+        dialect has one (PostgreSQL); ``None`` means one execution per row."""
+        return None
+
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
     notify_channel: str = ""

@@ -134,6 +134,28 @@ class PostgresQueries(Queries):
             " where c.contype = 'f' and c.confrelid = to_regclass($1)"
             " and c.conrelid <> c.confrelid and c.conparentid = 0 order by 1"
         )
+        # One statement for any number of rows: each bound parameter is an
+        # array holding a column. Far cheaper per row than executemany, which
+        # runs the statement once per row.
+        self._insert_many = {
+            self.insert_root_key: (
+                f"insert into {p}_root_key (private_id, scope_id)"
+                " select * from unnest($1::text[], $2::text[])"
+            ),
+            self.insert_root_key_version: (
+                f"insert into {p}_root_key_version (private_id, root_key_id, key)"
+                " select * from unnest($1::text[], $2::text[], $3::bytea[])"
+            ),
+            self.insert_data_key: (
+                f"insert into {p}_data_key (private_id, root_key_id, purpose)"
+                " select * from unnest($1::text[], $2::text[], $3::text[])"
+            ),
+            self.insert_data_key_version: (
+                f"insert into {p}_data_key_version"
+                " (private_id, data_key_id, root_key_version_id, key)"
+                " select * from unnest($1::text[], $2::text[], $3::text[], $4::bytea[])"
+            ),
+        }
         self.version_ids_of_pairs = (
             "select c.scope_id, c.purpose, v.private_id"
             " from unnest($1::text[], $2::text[]) as c(scope_id, purpose)"
@@ -141,6 +163,9 @@ class PostgresQueries(Queries):
             f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = c.purpose"
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
         )
+
+    def insert_many(self, statement: str) -> str | None:
+        return self._insert_many.get(statement)
 
 
 class PostgresDatabase:

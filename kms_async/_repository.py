@@ -210,7 +210,7 @@ async def insert_rows(
     if many is None or len(rows) == 1:
         await conn.executemany(statement, rows)
     else:
-        await conn.execute(many, *(q.array(column) for column in zip(*rows)))
+        await conn.execute(many, *(q.array(column) for column in zip(*rows, strict=True)))
 
 
 async def insert_root_keys(conn: Connection, q: Queries, keys: Sequence[NewRootKey]) -> None:

@@ -127,9 +127,7 @@ async def kms(db: TestDB, root_wrapper: kms_async.AeadWrapper) -> AsyncIterator[
 
 
 @pytest.fixture
-def open_kms(
-    db: TestDB, root_wrapper: kms_async.AeadWrapper
-) -> Callable[..., Any]:
+def open_kms(db: TestDB, root_wrapper: kms_async.AeadWrapper) -> Callable[..., Any]:
     """Open more KMS instances over ``db`` (closed by the caller)."""
 
     async def opener(**kwargs: Any) -> kms_async.KMS:

@@ -70,6 +70,26 @@ _RELOAD_SPACING = 0.2
 _VERSION_ID = re.compile(r"kdkv_[A-Za-z0-9]{10}")
 
 
+def _seal_envelope(
+    aead: AESGCM, nonce: bytes, plaintext: bytes, aad: bytes | None, suffix: bytes
+) -> bytes:
+    """Encrypt and build the envelope (run in a worker thread for large payloads)."""
+    sealed = aead.encrypt(nonce, plaintext, aad)
+    return b"".join((envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, suffix))
+
+
+def _long_varint(envelope: bytes) -> tuple[int, int]:
+    """(field 1's length, where its payload starts) for a length of 2 MiB and
+    more; (-1, 0) if the varint runs past five bytes."""
+    length = 0
+    for position in range(1, 6):
+        byte = envelope[position]
+        length |= (byte & 0x7F) << (7 * (position - 1))
+        if byte < 0x80:
+            return length, position + 1
+    return -1, 0
+
+
 def _show(value: str, limit: int = 80) -> str:
     """repr() of an id for messages, shortened so hostile input stays readable."""
     text = repr(value)
@@ -502,8 +522,11 @@ class KMS:
             if len(plaintext) < self._offload_threshold:
                 sealed = keys.aead.encrypt(nonce, plaintext, aad)
             else:
-                # AES-GCM releases the GIL: a worker thread keeps the loop responsive.
-                sealed = await anyio.to_thread.run_sync(keys.aead.encrypt, nonce, plaintext, aad)
+                # AES-GCM releases the GIL, and so does copying a large bytes
+                # object: the whole envelope is built in a worker thread.
+                return await anyio.to_thread.run_sync(
+                    _seal_envelope, keys.aead, nonce, plaintext, aad, keys.suffix
+                )
         except TypeError:
             raise InvalidParameterError("plaintext and aad must be bytes") from None
         return b"".join((envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, keys.suffix))
@@ -544,11 +567,11 @@ class KMS:
                     if second < 0x80:
                         length = (length & 0x7F) | (second << 7)
                         start = 3
-                    elif ciphertext[3] < 0x80:  # up to 2 MiB; longer: the general path
+                    elif ciphertext[3] < 0x80:  # up to 2 MiB
                         length = (length & 0x7F) | ((second & 0x7F) << 7) | (ciphertext[3] << 14)
                         start = 4
                     else:
-                        length = -1
+                        length, start = _long_varint(ciphertext)
                 end = len(ciphertext) - _SUFFIX_SIZE
                 if ciphertext[0] == 0x0A and start + length == end and length >= 28:
                     body = ciphertext if end < _COPY_LIMIT else memoryview(ciphertext)
@@ -586,7 +609,7 @@ class KMS:
         try:
             if len(sealed) >= self._offload_threshold:
                 return await anyio.to_thread.run_sync(
-                    aead.decrypt, sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad
+                    aead.decrypt, sealed[:NONCE_SIZE], memoryview(sealed)[NONCE_SIZE:], aad
                 )
             return aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
         except InvalidTag:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import kms_async._kms as _kms_module
 from kms_async import (
     KMS,
     ROOT_PURPOSE,
@@ -60,6 +61,41 @@ async def test_round_trip_of_every_size(scoped: KMS, size: int) -> None:
     plaintext = secrets.token_bytes(size)
     ciphertext = await scoped.encrypt("s1", "database", plaintext)
     assert await scoped.decrypt("s1", "database", ciphertext) == plaintext
+
+
+@pytest.mark.parametrize("offload_threshold", [None, 4096])
+@pytest.mark.parametrize("size", [64 * 1024, 2097152 - 28, 3 * MiB])
+async def test_large_payloads_inline_and_offloaded(
+    scoped: KMS,
+    open_kms: OpenKMS,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    offload_threshold: int | None,
+) -> None:
+    plaintext = secrets.token_bytes(size)
+    async with await open_kms(offload_threshold=offload_threshold) as kms:
+        ciphertext = await kms.encrypt("s1", "database", plaintext, aad=b"row")
+        assert await scoped.decrypt("s1", "database", ciphertext, aad=b"row") == plaintext
+        # Envelopes this library wrote, of any length, take the fast path,
+        # which never copies the payload to decode it.
+        with monkeypatch.context() as patched:
+            patched.setattr(_kms_module, "decode", _no_decode)
+            assert await kms.decrypt("s1", "database", ciphertext, aad=b"row") == plaintext
+        for position in (len(ciphertext) // 2, len(ciphertext) - 20):
+            tampered = bytearray(ciphertext)
+            tampered[position] ^= 1
+            with pytest.raises(DecryptionError):
+                await kms.decrypt("s1", "database", bytes(tampered), aad=b"row")
+        with pytest.raises(DecryptionError):
+            await kms.decrypt("s1", "database", ciphertext, aad=b"other row")
+        # The general path: the same fields in another order (key_info first).
+        reordered = ciphertext[-19:] + ciphertext[:-19]
+        assert BlobInfo.from_bytes(reordered) == BlobInfo.from_bytes(ciphertext)
+        assert await kms.decrypt("s1", "database", reordered, aad=b"row") == plaintext
+
+
+def _no_decode(data: object) -> BlobInfo:
+    raise AssertionError("decode() called on the fast path")
 
 
 async def test_round_trip_of_a_1_mib_plaintext_on_a_cold_kms(

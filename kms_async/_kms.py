@@ -972,8 +972,7 @@ class KMS:
                     )
                 )
         await repo.insert_data_keys(tx, q, new_versions)
-        for plan in plans.values():
-            await self._apply_rewrap(tx, plan)
+        await self._apply_rewraps(tx, plans)
 
     async def rewrap_keys(self, scope_id: str, *, conn: Any = None) -> None:
         """Re-wrap every key version of the scope without making new versions.
@@ -1002,12 +1001,8 @@ class KMS:
         scopes = list(dict.fromkeys(self._check_scope_list(scope_ids)))
         self.get_external_root_wrapper()
 
-        async def apply(tx: Connection, plans: dict[str, _RewrapPlan]) -> None:
-            for plan in plans.values():
-                await self._apply_rewrap(tx, plan)
-
         async with self._invalidating(scopes):
-            await self._write_with_retry(scopes, conn, True, apply, targets=None)
+            await self._write_with_retry(scopes, conn, True, self._apply_rewraps, targets=None)
         logger.debug("kms_async: rewrapped %d scope(s)", len(scopes))
 
     async def _write_with_retry(
@@ -1033,19 +1028,17 @@ class KMS:
             plans: dict[str, _RewrapPlan] = {}
             try:
                 if optimistic:
-                    for scope_id in scope_ids:
-                        plans[scope_id] = await self._planned(scope_id, conn, targets)
+                    plans = await self._planned(scope_ids, conn, targets)
                 async with self._db.transaction(conn) as tx:
                     changed = await repo.bump_collection_version(tx, self._q)
                     if optimistic:
-                        for plan in plans.values():
-                            await self._check_plan(tx, plan)
+                        await self._check_plans(tx, plans)
                     elif rewrap:
+                        snapshots = await self._snapshots(tx, scope_ids)
                         for scope_id in scope_ids:
                             target = None if targets is None else targets[scope_id]
-                            snapshot = await self._snapshot(tx, scope_id)
                             plans[scope_id] = await self._plan_rewrap(
-                                scope_id, snapshot, target, locked=True
+                                scope_id, snapshots[scope_id], target, locked=True
                             )
                     await body(tx, plans)
                     await repo.announce(tx, self._q, changed, scope_ids)
@@ -1055,18 +1048,24 @@ class KMS:
         raise AssertionError("unreachable: the locked attempt cannot be stale")
 
     async def _planned(
-        self, scope_id: str, conn: Any, targets: dict[str, VersionKey] | None
-    ) -> _RewrapPlan:
-        """A rewrap plan for ``scope_id`` from a read outside any write transaction."""
+        self, scope_ids: list[str], conn: Any, targets: dict[str, VersionKey] | None
+    ) -> dict[str, _RewrapPlan]:
+        """Rewrap plans for the scopes from reads outside any write transaction."""
         if conn is not None:
             async with self._db.transaction(conn) as tx:
-                snapshot = await self._snapshot(tx, scope_id)
+                snapshots = await self._snapshots(tx, scope_ids)
         else:
             async with self._db.read() as reader:
-                snapshot = await self._snapshot(reader, scope_id)
-        return await self._plan_rewrap(
-            scope_id, snapshot, None if targets is None else targets[scope_id], locked=False
-        )
+                snapshots = await self._snapshots(reader, scope_ids)
+        return {
+            scope_id: await self._plan_rewrap(
+                scope_id,
+                snapshots[scope_id],
+                None if targets is None else targets[scope_id],
+                locked=False,
+            )
+            for scope_id in scope_ids
+        }
 
     async def _plan_rewrap(
         self,
@@ -1108,26 +1107,39 @@ class KMS:
             data_updates.append((_wrap_local(goal.aead, goal.id, key), goal.id, d.id, d.wrapped))
         return _RewrapPlan(root_key_id, goal.id, root_updates, data_updates)
 
-    async def _snapshot(
-        self, conn: Connection, scope_id: str
-    ) -> tuple[str, list[repo.RootKeyVersionRow], list[repo.DataKeyVersionRow]]:
-        root_key_id, _ = await repo.require_root_key(conn, self._q, scope_id)
-        return (
-            root_key_id,
-            await repo.root_key_versions(conn, self._q, root_key_id),
-            await repo.data_key_versions(conn, self._q, root_key_id),
+    async def _snapshots(
+        self, conn: Connection, scope_ids: list[str]
+    ) -> dict[str, tuple[str, list[repo.RootKeyVersionRow], list[repo.DataKeyVersionRow]]]:
+        """Each scope's root key id, root key versions and data key versions
+        (three queries per 1,000 scopes)."""
+        owners = await repo.root_keys_of_scopes(conn, self._q, scope_ids)
+        for scope_id in scope_ids:
+            if scope_id not in owners:
+                raise KeyNotFoundError(
+                    f"scope {scope_id!r} has no keys; create them with create_keys()"
+                )
+        versions = await repo.key_versions_of_roots(conn, self._q, list(owners.values()))
+        return {scope_id: (owners[scope_id], *versions[owners[scope_id]]) for scope_id in scope_ids}
+
+    async def _check_plans(self, tx: Connection, plans: dict[str, _RewrapPlan]) -> None:
+        versions = await repo.key_versions_of_roots(
+            tx, self._q, [plan.root_key_id for plan in plans.values()]
         )
+        for plan in plans.values():
+            root_rows, data_rows = versions[plan.root_key_id]
+            now = ({(r.id, r.wrapped) for r in root_rows}, {(d.id, d.wrapped) for d in data_rows})
+            if now != plan.expected:
+                raise _Stale
 
-    async def _check_plan(self, tx: Connection, plan: _RewrapPlan) -> None:
-        root_rows = await repo.root_key_versions(tx, self._q, plan.root_key_id)
-        data_rows = await repo.data_key_versions(tx, self._q, plan.root_key_id)
-        now = ({(r.id, r.wrapped) for r in root_rows}, {(d.id, d.wrapped) for d in data_rows})
-        if now != plan.expected:
-            raise _Stale
-
-    async def _apply_rewrap(self, tx: Connection, plan: _RewrapPlan) -> None:
-        await tx.executemany(self._q.update_root_key_version_key, plan.root_updates)
-        await tx.executemany(self._q.update_data_key_version_key, plan.data_updates)
+    async def _apply_rewraps(self, tx: Connection, plans: dict[str, _RewrapPlan]) -> None:
+        await tx.executemany(
+            self._q.update_root_key_version_key,
+            [update for plan in plans.values() for update in plan.root_updates],
+        )
+        await tx.executemany(
+            self._q.update_data_key_version_key,
+            [update for plan in plans.values() for update in plan.data_updates],
+        )
 
     async def revoke_key_version(
         self, key_version_id: str, *, scope_id: str | None = None, conn: Any = None

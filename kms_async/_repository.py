@@ -29,6 +29,7 @@ __all__ = [
     "insert_data_keys",
     "insert_root_keys",
     "insert_rows",
+    "key_versions_of_roots",
     "latest_root_key_versions",
     "load_purpose",
     "missing_data_keys",
@@ -267,6 +268,23 @@ async def root_keys_of_scopes(
     for start in range(0, len(scope_ids), BATCH):
         rows = await conn.fetch(q.root_keys_of_scopes, q.array(scope_ids[start : start + BATCH]))
         found.update((r[0], r[1]) for r in rows)
+    return found
+
+
+async def key_versions_of_roots(
+    conn: Connection, q: Queries, root_key_ids: Sequence[str]
+) -> dict[str, tuple[list[RootKeyVersionRow], list[DataKeyVersionRow]]]:
+    """root key id -> (its root key versions, its data key versions), as
+    :func:`root_key_versions` and :func:`data_key_versions` give them."""
+    found: dict[str, tuple[list[RootKeyVersionRow], list[DataKeyVersionRow]]] = {
+        root_key_id: ([], []) for root_key_id in root_key_ids
+    }
+    for start in range(0, len(root_key_ids), BATCH):
+        batch = q.array(root_key_ids[start : start + BATCH])
+        for r in await conn.fetch(q.root_key_versions_of_roots, batch):
+            found[r[0]][0].append(RootKeyVersionRow(r[1], int(r[2]), bytes(r[3]), r[4]))
+        for r in await conn.fetch(q.data_key_versions_of_roots, batch):
+            found[r[0]][1].append(DataKeyVersionRow(r[1], r[2], r[3], int(r[4]), bytes(r[5]), r[6]))
     return found
 
 

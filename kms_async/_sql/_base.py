@@ -227,6 +227,16 @@ class Queries:
         self.root_keys_of_scopes = (
             f"select scope_id, private_id from {p}_root_key where scope_id {self.in_list('$1')}"
         )
+        self.root_key_versions_of_roots = (
+            f"select root_key_id, private_id, version, key, create_time from {p}_root_key_version"
+            f" where root_key_id {self.in_list('$1')} order by root_key_id, version"
+        )
+        self.data_key_versions_of_roots = (
+            "select k.root_key_id, v.private_id, v.data_key_id, v.root_key_version_id,"
+            f" v.version, v.key, v.create_time from {p}_data_key_version v"
+            f" join {p}_data_key k on k.private_id = v.data_key_id"
+            f" where k.root_key_id {self.in_list('$1')} order by v.data_key_id, v.version"
+        )
         self.data_keys_of_roots = (
             f"select private_id, root_key_id, purpose from {p}_data_key"
             f" where root_key_id {self.in_list('$1')}"

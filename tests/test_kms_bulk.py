@@ -1,0 +1,146 @@
+"""The bulk key operations over more scopes than one query batch (1,000) holds.
+
+create_keys_many, rotate_keys_many (with and without rewrap) and
+rewrap_keys_many: all or nothing, the same result as the per-scope calls,
+and safe next to another instance writing the same scopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from conftest import TestDB
+
+from kms_async import KMS, KeyExistsError, KeyNotFoundError
+
+OpenKMS = Callable[..., Awaitable[KMS]]
+
+N = 1_200  # crosses the 1,000-scope query batch
+SCOPES = [f"bulk-{i:05d}" for i in range(N)]
+SAMPLE = [SCOPES[0], SCOPES[999], SCOPES[1000], SCOPES[-1]]
+
+
+async def _wrapped_keys(db: TestDB) -> dict[str, bytes]:
+    rows = await db.fetch(
+        "select private_id, key from kms_root_key_version"
+        " union all select private_id, key from kms_data_key_version"
+    )
+    return {row[0]: bytes(row[1]) for row in rows}
+
+
+async def _stale_data_versions(db: TestDB) -> int:
+    """Data key versions not wrapped by the newest root key version of their scope."""
+    return int(
+        await db.fetchval(
+            "select count(*) from kms_data_key_version v"
+            " join kms_root_key_version r on r.private_id = v.root_key_version_id"
+            " where r.version < (select max(x.version) from kms_root_key_version x"
+            "  where x.root_key_id = r.root_key_id)"
+        )
+    )
+
+
+async def _encrypt_sample(kms: KMS) -> dict[str, bytes]:
+    return {s: await kms.encrypt(s, "database", s.encode(), aad=b"bulk") for s in SAMPLE}
+
+
+async def _check_decrypts(kms: KMS, ciphertexts: dict[str, bytes]) -> None:
+    for scope_id, ciphertext in ciphertexts.items():
+        assert await kms.decrypt(scope_id, "database", ciphertext, aad=b"bulk") == (
+            scope_id.encode()
+        )
+
+
+async def test_create_keys_many_is_all_or_nothing(kms: KMS, db: TestDB) -> None:
+    await kms.create_keys("bulk-00500")
+    with pytest.raises(KeyExistsError):
+        await kms.create_keys_many(SCOPES)
+    assert await db.fetchval("select count(*) from kms_root_key") == 1
+
+    await kms.create_keys_many([s for s in SCOPES if s != "bulk-00500"])
+    assert await db.fetchval("select count(*) from kms_root_key") == N
+    assert await db.fetchval("select count(*) from kms_data_key") == 2 * N
+    assert await db.fetchval("select count(distinct version) from kms_data_key_version") == 1
+    await _check_decrypts(kms, await _encrypt_sample(kms))
+
+
+async def test_rotate_keys_many_numbers_every_scope(
+    kms: KMS, db: TestDB, open_kms: OpenKMS
+) -> None:
+    await kms.create_keys_many(SCOPES)
+    old = await _encrypt_sample(kms)
+    with pytest.raises(KeyNotFoundError):
+        await kms.rotate_keys_many([*SCOPES, "no-such-scope"])
+    assert await db.fetchval("select max(version) from kms_root_key_version") == 1
+
+    await kms.rotate_keys_many(SCOPES)
+    rows = await db.fetch("select version, count(*) from kms_data_key_version group by 1")
+    assert sorted(rows) == [(1, 2 * N), (2, 2 * N)]
+    new = await _encrypt_sample(kms)
+    for scope_id in SAMPLE:
+        keys = await kms.list_keys(scope_id)
+        assert [v.version for v in keys[1].versions] == [1, 2]
+        assert old[scope_id] != new[scope_id]
+    async with await open_kms() as fresh:
+        await _check_decrypts(fresh, old)
+        await _check_decrypts(fresh, new)
+
+
+async def test_rotate_keys_many_with_rewrap(kms: KMS, db: TestDB, open_kms: OpenKMS) -> None:
+    await kms.create_keys_many(SCOPES)
+    old = await _encrypt_sample(kms)
+    before = await _wrapped_keys(db)
+
+    await kms.rotate_keys_many(SCOPES, rewrap=True)
+    after = await _wrapped_keys(db)
+    assert all(after[key_id] != wrapped for key_id, wrapped in before.items())
+    assert await _stale_data_versions(db) == 0
+    async with await open_kms() as fresh:
+        await _check_decrypts(fresh, old)
+
+
+async def test_rewrap_keys_many_is_all_or_nothing(kms: KMS, db: TestDB, open_kms: OpenKMS) -> None:
+    await kms.create_keys_many(SCOPES)
+    await kms.rotate_keys_many(SCOPES[:10])  # their version-1 data keys are now stale
+    old = await _encrypt_sample(kms)
+    before = await _wrapped_keys(db)
+
+    with pytest.raises(KeyNotFoundError, match="no-such-scope"):
+        await kms.rewrap_keys_many([*SCOPES, "no-such-scope"])
+    assert await _wrapped_keys(db) == before
+
+    await kms.rewrap_keys_many(SCOPES)
+    after = await _wrapped_keys(db)
+    assert after.keys() == before.keys()
+    assert all(after[key_id] != wrapped for key_id, wrapped in before.items())
+    assert await _stale_data_versions(db) == 0
+    async with await open_kms() as fresh:
+        await _check_decrypts(fresh, old)
+
+
+async def test_rewrap_keys_many_next_to_another_instance_rotating(
+    kms: KMS, db: TestDB, open_kms: OpenKMS
+) -> None:
+    await kms.create_keys_many(SCOPES)
+    old = await _encrypt_sample(kms)
+    async with await open_kms() as other:
+
+        async def rotate_some() -> None:
+            for scope_id in SAMPLE:
+                await other.rotate_keys(scope_id)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(kms.rewrap_keys_many(SCOPES), rotate_some())
+    # Whichever ran last, nothing is lost and every version still decrypts.
+    rows = await db.fetch(
+        "select r.scope_id, max(v.version) from kms_root_key r"
+        " join kms_root_key_version v on v.root_key_id = r.private_id group by 1"
+    )
+    assert {scope_id: version for scope_id, version in rows if version > 1} == dict.fromkeys(
+        SAMPLE, 2
+    )
+    async with await open_kms() as fresh:
+        await _check_decrypts(fresh, old)
+        await _check_decrypts(fresh, await _encrypt_sample(fresh))

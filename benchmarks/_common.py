@@ -465,10 +465,16 @@ async def counting_pool(dsn: str, counter: StatementCounter, **kwargs: Any) -> a
 
 
 @contextlib.asynccontextmanager
-async def counting_db(db: BenchDB, counter: StatementCounter) -> AsyncIterator[Any]:
-    """A hooked pool (PostgreSQL) or connection (SQLite) to pass as ``db=``."""
+async def counting_db(
+    db: BenchDB, counter: StatementCounter, *, pool_reset: Any = None
+) -> AsyncIterator[Any]:
+    """A hooked pool (PostgreSQL) or connection (SQLite) to pass as ``db=``.
+
+    ``pool_reset`` is the asyncpg pool's ``reset`` (None: asyncpg's default).
+    """
     if db.dialect == "postgres":
-        pool = await counting_pool(db.dsn, counter, min_size=1, max_size=10)
+        extra = {} if pool_reset is None else {"reset": pool_reset}
+        pool = await counting_pool(db.dsn, counter, min_size=1, max_size=10, **extra)
         try:
             yield pool
         finally:

@@ -217,6 +217,11 @@ def reset_nonces() -> None:
     _nonce_pool.clear()
 
 
+#: Pops a buffered nonce, or raises IndexError when there is none (then call
+#: :func:`nonces`, which refills): the hot path saves a call this way.
+take_nonce: Callable[[], bytes] = _nonce_pool.pop
+
+
 def nonces(pop: Callable[[], bytes] = _nonce_pool.pop) -> bytes:
     """A fresh random 96-bit nonce.
 
@@ -242,14 +247,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=reset_nonces)
 
 
-_HEADERS: list[bytes | None] = [None] * 0x4000
+ENVELOPE_HEADERS: list[bytes | None] = [None] * 0x4000
 
 
 def envelope_header(length: int) -> bytes:
     """The bytes before a field-1 payload of ``length`` bytes (tag, varint length)."""
     if length < 0x4000:
-        header = _HEADERS[length]
+        header = ENVELOPE_HEADERS[length]
         if header is None:
-            header = _HEADERS[length] = encode_prefix(length)
+            header = ENVELOPE_HEADERS[length] = encode_prefix(length)
         return header
     return encode_prefix(length)

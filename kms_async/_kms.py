@@ -21,7 +21,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _reencrypt
 from . import _repository as repo
-from ._blob import NONCE_SIZE, TAG_SIZE, BlobInfo, decode, encode_suffix, envelope_header, nonces
+from ._blob import (
+    ENVELOPE_HEADERS,
+    NONCE_SIZE,
+    TAG_SIZE,
+    BlobInfo,
+    decode,
+    encode_suffix,
+    envelope_header,
+    nonces,
+    take_nonce,
+)
 from ._cache import KeyCache, PurposeKeys, VersionKey
 from ._errors import (
     ClosedError,
@@ -517,7 +527,10 @@ class KMS:
             raise InvalidParameterError("scope id and purpose must be strings") from None
         if keys is None:
             keys = await self._purpose_keys(scope_id, purpose)
-        nonce = nonces()
+        try:
+            nonce = take_nonce()
+        except IndexError:
+            nonce = nonces()
         try:
             if len(plaintext) < self._offload_threshold:
                 sealed = keys.aead.encrypt(nonce, plaintext, aad)
@@ -529,7 +542,12 @@ class KMS:
                 )
         except TypeError:
             raise InvalidParameterError("plaintext and aad must be bytes") from None
-        return b"".join((envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, keys.suffix))
+        # envelope_header(), inlined for the common sizes: one call less.
+        size = len(sealed) + NONCE_SIZE
+        header = ENVELOPE_HEADERS[size] if size < 0x4000 else None
+        if header is None:
+            header = envelope_header(size)
+        return b"".join((header, nonce, sealed, keys.suffix))
 
     async def decrypt(
         self, scope_id: str, purpose: str, ciphertext: bytes, *, aad: bytes | None = None
@@ -557,8 +575,9 @@ class KMS:
         if type(ciphertext) is bytes and len(ciphertext) > _SUFFIX_SIZE + 2:
             # Fast path: an envelope this library wrote ends with key_info
             # naming one of the cached versions; the rest is field 1.
-            tail = ciphertext[-_SUFFIX_SIZE:]
-            aead = keys.aead if tail == keys.suffix else keys.find(tail)
+            aead: AESGCM | None = keys.aead
+            if not ciphertext.endswith(keys.suffix):
+                aead = keys.find(ciphertext[-_SUFFIX_SIZE:])
             if aead is not None:
                 length = ciphertext[1]
                 start = 2

@@ -531,7 +531,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, step: float 
 DEFAULT_MALLOC = False
 
 
-def steady_allocator() -> str:
+def steady_allocator(*, one_arena: bool = False) -> str:
     """Pin glibc's heap-trim and mmap thresholds for payloads of a MiB and more.
 
     By default glibc returns the top of the heap to the OS once more than
@@ -542,6 +542,12 @@ def steady_allocator() -> str:
     1 MiB measured anywhere from 0.2x to 2.9x depending on which contender
     ran first). Services can pin them too (MALLOC_TRIM_THRESHOLD_,
     MALLOC_MMAP_THRESHOLD_).
+
+    ``one_arena`` also sets M_ARENA_MAX to 1 (MALLOC_ARENA_MAX=1): worker
+    threads then allocate from the main heap, which the pinned trim threshold
+    keeps mapped. Without it each thread has its own arena, whose heaps glibc
+    shrinks regardless of M_TRIM_THRESHOLD, so a 16 MiB buffer made in a
+    worker thread page-faults again on every call.
     """
     if DEFAULT_MALLOC:
         return "glibc malloc defaults (--default-malloc)"
@@ -551,10 +557,14 @@ def steady_allocator() -> str:
 
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_threshold = -1, -3
+    m_arena_max = -8
     ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)
+    if ok and one_arena:
+        ok = libc.mallopt(m_arena_max, 1)
     if not ok:
         return "mallopt failed; glibc malloc defaults"
-    return "glibc malloc pinned: M_TRIM_THRESHOLD=1 GiB, M_MMAP_THRESHOLD=32 MiB"
+    arena = ", M_ARENA_MAX=1" if one_arena else ""
+    return f"glibc malloc pinned: M_TRIM_THRESHOLD=1 GiB, M_MMAP_THRESHOLD=32 MiB{arena}"
 
 
 def _version(dist: str) -> str | None:

@@ -144,3 +144,38 @@ async def test_rewrap_keys_many_next_to_another_instance_rotating(
     async with await open_kms() as fresh:
         await _check_decrypts(fresh, old)
         await _check_decrypts(fresh, await _encrypt_sample(fresh))
+
+
+# -- query plans right after a bulk load (PostgreSQL) ----------------------------
+
+
+async def test_reads_use_the_version_indexes_before_any_analyze(kms: KMS, db: TestDB) -> None:
+    """A cold load and a rewrap read stay index lookups on a freshly loaded
+    database, before autovacuum has gathered statistics (join forms of these
+    queries chose sequential scans over every key version there)."""
+    if db.dialect != "postgres":
+        pytest.skip("SQLite's planner uses the indexes without statistics")
+    await kms.create_keys_many([f"plan-{i:05d}" for i in range(20_000)])
+    conn = await db.connect()
+    try:
+        tables = ["kms_root_key", "kms_root_key_version", "kms_data_key", "kms_data_key_version"]
+        for table in tables:
+            await conn.execute(f"alter table {table} set (autovacuum_enabled = false)")
+        if not await conn.fetchval("select rolsuper from pg_roles where rolname = current_user"):
+            pytest.skip("forgetting statistics needs a superuser")
+        oids = [await conn.fetchval("select $1::regclass::oid", t) for t in tables]
+        await conn.execute("delete from pg_statistic where starelid = any($1::oid[])", oids)
+        await conn.execute("update pg_class set reltuples = -1 where oid = any($1::oid[])", oids)
+        root_key_id = await conn.fetchval(
+            "select private_id from kms_root_key where scope_id = 'plan-00007'"
+        )
+        q = kms._q
+        for sql, args in (
+            (q.load_purpose, ("plan-00007", "database")),
+            (q.data_key_versions_of_roots, ([root_key_id],)),
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch("explain " + sql, *args))
+            assert "Seq Scan on kms_data_key_version" not in plan, plan
+            assert "Seq Scan on kms_root_key_version" not in plan, plan
+    finally:
+        await conn.close()

@@ -207,21 +207,26 @@ class Queries:
         )
 
         # One round trip for a cold (scope, purpose): the purpose's data key
-        # versions and only the root key versions that wrap them.
+        # versions and only the root key versions that wrap them. The keys
+        # are found by scalar subqueries, so both halves reach the version
+        # tables through their (parent, version) indexes even when the
+        # planner has no statistics yet (e.g. right after a bulk load, where
+        # a join form of this query chose sequential scans: 20 ms at 100,000
+        # scopes instead of 0.1 ms).
+        data_key_of_pair = (
+            f"(select k.private_id from {p}_root_key r join {p}_data_key k"
+            " on k.root_key_id = r.private_id and k.purpose = $2 where r.scope_id = $1)"
+        )
         self.load_purpose = (
             "select 'd', v.private_id, v.version, v.key, v.root_key_version_id"
-            f" from {p}_root_key r"
-            f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = $2"
-            f" join {p}_data_key_version v on v.data_key_id = k.private_id"
-            " where r.scope_id = $1"
+            f" from {p}_data_key_version v where v.data_key_id = {data_key_of_pair}"
             " union all"
             " select 'r', rv.private_id, rv.version, rv.key, null"
-            f" from {p}_root_key r"
-            f" join {p}_root_key_version rv on rv.root_key_id = r.private_id"
-            " where r.scope_id = $1 and rv.private_id in ("
-            f"  select v.root_key_version_id from {p}_data_key k"
-            f"  join {p}_data_key_version v on v.data_key_id = k.private_id"
-            "   where k.root_key_id = r.private_id and k.purpose = $2)"
+            f" from {p}_root_key_version rv"
+            f" where rv.root_key_id = (select private_id from {p}_root_key where scope_id = $1)"
+            " and rv.private_id in ("
+            f"  select v.root_key_version_id from {p}_data_key_version v"
+            f"  where v.data_key_id = {data_key_of_pair})"
         )
         # Bulk operations bind a whole list as one parameter ($1).
         self.root_keys_of_scopes = (

@@ -180,14 +180,3 @@ async def test_reads_use_the_version_indexes_before_any_analyze(kms: KMS, db: Te
             assert "Seq Scan on kms_root_key_version" not in plan, plan
     finally:
         await conn.close()
-
-
-async def test_own_postgres_pool_runs_without_jit(kms: KMS, db: TestDB) -> None:
-    """Index lookups whose estimate passes jit_above_cost (no statistics yet)
-    would otherwise spend milliseconds compiling."""
-    if db.dialect != "postgres":
-        pytest.skip("PostgreSQL setting")
-    async with kms._db.read() as conn:
-        assert await conn.fetchval("show jit") == "off"
-        # The DSN's own settings (here the test schema's search_path) still apply.
-        assert await conn.fetchval("show search_path") == db.schema

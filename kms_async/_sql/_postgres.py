@@ -206,12 +206,9 @@ class PostgresDatabase:
         with translate_errors():
             # The default reset costs a round trip on every release; the KMS
             # changes no session state, so only an open transaction needs undoing.
-            # JIT off: the KMS runs index lookups only, and on a table without
-            # statistics yet their estimated cost can pass jit_above_cost, which
-            # turned a 0.05 ms read into 5 ms of compiling.
-            pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=10, reset=_reset, server_settings={"jit": "off"}
-            )
+            # No server_settings of its own: a pooler such as PgBouncer refuses
+            # startup parameters it does not know.
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, reset=_reset)
         return cls(pool, prefix=prefix, owns_pool=True, dsn=dsn)
 
     @property

@@ -322,9 +322,15 @@ async def test_mixed_load_while_another_instance_rotates(
     try:
         done = asyncio.Event()
         newest: dict[tuple[str, str], str] = {}
+        # Rotations start once every client holds a ciphertext made before
+        # them (otherwise fast rotations can finish before the first loads).
+        clients = 200
+        ready = asyncio.Semaphore(0)
 
         async def rotate_all() -> None:
             try:
+                for _ in range(clients):
+                    await ready.acquire()
                 for round_ in range(2):
                     for scope_id in scopes:
                         await kms.rotate_keys(scope_id, rewrap=round_ == 1)
@@ -345,6 +351,8 @@ async def test_mixed_load_while_another_instance_rotates(
                 ciphertext = await worker.encrypt(scope_id, purpose, plaintext, aad=aad)
                 assert await worker.decrypt(scope_id, purpose, ciphertext, aad=aad) == plaintext
                 made.append((scope_id, purpose, plaintext, ciphertext))
+                if i == 0:
+                    ready.release()
                 i += 1
                 if done.is_set():
                     # Keep going until the worker's background check has
@@ -357,7 +365,7 @@ async def test_mixed_load_while_another_instance_rotates(
                 # Paced so that 200 clients leave the rotating task room to run.
                 await asyncio.sleep(0.01)
 
-        results = await asyncio.gather(rotate_all(), *(client(n) for n in range(200)))
+        results = await asyncio.gather(rotate_all(), *(client(n) for n in range(clients)))
         made = [m for result in results[1:] for m in result]
         assert len({key_id(m[3]) for m in made}) > len(scopes) * len(PURPOSES)
         # Ciphertexts from before, during and after the rotations, on both instances.

@@ -24,13 +24,15 @@ _ID_LENGTH = 10
 _REJECT_FROM = 248
 
 
+# Byte -> base62 character for the accepted bytes; bytes.translate applies it
+# (and drops the rejected bytes) in C, several times faster than a Python loop.
+_TO_CHAR = bytes(ord(_ALPHABET[b % 62]) if b < _REJECT_FROM else 0 for b in range(256))
+_REJECTED = bytes(range(_REJECT_FROM, 256))
+
+
 def new_id(prefix: str) -> str:
     """Return ``prefix_XXXXXXXXXX`` with characters drawn from the OS CSPRNG."""
-    chars: list[str] = []
-    while len(chars) < _ID_LENGTH:
-        for byte in os.urandom(16):
-            if byte < _REJECT_FROM:
-                chars.append(_ALPHABET[byte % 62])
-                if len(chars) == _ID_LENGTH:
-                    break
-    return f"{prefix}_{''.join(chars)}"
+    chars = os.urandom(16).translate(_TO_CHAR, _REJECTED)
+    while len(chars) < _ID_LENGTH:  # 16 bytes hold fewer than 10 accepted ones: rare
+        chars += os.urandom(16).translate(_TO_CHAR, _REJECTED)
+    return f"{prefix}_{chars[:_ID_LENGTH].decode('ascii')}"

@@ -176,6 +176,9 @@ async def _objects(db: TestDB) -> list[tuple[str, ...]]:
     return [tuple(row) for row in rows]
 
 
+# yoyo records its applied-at times through sqlite3's default datetime
+# adapter, deprecated since Python 3.12.
+@pytest.mark.filterwarnings("ignore:The default datetime adapter is deprecated:DeprecationWarning")
 async def test_yoyo_applies_the_sql_directory(empty_db: TestDB, tmp_path: pathlib.Path) -> None:
     dialect = empty_db.dialect
     migrations_dir = tmp_path / "migrations"

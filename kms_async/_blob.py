@@ -147,6 +147,14 @@ def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def field_length(data: bytes, pos: int) -> tuple[int, int]:
+    """(the varint at ``pos``, where what follows it starts); (-1, pos) if malformed."""
+    try:
+        return _read_varint(data, pos)
+    except _Malformed:
+        return -1, pos
+
+
 def _fields(data: bytes | memoryview) -> list[tuple[int, int, object]]:
     """Split a message into (field, wire type, value) triples."""
     fields: list[tuple[int, int, object]] = []

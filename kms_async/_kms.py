@@ -29,6 +29,7 @@ from ._blob import (
     decode,
     encode_suffix,
     envelope_header,
+    field_length,
     nonces,
     take_nonce,
 )
@@ -86,18 +87,6 @@ def _seal_envelope(
     """Encrypt and build the envelope (run in a worker thread for large payloads)."""
     sealed = aead.encrypt(nonce, plaintext, aad)
     return b"".join((envelope_header(len(sealed) + NONCE_SIZE), nonce, sealed, suffix))
-
-
-def _long_varint(envelope: bytes) -> tuple[int, int]:
-    """(field 1's length, where its payload starts) for a length of 2 MiB and
-    more; (-1, 0) if the varint runs past five bytes."""
-    length = 0
-    for position in range(1, 6):
-        byte = envelope[position]
-        length |= (byte & 0x7F) << (7 * (position - 1))
-        if byte < 0x80:
-            return length, position + 1
-    return -1, 0
 
 
 def _show(value: str, limit: int = 80) -> str:
@@ -590,7 +579,7 @@ class KMS:
                         length = (length & 0x7F) | ((second & 0x7F) << 7) | (ciphertext[3] << 14)
                         start = 4
                     else:
-                        length, start = _long_varint(ciphertext)
+                        length, start = field_length(ciphertext, 1)  # 2 MiB and more
                 end = len(ciphertext) - _SUFFIX_SIZE
                 if ciphertext[0] == 0x0A and start + length == end and length >= 28:
                     body = ciphertext if end < _COPY_LIMIT else memoryview(ciphertext)
@@ -959,13 +948,7 @@ class KMS:
         plans: dict[str, _RewrapPlan],
     ) -> None:
         q = self._q
-        owners = await repo.root_keys_of_scopes(tx, q, list(roots))
-        missing = [scope_id for scope_id in roots if scope_id not in owners]
-        if missing:
-            others = f" (and {len(missing) - 1} more scopes)" if len(missing) > 1 else ""
-            raise KeyNotFoundError(
-                f"scope {_show(missing[0])}{others} has no keys; create them with create_keys()"
-            )
+        owners = await self._root_keys_of(tx, list(roots))
         await repo.insert_rows(
             tx,
             q,
@@ -1131,14 +1114,20 @@ class KMS:
     ) -> dict[str, tuple[str, list[repo.RootKeyVersionRow], list[repo.DataKeyVersionRow]]]:
         """Each scope's root key id, root key versions and data key versions
         (three queries per 1,000 scopes)."""
-        owners = await repo.root_keys_of_scopes(conn, self._q, scope_ids)
-        for scope_id in scope_ids:
-            if scope_id not in owners:
-                raise KeyNotFoundError(
-                    f"scope {scope_id!r} has no keys; create them with create_keys()"
-                )
+        owners = await self._root_keys_of(conn, scope_ids)
         versions = await repo.key_versions_of_roots(conn, self._q, list(owners.values()))
         return {scope_id: (owners[scope_id], *versions[owners[scope_id]]) for scope_id in scope_ids}
+
+    async def _root_keys_of(self, conn: Connection, scope_ids: list[str]) -> dict[str, str]:
+        """scope id -> root key id; KeyNotFoundError names the first scope without keys."""
+        owners = await repo.root_keys_of_scopes(conn, self._q, scope_ids)
+        missing = [scope_id for scope_id in scope_ids if scope_id not in owners]
+        if missing:
+            others = f" (and {len(missing) - 1} more scopes)" if len(missing) > 1 else ""
+            raise KeyNotFoundError(
+                f"scope {_show(missing[0])}{others} has no keys; create them with create_keys()"
+            )
+        return owners
 
     async def _check_plans(self, tx: Connection, plans: dict[str, _RewrapPlan]) -> None:
         versions = await repo.key_versions_of_roots(
@@ -1332,9 +1321,10 @@ class KMS:
         to_time = self._db.to_datetime
         async with self._db.read() as conn:
             root_key_id, root_created = await repo.require_root_key(conn, q, scope_id)
-            root_rows = await repo.root_key_versions(conn, q, root_key_id)
             data_rows = await repo.data_keys(conn, q, root_key_id)
-            version_rows = await repo.data_key_versions(conn, q, root_key_id)
+            root_rows, version_rows = (await repo.key_versions_of_roots(conn, q, [root_key_id]))[
+                root_key_id
+            ]
         keys = [
             Key(
                 id=root_key_id,

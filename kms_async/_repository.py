@@ -23,7 +23,6 @@ __all__ = [
     "announce",
     "bump_collection_version",
     "collection_version",
-    "data_key_versions",
     "data_keys",
     "data_keys_of_roots",
     "insert_data_keys",
@@ -173,13 +172,6 @@ async def data_keys(conn: Connection, q: Queries, root_key_id: str) -> list[tupl
     return [(r[0], r[1], r[2]) for r in await conn.fetch(q.data_keys, root_key_id)]
 
 
-async def data_key_versions(
-    conn: Connection, q: Queries, root_key_id: str
-) -> list[DataKeyVersionRow]:
-    rows = await conn.fetch(q.data_key_versions_of_root, root_key_id)
-    return [DataKeyVersionRow(r[0], r[1], r[2], int(r[3]), bytes(r[4]), r[5]) for r in rows]
-
-
 async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str) -> PurposeRows:
     """The purpose's data key versions and the root versions wrapping them.
 
@@ -274,8 +266,8 @@ async def root_keys_of_scopes(
 async def key_versions_of_roots(
     conn: Connection, q: Queries, root_key_ids: Sequence[str]
 ) -> dict[str, tuple[list[RootKeyVersionRow], list[DataKeyVersionRow]]]:
-    """root key id -> (its root key versions, its data key versions), as
-    :func:`root_key_versions` and :func:`data_key_versions` give them."""
+    """root key id -> (its root key versions by version, its data key
+    versions by data key and version)."""
     found: dict[str, tuple[list[RootKeyVersionRow], list[DataKeyVersionRow]]] = {
         root_key_id: ([], []) for root_key_id in root_key_ids
     }

@@ -199,13 +199,6 @@ class Queries:
         self.data_keys = (
             f"select private_id, purpose, create_time from {p}_data_key where root_key_id = $1"
         )
-        self.data_key_versions_of_root = (
-            "select v.private_id, v.data_key_id, v.root_key_version_id, v.version, v.key,"
-            f" v.create_time from {p}_data_key_version v"
-            f" join {p}_data_key k on k.private_id = v.data_key_id"
-            " where k.root_key_id = $1 order by v.data_key_id, v.version"
-        )
-
         # One round trip for a cold (scope, purpose): the purpose's data key
         # versions and only the root key versions that wrap them. The keys
         # are found by scalar subqueries, so both halves reach the version

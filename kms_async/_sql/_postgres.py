@@ -156,7 +156,7 @@ class PostgresQueries(Queries):
                 " select * from unnest($1::text[], $2::text[], $3::text[], $4::bytea[])"
             ),
         }
-        # In these two the data key ids come from an array subquery (an InitPlan), so the
+        # The data key ids come from an array subquery (an InitPlan), so the
         # versions are read through the (data_key_id, version) index whatever
         # the planner's statistics; a join chose a hash join over the whole
         # version table on a freshly loaded database (30 ms for one root key
@@ -167,13 +167,6 @@ class PostgresQueries(Queries):
             f" v.create_time from {p}_data_key_version v"
             f" where v.data_key_id = any(array(select private_id from {p}_data_key"
             "  where root_key_id = any($1::text[])))"
-            " order by v.data_key_id, v.version"
-        )
-        self.data_key_versions_of_root = (
-            "select v.private_id, v.data_key_id, v.root_key_version_id, v.version, v.key,"
-            f" v.create_time from {p}_data_key_version v"
-            f" where v.data_key_id = any(array(select private_id from {p}_data_key"
-            "  where root_key_id = $1))"
             " order by v.data_key_id, v.version"
         )
         self.version_ids_of_pairs = (

@@ -8,6 +8,7 @@ postgres cases skip locally; under CI (``CI`` set) they fail instead.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import secrets
@@ -23,6 +24,46 @@ import kms_async
 
 POSTGRES_DSN = os.environ.get("KMS_TEST_POSTGRES_DSN")
 PURPOSES = ["database", "oidc"]
+
+
+class CountingWrapper:
+    """A root wrapper that counts its decrypt calls (the expensive, remote ones)."""
+
+    def __init__(self, inner: kms_async.AeadWrapper) -> None:
+        self.inner = inner
+        self.decrypts = 0
+
+    @property
+    def key_id(self) -> str:
+        return self.inner.key_id
+
+    async def encrypt(self, plaintext: bytes, *, aad: bytes | None = None) -> kms_async.BlobInfo:
+        return await self.inner.encrypt(plaintext, aad=aad)
+
+    async def decrypt(self, blob: kms_async.BlobInfo, *, aad: bytes | None = None) -> bytes:
+        self.decrypts += 1
+        return await self.inner.decrypt(blob, aad=aad)
+
+
+class GatedWrapper(CountingWrapper):
+    """A root wrapper whose decrypt waits until the test opens the gate.
+
+    It stands for a slow root key service: a cold load that needs it stays in
+    flight for as long as the test wants. With ``fail`` it then raises.
+    """
+
+    def __init__(self, inner: kms_async.AeadWrapper, *, fail: bool = False) -> None:
+        super().__init__(inner)
+        self.fail = fail
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def decrypt(self, blob: kms_async.BlobInfo, *, aad: bytes | None = None) -> bytes:
+        self.entered.set()
+        await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("the root key service is down")
+        return await super().decrypt(blob, aad=aad)
 
 
 def _with_search_path(dsn: str, schema: str) -> str:

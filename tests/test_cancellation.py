@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Gener
 from typing import Any
 
 import pytest
+from conftest import GatedWrapper
 
 from kms_async import (
     KMS,
@@ -570,30 +571,6 @@ async def test_a_cancelled_writer_lets_the_next_write_through(
 
 
 # -- waiters on a cold load -----------------------------------------------------
-
-
-class GatedWrapper:
-    """A root wrapper whose decrypt waits for the test to open the gate."""
-
-    def __init__(self, inner: AeadWrapper, *, fail: bool = False) -> None:
-        self.inner = inner
-        self.fail = fail
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    @property
-    def key_id(self) -> str:
-        return self.inner.key_id
-
-    async def encrypt(self, plaintext: bytes, *, aad: bytes | None = None) -> BlobInfo:
-        return await self.inner.encrypt(plaintext, aad=aad)
-
-    async def decrypt(self, blob: BlobInfo, *, aad: bytes | None = None) -> bytes:
-        self.entered.set()
-        await self.gate.wait()
-        if self.fail:
-            raise RuntimeError("the root key service is down")
-        return await self.inner.decrypt(blob, aad=aad)
 
 
 async def wait_until(condition: Callable[[], bool], *, limit: float = 5.0) -> None:

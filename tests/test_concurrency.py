@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest import CountingWrapper, GatedWrapper
 
 from kms_async import KMS, AeadWrapper, BlobInfo, KeyExistsError
 
@@ -45,43 +46,6 @@ async def wait_until(condition: Callable[[], bool], *, limit: float = 5.0) -> No
         if loop.time() > deadline:
             raise AssertionError("condition not reached within the polling limit")
         await asyncio.sleep(0.01)
-
-
-class CountingWrapper:
-    """A root wrapper that counts its decrypt calls (the expensive, remote ones)."""
-
-    def __init__(self, inner: AeadWrapper) -> None:
-        self.inner = inner
-        self.decrypts = 0
-
-    @property
-    def key_id(self) -> str:
-        return self.inner.key_id
-
-    async def encrypt(self, plaintext: bytes, *, aad: bytes | None = None) -> BlobInfo:
-        return await self.inner.encrypt(plaintext, aad=aad)
-
-    async def decrypt(self, blob: BlobInfo, *, aad: bytes | None = None) -> bytes:
-        self.decrypts += 1
-        return await self.inner.decrypt(blob, aad=aad)
-
-
-class GatedWrapper(CountingWrapper):
-    """A root wrapper whose decrypt waits until the test opens the gate.
-
-    It stands for a slow root key service: a cold load that needs it stays
-    in flight for as long as the test wants.
-    """
-
-    def __init__(self, inner: AeadWrapper) -> None:
-        super().__init__(inner)
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def decrypt(self, blob: BlobInfo, *, aad: bytes | None = None) -> bytes:
-        self.entered.set()
-        await self.gate.wait()
-        return await super().decrypt(blob, aad=aad)
 
 
 def count_loads(kms: KMS) -> list[tuple[str, str]]:

@@ -35,6 +35,7 @@ from typing import Any
 import aiosqlite
 import asyncpg
 import pytest
+from conftest import CountingWrapper
 
 from kms_async import KMS, AeadWrapper, BlobInfo
 
@@ -96,25 +97,6 @@ async def hot(call: Coroutine[Any, Any, Any], suspensions: list[int]) -> Any:
         return await _counting(call, suspensions)
     finally:
         IN_HOT_PATH.reset(token)
-
-
-class CountingWrapper:
-    """The root wrapper, counting decrypt calls."""
-
-    def __init__(self, inner: AeadWrapper) -> None:
-        self.inner = inner
-        self.decrypts = 0
-
-    @property
-    def key_id(self) -> str:
-        return self.inner.key_id
-
-    async def encrypt(self, plaintext: bytes, *, aad: bytes | None = None) -> BlobInfo:
-        return await self.inner.encrypt(plaintext, aad=aad)
-
-    async def decrypt(self, blob: BlobInfo, *, aad: bytes | None = None) -> bytes:
-        self.decrypts += 1
-        return await self.inner.decrypt(blob, aad=aad)
 
 
 @pytest.fixture

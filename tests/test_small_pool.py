@@ -15,34 +15,13 @@ from typing import Any
 
 import aiosqlite
 import asyncpg
-from conftest import PURPOSES, TestDB
+from conftest import PURPOSES, GatedWrapper, TestDB
 
 import kms_async
-from kms_async import KMS, AeadWrapper, BlobInfo
+from kms_async import KMS, AeadWrapper
 
 # A guard against a hang, not a timing assertion: the work takes well under a second.
 DEADLOCK_GUARD = 60
-
-
-class ParkedWrapper:
-    """Delegates to an AeadWrapper; decrypt waits until released."""
-
-    def __init__(self, inner: AeadWrapper) -> None:
-        self.inner = inner
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-    @property
-    def key_id(self) -> str:
-        return self.inner.key_id
-
-    async def encrypt(self, plaintext: bytes, *, aad: bytes | None = None) -> BlobInfo:
-        return await self.inner.encrypt(plaintext, aad=aad)
-
-    async def decrypt(self, blob: BlobInfo, *, aad: bytes | None = None) -> bytes:
-        self.entered.set()
-        await self.release.wait()
-        return await self.inner.decrypt(blob, aad=aad)
 
 
 async def small_db(db: TestDB, size: int) -> Any:
@@ -59,7 +38,7 @@ async def test_no_connection_is_held_while_the_root_wrapper_answers(
     async with await KMS.open(db.dsn, purposes=PURPOSES, root_wrapper=root_wrapper) as setup:
         await setup.create_keys_many(["cold", "other"])
     handle = await small_db(db, 1)
-    parked = ParkedWrapper(root_wrapper)
+    parked = GatedWrapper(root_wrapper)
     try:
         async with await KMS.open(
             handle, purposes=PURPOSES, root_wrapper=parked, max_staleness=None
@@ -70,11 +49,11 @@ async def test_no_connection_is_held_while_the_root_wrapper_answers(
             keys = await asyncio.wait_for(kms.list_keys("other"), DEADLOCK_GUARD)
             assert [k.purpose for k in keys] == ["rootKey", *PURPOSES]
             await asyncio.wait_for(kms.rotate_keys("other"), DEADLOCK_GUARD)
-            parked.release.set()
+            parked.gate.set()
             ciphertext = await asyncio.wait_for(load, DEADLOCK_GUARD)
             assert await kms.decrypt("cold", "database", ciphertext) == b"x"
     finally:
-        parked.release.set()
+        parked.gate.set()
         await handle.close()
 
 

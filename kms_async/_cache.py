@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import encode_suffix
 
-__all__ = ["KeyCache", "PurposeKeys", "VersionKey"]
+__all__ = ["CacheKey", "KeyCache", "PurposeKeys", "VersionKey"]
 
 CacheKey = tuple[str, str]
 
@@ -93,6 +93,9 @@ class KeyCache:
         self.max_roots = min(max_entries, _MAX_ROOTS)
         self.purposes = purposes
         self.entries: dict[CacheKey, PurposeKeys] = {}
+        #: Entries whose freshness could not be confirmed in time: usable to
+        #: decrypt while the database is away, never to encrypt.
+        self.demoted: dict[CacheKey, PurposeKeys] = {}
         self.roots: collections.OrderedDict[str, VersionKey] = collections.OrderedDict()
         self._generation: dict[str, int] = {}
         self._epoch = 0
@@ -127,10 +130,22 @@ class KeyCache:
         self.mark_stale((scope_id,))
         for purpose in self.purposes:
             self.entries.pop((scope_id, purpose), None)
+            self.demoted.pop((scope_id, purpose), None)
+
+    def demote_all(self) -> None:
+        """Move every entry out of the hot path's reach (see ``demoted``)."""
+        self.demoted.update(self.entries)
+        # Cleared in place: the hot path holds a reference to this dict.
+        self.entries.clear()
+        self._epoch += 1
+
+    def forget_demoted(self) -> None:
+        self.demoted.clear()
 
     def clear(self) -> None:
         """Drop everything, including unwrapped root keys."""
         self.entries.clear()
+        self.demoted.clear()
         self.roots.clear()
         self._generation.clear()
         self._epoch += 1
@@ -184,7 +199,8 @@ class KeyCache:
 
             async def run() -> PurposeKeys:
                 keys = await loader()
-                self.put(key, keys, token)
+                if self.put(key, keys, token):
+                    self.demoted.pop(key, None)
                 return keys
 
             task = asyncio.ensure_future(run())

@@ -217,8 +217,10 @@ async def _run(dsn: str, out: Callable[[str], None]) -> None:
         # A real deployment never makes its root key here: it loads it from a
         # key service (cloud KMS, Vault, HSM) or from the environment.
         root_wrapper = AeadWrapper(os.urandom(32), key_id="demo-root")
+        # One process: no other instance can still be encrypting under a
+        # version this one superseded, so it may be revoked at once.
         async with await KMS.open(
-            dsn, purposes=["database", "oidc"], root_wrapper=root_wrapper
+            dsn, purposes=["database", "oidc"], root_wrapper=root_wrapper, revoke_grace=0
         ) as kms:
             out(f"3. opened the KMS ({kms.dialect}) with purposes {', '.join(kms.purposes)}")
             out("   root wrapper: AES-256-GCM over 32 random bytes made for this run;")

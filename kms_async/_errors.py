@@ -9,13 +9,16 @@ the layer that called them, with the original kept as ``__cause__``::
     ├── KeyNotFoundError (LookupError)       no such scope, purpose or version
     ├── KeyExistsError                       create_keys for a scope that already has keys
     ├── KeyInUseError                        revoke refused; something still uses the version
+    │   └── RevokeTooSoonError               superseded too recently; other instances may use it
     ├── DecryptionError                      bad tag, bad format, wrong AAD or wrong key
     │   └── UnknownKeyVersionError           ciphertext names a version this scope and purpose lack
     ├── WrapperError                         a wrapper (root key service, HSM) failed
     ├── SchemaVersionError                   database schema missing or at another version
     ├── StorageError                         the database failed
-    │   └── TransientStorageError            lost connection, lock timeout, serialization failure
-    └── ClosedError                          the KMS was used after aclose()
+    │   ├── TransientStorageError            lost connection, lock timeout, serialization failure
+    │   └── OutcomeUnknownError              the connection died during COMMIT; check, then retry
+    ├── ClosedError                          the KMS was used after aclose()
+    └── ForeignContextError                  used in a forked child or from another event loop
 
 ``retryable`` is true on the errors that are worth retrying unchanged: the
 operation left nothing behind, and the same call may succeed on a second try.
@@ -28,11 +31,14 @@ from __future__ import annotations
 __all__ = [
     "ClosedError",
     "DecryptionError",
+    "ForeignContextError",
     "InvalidParameterError",
     "KMSError",
     "KeyExistsError",
     "KeyInUseError",
     "KeyNotFoundError",
+    "OutcomeUnknownError",
+    "RevokeTooSoonError",
     "SchemaVersionError",
     "StorageError",
     "TransientStorageError",
@@ -61,6 +67,19 @@ class KeyExistsError(KMSError):
 
 class KeyInUseError(KMSError):
     """A key version cannot be revoked because something still depends on it."""
+
+
+class RevokeTooSoonError(KeyInUseError):
+    """The version was superseded too recently to be revoked safely.
+
+    Other instances may still be encrypting under it until their caches
+    catch up; ``retry_after`` is how many seconds remain (by the database
+    clock) until it becomes revocable.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class DecryptionError(KMSError):
@@ -109,5 +128,21 @@ class TransientStorageError(StorageError):
     retryable = True
 
 
+class OutcomeUnknownError(StorageError):
+    """The connection was lost while the database committed a write.
+
+    The write may or may not have been applied. It is not retryable as it
+    stands: look first (for example with ``list_keys``), then decide.
+    """
+
+
 class ClosedError(KMSError):
     """The KMS was used after ``aclose()``."""
+
+
+class ForeignContextError(KMSError):
+    """The KMS was used in a forked child process or from another event loop.
+
+    Its connections belong to the process and the event loop that opened it;
+    open a new KMS in each worker process, after the fork, on its own loop.
+    """

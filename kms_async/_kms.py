@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import re
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -37,17 +37,20 @@ from ._cache import KeyCache, PurposeKeys, VersionKey
 from ._errors import (
     ClosedError,
     DecryptionError,
+    ForeignContextError,
     InvalidParameterError,
     KeyExistsError,
     KeyInUseError,
     KeyNotFoundError,
     KMSError,
+    RevokeTooSoonError,
     SchemaVersionError,
     StorageError,
     TransientStorageError,
     UnknownKeyVersionError,
     WrapperError,
 )
+from ._freshness import Freshness
 from ._ids import (
     DATA_KEY_PREFIX,
     DATA_KEY_VERSION_PREFIX,
@@ -57,7 +60,7 @@ from ._ids import (
 )
 from ._migrations import SCHEMA_VERSION
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
-from ._sql import Connection, Database, IntegrityError, open_database
+from ._sql import DEFAULT_POOL_TIMEOUT, Connection, Database, IntegrityError, open_database
 from ._types import ROOT_PURPOSE, Key, KeyVersion
 from ._wrappers import KEY_SIZE, AeadWrapper, PooledWrapper, Wrapper
 
@@ -79,6 +82,21 @@ _PRIME_LIMIT = 100
 _RELOAD_SPACING = 0.2
 
 _VERSION_ID = re.compile(r"kdkv_[A-Za-z0-9]{10}")
+
+#: Default seconds a superseded version must wait before it can be revoked.
+DEFAULT_REVOKE_GRACE = 60.0
+
+#: Open instances, so a forked child can make the ones it inherited unusable.
+_instances: weakref.WeakSet[KMS] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for kms in list(_instances):
+        kms._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _seal_envelope(
@@ -208,6 +226,9 @@ class KMS:
         max_staleness: float | None,
     ) -> None:
         self._closed = False
+        # Connections belong to the process and the event loop that opened them.
+        self._pid = os.getpid()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._db = database
         self._q = database.queries
         self._purposes = purposes
@@ -217,13 +238,12 @@ class KMS:
         self._cache = KeyCache(cache_size, purposes)
         # The hot path reads the LRU directly.
         self._entries = self._cache.entries
-        self._max_staleness = max_staleness
         self._offload_threshold = sys.maxsize
-        self._seen_version: int | None = None
-        self._marker: object = None
+        self._revoke_grace = DEFAULT_REVOKE_GRACE
+        self._freshness = Freshness(database, self._cache, self._purpose_keys_reload, max_staleness)
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._changes: asyncio.Queue[frozenset[str] | None] = asyncio.Queue()
+        _instances.add(self)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -239,6 +259,8 @@ class KMS:
         max_staleness: float | None = 1.0,
         notifications: bool | None = None,
         offload_threshold: int | None = 4 * 1024 * 1024,
+        revoke_grace: float = DEFAULT_REVOKE_GRACE,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -253,8 +275,11 @@ class KMS:
             table_prefix: the tables' name prefix.
             cache_size: how many (scope, purpose) pairs keep unwrapped keys.
             max_staleness: seconds within which key changes made by other
-                processes reach this instance's cache; ``None`` turns the
-                background check off (a single process, or tests).
+                processes reach this instance's cache. If no check succeeds
+                for four times as long (the database is away), cached keys
+                stop being used to encrypt until the database answers.
+                ``None`` turns the background check off: only for a single
+                instance, since then other instances' changes never arrive.
             notifications: on PostgreSQL, LISTEN for other instances' key
                 changes, which reach the cache within milliseconds. The
                 default turns it on when ``db`` is a DSN (a dedicated
@@ -264,6 +289,14 @@ class KMS:
             offload_threshold: payloads of at least this many bytes are
                 encrypted and decrypted in a worker thread so the event loop
                 keeps serving other tasks; ``None`` keeps all work inline.
+            revoke_grace: seconds a version must have been superseded (by
+                the database clock) before this instance revokes it, so that
+                no instance can still be encrypting under it. It must exceed
+                four times the largest ``max_staleness`` in the fleet.
+            pool_timeout: on PostgreSQL, seconds to wait for a free pool
+                connection before raising TransientStorageError (a shared
+                pool exhausted by requests that each wait for the KMS would
+                otherwise wait forever).
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -295,7 +328,11 @@ class KMS:
             raise InvalidParameterError(
                 "max_staleness must be a positive number of seconds or None"
             )
-        database = await open_database(db, prefix=table_prefix)
+        if not isinstance(revoke_grace, (int, float)) or not 0 <= revoke_grace < 10**9:
+            raise InvalidParameterError("revoke_grace must be a number of seconds, 0 or more")
+        if not isinstance(pool_timeout, (int, float)) or not 0 < pool_timeout < 10**9:
+            raise InvalidParameterError("pool_timeout must be a positive number of seconds")
+        database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
         try:
             kms = cls(
                 database,
@@ -306,26 +343,33 @@ class KMS:
             )
             if offload_threshold is not None:
                 kms._offload_threshold = offload_threshold
+            kms._revoke_grace = float(revoke_grace)
+            kms._loop = asyncio.get_running_loop()
             await kms.validate_schema()
             async with database.read() as conn:
-                kms._seen_version = await repo.collection_version(conn, kms._q)
                 if kms._q.notify is not None:
                     oid = await conn.fetchval(
                         kms._q.collection_version_oid, f"{kms._q.prefix}_collection_version"
                     )
                     kms._q.notify_channel = f"{kms._q.prefix}_key_change_{oid}"
-            kms._marker = await database.change_marker()
+            await kms._freshness.start()
+            listen = kms._q.notify is not None and (
+                notifications or (notifications is None and isinstance(db, str))
+            )
+            if listen and max_staleness is not None and not database.can_listen():
+                raise InvalidParameterError(
+                    "notifications=True would hold the only connection of your pool; "
+                    "give the pool max_size=2 or more, or leave notifications off"
+                )
         except BaseException:
             await database.aclose()
             raise
         if max_staleness is not None:
             loop = asyncio.get_running_loop()
-            kms._watcher = loop.create_task(kms._watch())
-            if kms._q.notify is not None and (
-                notifications or (notifications is None and isinstance(db, str))
-            ):
+            kms._watcher = loop.create_task(kms._freshness.watch(lambda: kms._closed))
+            if listen:
                 kms._listener = loop.create_task(
-                    database.listen_forever(kms._q.notify_channel, kms._on_notification)
+                    database.listen_forever(kms._q.notify_channel, kms._freshness.on_notification)
                 )
         logger.debug("kms_async: opened %s database, purposes %s", database.dialect, checked)
         return kms
@@ -349,6 +393,11 @@ class KMS:
         self._cache.clear()
         # Registered wrappers may hold root key material too.
         self._wrappers.clear()
+        self._freshness.stop()
+        if os.getpid() != self._pid:
+            # A forked child: the connections are the parent's; closing them
+            # here would break them there. Drop them without any I/O.
+            return
         try:
             tasks = [t for t in (self._watcher, self._listener) if t is not None]
             for task in tasks:
@@ -366,6 +415,26 @@ class KMS:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("this KMS was closed; open a new one with KMS.open()")
+        if os.getpid() != self._pid:
+            raise ForeignContextError(
+                f"this KMS was opened in process {self._pid} and cannot be used after a fork; "
+                "open a new KMS in each worker process, after the fork"
+            )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and self._loop is not None and loop is not self._loop:
+            raise ForeignContextError(
+                "this KMS was opened on another event loop; its connections work only "
+                "there: open a KMS on each event loop that needs one"
+            )
+
+    def _after_fork_in_child(self) -> None:
+        # Keys and connections stay with the parent. Emptying the cache sends
+        # the hot path to the slow path, which raises ForeignContextError.
+        self._cache.clear()
+        self._freshness.stop()
 
     @property
     def dialect(self) -> str:
@@ -560,7 +629,7 @@ class KMS:
         except TypeError:
             raise InvalidParameterError("scope id and purpose must be strings") from None
         if keys is None:
-            keys = await self._purpose_keys(scope_id, purpose)
+            keys = await self._keys_to_decrypt(scope_id, purpose)
         if type(ciphertext) is bytes and len(ciphertext) > _SUFFIX_SIZE + 2:
             # Fast path: an envelope this library wrote ends with key_info
             # naming one of the cached versions; the rest is field 1.
@@ -633,6 +702,17 @@ class KMS:
         _check_scope(scope_id)
         self._check_data_purpose(purpose)
         return await self._purpose_keys_reload(scope_id, purpose)
+
+    async def _keys_to_decrypt(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """Cache miss on decrypt: load, or while the database is away, use a
+        pair that was demoted for lack of confirmation (never for encrypting)."""
+        try:
+            return await self._purpose_keys(scope_id, purpose)
+        except TransientStorageError:
+            demoted = self._cache.demoted.get((scope_id, purpose))
+            if demoted is None:
+                raise
+            return demoted
 
     def _check_data_purpose(self, purpose: object) -> str:
         self._check_known_purpose(purpose)
@@ -1154,16 +1234,20 @@ class KMS:
     ) -> None:
         """Delete one root or data key version for good.
 
-        Refused (nothing is deleted) for the newest version of a key, for a
-        root key version that data key versions still point at (run
-        :meth:`rewrap_keys` first), and for a data key version that
-        application rows still reference through a restrict foreign key
-        (re-encrypt them first). With ``scope_id`` the version must belong to
-        that scope.
+        Refused (nothing is deleted) for the newest version of a key; for a
+        version superseded less than ``revoke_grace`` seconds ago (by the
+        database clock), since other instances may still encrypt under it;
+        for a root key version that data key versions still point at (run
+        :meth:`rewrap_keys` first); and for a data key version that
+        application rows still reference through any foreign key, including
+        cascading and nulling ones (re-encrypt them first). With
+        ``scope_id`` the version must belong to that scope.
 
         Raises:
             InvalidParameterError: not a key version id.
             KeyNotFoundError: no such version (in that scope).
+            RevokeTooSoonError: superseded too recently; ``retry_after`` says
+                how many seconds remain.
             KeyInUseError: the version is still needed.
         """
         self._check_open()
@@ -1180,50 +1264,83 @@ class KMS:
             )
         q = self._q
         owners: list[str] = []
-        async with self._invalidating(owners), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, q)
-            if is_root:
-                row = await tx.fetchrow(q.root_key_version_for_revoke, key_version_id)
-            else:
-                row = await tx.fetchrow(q.data_key_version_for_revoke, key_version_id)
-            if row is None or (scope_id is not None and row[0] != scope_id):
-                where = "" if scope_id is None else f" in scope {_show(scope_id)}"
-                raise KeyNotFoundError(f"no key version {_show(key_version_id)}{where}")
-            owner = row[0]
-            owners.append(owner)
-            if is_root:
-                _, newest, referencing = row
+        try:
+            async with self._invalidating(owners), self._db.transaction(conn) as tx:
+                changed = await repo.bump_collection_version(tx, q)
+                if is_root:
+                    row = await tx.fetchrow(q.root_key_version_for_revoke, key_version_id)
+                else:
+                    row = await tx.fetchrow(q.data_key_version_for_revoke, key_version_id)
+                if row is None or (scope_id is not None and row[0] != scope_id):
+                    where = "" if scope_id is None else f" in scope {_show(scope_id)}"
+                    raise KeyNotFoundError(f"no key version {_show(key_version_id)}{where}")
+                owner, newest, superseded_for, detail = row
+                owners.append(owner)
+                kind = "root" if is_root else repr(detail)
                 if newest:
                     raise KeyInUseError(
-                        f"{key_version_id} is the newest root key version of scope "
+                        f"{key_version_id} is the newest {kind} key version of scope "
                         f"{_show(owner)}; rotate_keys() first"
                     )
-                if referencing:
-                    raise KeyInUseError(
-                        f"{key_version_id} still wraps {referencing} data key version(s); run "
-                        f"rewrap_keys({_show(owner)}) so they move to the newest root key version"
-                    )
-                await tx.execute(q.delete_root_key_version, key_version_id)
-            else:
-                _, purpose, newest = row
-                if newest:
-                    raise KeyInUseError(
-                        f"{key_version_id} is the newest {purpose!r} key version of scope "
-                        f"{_show(owner)}; rotate_keys() first"
-                    )
-                try:
+                self._check_grace(key_version_id, float(superseded_for))
+                if is_root:
+                    if detail:
+                        raise KeyInUseError(
+                            f"{key_version_id} still wraps {detail} data key version(s); run "
+                            f"rewrap_keys({_show(owner)}) so they move to the newest root key "
+                            "version"
+                        )
+                    await tx.execute(q.delete_root_key_version, key_version_id)
+                else:
+                    await self._refuse_if_referenced(tx, key_version_id)
                     await tx.execute(q.delete_data_key_version, key_version_id)
-                except IntegrityError as exc:
-                    if exc.kind != "foreign_key":
-                        raise
-                    raise KeyInUseError(
-                        f"{key_version_id} still protects application rows ({exc.detail}); "
-                        "re-encrypt them under the newest version before revoking it"
-                    ) from exc
-            await repo.announce(tx, q, changed, [owner])
+                await repo.announce(tx, q, changed, [owner])
+        except IntegrityError as exc:
+            # A row that appeared since the check, under a restrict foreign
+            # key, or under a deferred one (which fails at commit).
+            if exc.kind != "foreign_key":
+                raise
+            raise KeyInUseError(
+                f"{key_version_id} still protects application rows ({exc.detail}); "
+                "re-encrypt them under the newest version before revoking it"
+            ) from exc
         if is_root:
             self._cache.roots.pop(key_version_id, None)
         logger.debug("kms_async: revoked key version %s of scope %s", key_version_id, owner)
+
+    def _check_grace(self, key_version_id: str, superseded_for: float) -> None:
+        """Refuse to revoke what other instances may still be encrypting under."""
+        remaining = self._revoke_grace - superseded_for
+        if self._revoke_grace > 0 and remaining > 0:
+            raise RevokeTooSoonError(
+                f"{key_version_id} was superseded {max(superseded_for, 0.0):.1f} s ago; other "
+                "instances may still encrypt under it until it has been superseded for "
+                f"{self._revoke_grace:g} s (revoke_grace): retry in {remaining:.1f} s",
+                retry_after=remaining,
+            )
+
+    async def _refuse_if_referenced(self, tx: Connection, key_version_id: str) -> None:
+        """KeyInUseError if application rows use the version, whatever their foreign key does.
+
+        A cascading or nulling foreign key would otherwise delete or blank
+        the application's rows along with the key; a deferred one would fail
+        only at commit.
+        """
+        found = await repo.version_referencers(tx, self._q, key_version_id)
+        if not found:
+            return
+        effects = {"CASCADE": "delete", "SET NULL": "null", "SET DEFAULT": "reset"}
+        table, action = found[0]
+        effect = effects.get(action)
+        what = (
+            f"revoking it would {effect} rows of {table} (ON DELETE {action})"
+            if effect
+            else f"rows of {table} still use it"
+        )
+        raise KeyInUseError(
+            f"{key_version_id} still protects application rows: {what}; re-encrypt them under "
+            "the newest version (reencrypt_key_version) before revoking it"
+        )
 
     async def reconcile_keys(
         self, scope_ids: Iterable[str], purposes: Iterable[str] | None = None
@@ -1361,114 +1478,21 @@ class KMS:
         async with self._db.read() as conn:
             return await repo.referencing_tables(conn, self._q)
 
-    # -- keeping the cache fresh ------------------------------------------
-
-    def _on_notification(self, payload: str | None) -> None:
-        """A key change announced by some instance (or a listener reconnect)."""
-        scopes: frozenset[str] | None = None
-        if payload is not None:
-            try:
-                message = json.loads(payload)
-                version = int(message["v"])
-                if message["s"] is not None:
-                    scopes = frozenset(str(s) for s in message["s"])
-            except (ValueError, KeyError, TypeError):
-                version = -1
-            if self._seen_version is not None and version <= self._seen_version:
-                return  # already picked up by a check
-            if scopes is not None and version == (self._seen_version or 0) + 1:
-                # The next change in sequence: only these scopes need reloading.
-                self._seen_version = version
-                self._cache.mark_stale(scopes)
-                self._changes.put_nowait(scopes)
-                return
-        # A reconnect, a gap (e.g. a write by the Go package, which does not
-        # notify) or a change too large to list: compare everything cached.
-        self._changes.put_nowait(None)
-
-    async def _watch(self) -> None:
-        """Pick up other processes' key changes within ``max_staleness``.
-
-        Notifications are handled as they arrive; the periodic check runs on
-        a clock, so a steady stream of notifications cannot starve it.
-        """
-        assert self._max_staleness is not None
-        loop = asyncio.get_running_loop()
-        interval = self._max_staleness / 2
-        next_check = loop.time() + interval
-        while not self._closed:
-            # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a
-            # cancellation that lands as an item arrives, and aclose() would hang.
-            getter = asyncio.ensure_future(self._changes.get())
-            try:
-                done, _ = await asyncio.wait({getter}, timeout=max(0.0, next_check - loop.time()))
-            finally:
-                getter.cancel()
-            item = getter.result() if getter in done else None
-            try:
-                if item is not None:
-                    await self._reload_pairs(
-                        [pair for scope in item for pair in self._cache.cached_pairs(scope)]
-                    )
-                if loop.time() >= next_check:
-                    try:
-                        await self.refresh()
-                    finally:
-                        # Counted from the end of the check, so a slow check
-                        # is followed by a pause, not by another check.
-                        next_check = loop.time() + interval
-            except KMSError as exc:
-                if self._closed:
-                    return
-                # Keep serving cached keys while the database is away.
-                logger.warning("kms_async: checking for key changes failed: %s", exc)
+    # -- keeping the cache fresh (logic in _freshness) ----------------------
 
     async def refresh(self) -> None:
         """Check now for key changes made elsewhere and reload what changed.
 
         The background check calls this every ``max_staleness / 2`` seconds
-        (and PostgreSQL notifications trigger targeted reloads sooner);
-        cached keys keep serving while changed pairs reload.
+        (and PostgreSQL notifications trigger targeted checks sooner); cached
+        keys keep serving while changed pairs reload.
+
+        Raises:
+            StorageError: the database could not be read; nothing was
+                marked as seen, so the next check compares again.
         """
         self._check_open()
-        marker = await self._db.change_marker()
-        if marker is not None and marker == self._marker:
-            return
-        self._marker = marker
-        async with self._db.read() as conn:
-            version = await repo.collection_version(conn, self._q)
-        if version == self._seen_version:
-            return
-        self._seen_version = version
-        # Loads in flight may have read the rows before the change.
-        self._cache.mark_stale(None)
-        pairs = list(self._entries)
-        if not pairs:
-            return
-        async with self._db.read() as conn:
-            current = await repo.version_ids(conn, self._q, pairs)
-        stale = []
-        for pair in pairs:
-            cached = self._entries.get(pair)
-            if cached is not None and current.get(pair) != cached.ids():
-                stale.append(pair)
-        await self._reload_pairs(stale)
-
-    async def _reload_pairs(self, pairs: list[tuple[str, str]]) -> None:
-        """Reload cached pairs in the background of the hot path, which keeps
-        serving the old keys until the new ones are installed."""
-        for scope_id, purpose in pairs:
-            if (scope_id, purpose) in self._entries:
-                try:
-                    await self._purpose_keys_reload(scope_id, purpose)
-                except KMSError as exc:
-                    # One broken scope must not keep the others stale: drop
-                    # it (its next use reports the error) and go on.
-                    if not isinstance(exc, KeyNotFoundError):
-                        logger.warning(
-                            "kms_async: reloading scope %s failed: %s", _show(scope_id), exc
-                        )
-                    self._cache.invalidate_scope(scope_id)
+        await self._freshness.refresh()
 
     async def _purpose_keys_reload(self, scope_id: str, purpose: str) -> PurposeKeys:
         """Load the pair again (shared with any concurrent load) and cache it."""

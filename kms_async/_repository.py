@@ -32,12 +32,14 @@ __all__ = [
     "latest_root_key_versions",
     "load_purpose",
     "missing_data_keys",
+    "parse_change_notice",
     "referencing_tables",
     "root_key",
     "root_key_versions",
     "root_keys_of_scopes",
     "schema_version",
     "version_ids",
+    "version_referencers",
 ]
 
 #: Scope ids per statement for the batched queries; keeps parameters small.
@@ -147,6 +149,37 @@ async def announce(
     if len(payload.encode()) > _MAX_PAYLOAD:
         payload = json.dumps({"v": version, "s": None})  # too many: check everything
     await conn.execute(q.notify, q.notify_channel, payload)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a collection version")
+
+
+def parse_change_notice(payload: str) -> frozenset[str] | None:
+    """The scopes a notification written by :func:`announce` names (``None``: all).
+
+    Anyone who can connect may notify, so the payload is only a hint and is
+    checked strictly.
+
+    Raises:
+        ValueError: the payload is not one :func:`announce` writes.
+    """
+    if len(payload) > _MAX_PAYLOAD:
+        raise ValueError("notification payload too long")
+    try:
+        message = json.loads(payload, parse_constant=_no_constants)
+    except RecursionError:
+        raise ValueError("notification payload nested too deeply") from None
+    if not isinstance(message, dict) or set(message) != {"v", "s"}:
+        raise ValueError("not a key change notification")
+    version, scopes = message["v"], message["s"]
+    if type(version) is not int or not 0 < version < 2**63:
+        raise ValueError("bad collection version in notification")
+    if scopes is None:
+        return None
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise ValueError("bad scope list in notification")
+    return frozenset(scopes)
 
 
 async def root_key(conn: Connection, q: Queries, scope_id: str) -> tuple[str, Any] | None:
@@ -307,4 +340,15 @@ async def version_ids(
         rows = await conn.fetch(q.version_ids_of_pairs, *q.pairs(batch))
         for scope_id, purpose, version_id in rows:
             found.setdefault((scope_id, purpose), set()).add(version_id)
+    return found
+
+
+async def version_referencers(
+    conn: Connection, q: Queries, version_id: str
+) -> list[tuple[str, str]]:
+    """(table, ON DELETE action) of each foreign key under which rows use ``version_id``."""
+    found = []
+    for table, column, action in await conn.fetch(q.version_foreign_keys, q.data_key_version_table):
+        if await conn.fetchval(q.references_version(table, column), version_id):
+            found.append((str(table), str(action)))
     return found

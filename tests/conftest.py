@@ -159,9 +159,10 @@ def root_wrapper() -> kms_async.AeadWrapper:
 
 @pytest.fixture
 async def kms(db: TestDB, root_wrapper: kms_async.AeadWrapper) -> AsyncIterator[kms_async.KMS]:
-    """A KMS over ``db`` with purposes database and oidc; no background refresh."""
+    """A KMS over ``db`` with purposes database and oidc; no background refresh, and
+    versions revocable as soon as they are superseded (a single instance)."""
     instance = await kms_async.KMS.open(
-        db.dsn, purposes=PURPOSES, root_wrapper=root_wrapper, max_staleness=None
+        db.dsn, purposes=PURPOSES, root_wrapper=root_wrapper, max_staleness=None, revoke_grace=0
     )
     async with instance:
         yield instance
@@ -175,6 +176,7 @@ def open_kms(db: TestDB, root_wrapper: kms_async.AeadWrapper) -> Callable[..., A
         kwargs.setdefault("purposes", PURPOSES)
         kwargs.setdefault("root_wrapper", root_wrapper)
         kwargs.setdefault("max_staleness", None)
+        kwargs.setdefault("revoke_grace", 0)
         return await kms_async.KMS.open(db.dsn, **kwargs)
 
     return opener

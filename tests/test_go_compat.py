@@ -327,7 +327,11 @@ async def test_migrate_records_a_go_schema_without_changing_it(go_db: TestDB) ->
 async def test_every_operation_works_on_a_go_schema(go_db: TestDB) -> None:
     root = AeadWrapper(secrets.token_bytes(32), key_id="root-go")
     async with await KMS.open(
-        go_db.dsn, purposes=["database", "oidc"], root_wrapper=root, max_staleness=None
+        go_db.dsn,
+        purposes=["database", "oidc"],
+        root_wrapper=root,
+        max_staleness=None,
+        revoke_grace=0,
     ) as kms:
         assert await kms.validate_schema() == "v0.0.2"
         await kms.create_keys("org")

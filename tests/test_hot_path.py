@@ -129,6 +129,12 @@ async def traced_kms(
         kwargs.setdefault("max_staleness", None)
         kms = await KMS.open(handle, **kwargs)
         instances.append(kms)
+        if db.dialect == "sqlite":
+            # Given the application's connection, the KMS reads committed
+            # rows through a connection of its own: trace that one too.
+            await kms._db._reader.set_trace_callback(
+                lambda sql: statements.append(Statement(sql, None))
+            )
         traced = Traced(kms, statements, [])
         original = kms._load_purpose
 

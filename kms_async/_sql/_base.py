@@ -147,6 +147,10 @@ class Database(Protocol):
         """
         ...
 
+    def can_listen(self) -> bool:
+        """Whether a listener can hold a connection without starving other work."""
+        ...
+
     async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
         """Call ``on_payload`` with each notification on ``channel``, forever.
 
@@ -253,19 +257,31 @@ class Queries:
             " where private_id = $3 and key = $4"
         )
 
+        # Each returns the scope, whether the version is the newest, and for
+        # how many seconds (by the database clock) a newer one has existed.
         self.root_key_version_for_revoke = (
             "select r.scope_id,"
             f" (select max(x.version) from {p}_root_key_version x"
             "   where x.root_key_id = v.root_key_id) = v.version,"
+            + self.seconds_since(
+                f"(select min(x.create_time) from {p}_root_key_version x"
+                " where x.root_key_id = v.root_key_id and x.version > v.version)"
+            )
+            + ","
             f" (select count(*) from {p}_data_key_version d"
             "   where d.root_key_version_id = v.private_id)"
             f" from {p}_root_key_version v join {p}_root_key r on r.private_id = v.root_key_id"
             " where v.private_id = $1"
         )
         self.data_key_version_for_revoke = (
-            "select r.scope_id, k.purpose,"
+            "select r.scope_id,"
             f" (select max(x.version) from {p}_data_key_version x"
-            "   where x.data_key_id = v.data_key_id) = v.version"
+            "   where x.data_key_id = v.data_key_id) = v.version,"
+            + self.seconds_since(
+                f"(select min(x.create_time) from {p}_data_key_version x"
+                " where x.data_key_id = v.data_key_id and x.version > v.version)"
+            )
+            + ", k.purpose"
             f" from {p}_data_key_version v"
             f" join {p}_data_key k on k.private_id = v.data_key_id"
             f" join {p}_root_key r on r.private_id = k.root_key_id"
@@ -273,6 +289,22 @@ class Queries:
         )
         self.delete_root_key_version = f"delete from {p}_root_key_version where private_id = $1"
         self.delete_data_key_version = f"delete from {p}_data_key_version where private_id = $1"
+
+    def seconds_since(self, timestamp: str) -> str:
+        """SQL for the seconds elapsed since ``timestamp`` by the database clock.
+
+        Never more than the truth: a revoke grace checked against it errs on
+        the safe side.
+        """
+        raise NotImplementedError
+
+    def references_version(self, table: str, column: str) -> str:
+        """SQL telling whether ``table`` has a row whose ``column`` is ``$1``.
+
+        ``table`` and ``column`` come from the database catalog (see
+        ``version_foreign_keys``) and are quoted here.
+        """
+        raise NotImplementedError
 
     def insert_many(self, statement: str) -> str | None:
         """The statement inserting many rows at once with column arrays, if the
@@ -288,6 +320,8 @@ class Queries:
     missing_data_keys: str
     latest_root_key_versions: str
     referencing_tables: str
+    #: (table, column, ON DELETE action) of every foreign key to the data key version id.
+    version_foreign_keys: str
     version_ids_of_pairs: str
 
     def array(self, values: Sequence[Any]) -> Any:

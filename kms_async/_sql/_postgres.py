@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -14,17 +15,21 @@ import asyncpg
 from .._errors import (
     InvalidParameterError,
     KMSError,
+    OutcomeUnknownError,
     SchemaVersionError,
     StorageError,
     TransientStorageError,
 )
-from ._base import IntegrityError, Queries, Row, run_to_completion, savepoint
+from ._base import IntegrityError, Queries, Row, savepoint
 
 __all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
 
 logger = logging.getLogger("kms_async")
 
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "55P03")
+
+#: Seconds to wait for a free pool connection before giving up.
+DEFAULT_POOL_TIMEOUT = 10.0
 
 
 @contextlib.contextmanager
@@ -61,6 +66,57 @@ def translate_errors() -> Iterator[None]:
         raise TransientStorageError(f"database connection failed, retry: {exc}") from exc
     except (OSError, asyncio.TimeoutError) as exc:
         raise TransientStorageError(f"cannot reach the database, retry: {exc}") from exc
+
+
+async def _commit(raw: Any) -> None:
+    """COMMIT; a connection lost before the reply leaves the outcome unknown."""
+    try:
+        await raw.execute("commit")
+    except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
+        raise OutcomeUnknownError(
+            f"the database connection was lost while committing ({exc}); the write may or may "
+            "not have been applied: look (for example with list_keys()) before retrying"
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        if (getattr(exc, "sqlstate", "") or "").startswith("08"):
+            raise OutcomeUnknownError(
+                f"the database connection failed while committing ({exc}); the write may or "
+                "may not have been applied: look (for example with list_keys()) before retrying"
+            ) from exc
+        raise
+
+
+async def _roll_back(raw: Any) -> None:
+    """Roll back after a failure, or drop the connection if that cannot finish.
+
+    Cancelled (a caller's timeout, perhaps on a connection that no longer
+    answers), the connection is terminated at once: the server rolls back
+    when it goes, and the cancellation is never swallowed while waiting for
+    a reply that may not come.
+    """
+    try:
+        if raw.is_closed():
+            return
+    except asyncpg.InterfaceError:
+        return  # lost, and already handed back to the pool
+    if sys.exc_info()[0] is asyncio.CancelledError:
+        _drop(raw)
+        return
+    try:
+        await raw.execute("rollback")
+    except asyncio.CancelledError:
+        _drop(raw)
+        raise
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        _drop(raw)
+
+
+def _drop(raw: Any) -> None:
+    """Close a pool connection at once; the pool makes a new one when needed."""
+    # Terminating a pooled connection also hands it back to the pool, after
+    # which any call on it raises InterfaceError: so does a second drop.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        raw.terminate()
 
 
 async def _reset(conn: Any) -> None:
@@ -134,6 +190,18 @@ class PostgresQueries(Queries):
             " where c.contype = 'f' and c.confrelid = to_regclass($1)"
             " and c.conrelid <> c.confrelid and c.conparentid = 0 order by 1"
         )
+        self.version_foreign_keys = (
+            "select c.conrelid::regclass::text, a.attname,"
+            " case c.confdeltype when 'c' then 'CASCADE' when 'n' then 'SET NULL'"
+            "  when 'd' then 'SET DEFAULT' when 'r' then 'RESTRICT' else 'NO ACTION' end"
+            " from pg_constraint c"
+            " cross join lateral unnest(c.conkey, c.confkey) as k(col, refcol)"
+            " join pg_attribute a on a.attrelid = c.conrelid and a.attnum = k.col"
+            " join pg_attribute t on t.attrelid = c.confrelid and t.attnum = k.refcol"
+            " where c.contype = 'f' and c.confrelid = to_regclass($1)"
+            " and c.conrelid <> c.confrelid and c.conparentid = 0"
+            " and t.attname = 'private_id' order by 1, 2"
+        )
         # One statement for any number of rows: each bound parameter is an
         # array holding a column. Far cheaper per row than executemany, which
         # runs the statement once per row.
@@ -180,6 +248,14 @@ class PostgresQueries(Queries):
     def insert_many(self, statement: str) -> str | None:
         return self._insert_many.get(statement)
 
+    def seconds_since(self, timestamp: str) -> str:
+        return f"extract(epoch from now() - {timestamp})::float8"
+
+    def references_version(self, table: str, column: str) -> str:
+        # regclass::text is already quoted (and schema-qualified) as needed.
+        quoted = '"' + column.replace('"', '""') + '"'
+        return f"select exists (select 1 from {table} where {quoted} = $1)"
+
 
 class PostgresDatabase:
     """Keys in PostgreSQL, through an asyncpg pool."""
@@ -187,31 +263,77 @@ class PostgresDatabase:
     dialect: Literal["postgres"] = "postgres"
 
     def __init__(
-        self, pool: asyncpg.Pool, *, prefix: str, owns_pool: bool, dsn: str | None = None
+        self,
+        pool: asyncpg.Pool,
+        *,
+        prefix: str,
+        owns_pool: bool,
+        dsn: str | None = None,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
     ) -> None:
         self.queries = PostgresQueries(prefix)
         self._pool = pool
         self._owns_pool = owns_pool
         self._dsn = dsn
+        self.pool_timeout = pool_timeout
 
     @classmethod
-    async def connect(cls, dsn: str, *, prefix: str) -> PostgresDatabase:
+    async def connect(
+        cls, dsn: str, *, prefix: str, pool_timeout: float = DEFAULT_POOL_TIMEOUT
+    ) -> PostgresDatabase:
         with translate_errors():
             # The default reset costs a round trip on every release; the KMS
             # changes no session state, so only an open transaction needs undoing.
             # No server_settings of its own: a pooler such as PgBouncer refuses
             # startup parameters it does not know.
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, reset=_reset)
-        return cls(pool, prefix=prefix, owns_pool=True, dsn=dsn)
+        return cls(pool, prefix=prefix, owns_pool=True, dsn=dsn, pool_timeout=pool_timeout)
 
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
+    def can_listen(self) -> bool:
+        """Whether listening leaves the pool a connection for everything else."""
+        return self._dsn is not None or self._pool.get_max_size() >= 2
+
+    async def _acquire(self) -> Any:
+        """A pool connection, or a clear error once ``pool_timeout`` has passed.
+
+        Unbounded, a request that holds one of the caller's connections while
+        the KMS needs another would wait forever when the pool is exhausted.
+        """
+        try:
+            with translate_errors():
+                return await self._pool.acquire(timeout=self.pool_timeout)
+        except TransientStorageError as exc:
+            if isinstance(exc.__cause__, asyncio.TimeoutError):
+                raise TransientStorageError(
+                    f"no pool connection became free within {self.pool_timeout:g} s; if the "
+                    "KMS shares your pool, make the pool larger or open the KMS with a DSN "
+                    "so that it has connections of its own"
+                ) from exc.__cause__
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        raw = await self._acquire()
+        try:
+            yield raw
+        finally:
+            # A connection whose statement was cancelled mid-flight (a caller's
+            # timeout, perhaps a network partition) is dropped, not released
+            # as it is: the pool would wait for the cancellation to be
+            # acknowledged by a server that may no longer answer.
+            if sys.exc_info()[0] is asyncio.CancelledError:
+                _drop(raw)
+            # A no-op for a connection already dropped.
+            await self._pool.release(raw)
+
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[_PgConnection]:
         with translate_errors():
-            async with self._pool.acquire() as conn:
+            async with self._connection() as conn:
                 yield _PgConnection(conn)
 
     @contextlib.asynccontextmanager
@@ -232,20 +354,16 @@ class PostgresDatabase:
                 yield inner
             return
         with translate_errors():
-            async with self._pool.acquire() as raw:
+            async with self._connection() as raw:
                 committed = False
                 try:
                     await raw.execute("begin")
                     yield _PgConnection(raw)
-                    await raw.execute("commit")
+                    await _commit(raw)
                     committed = True
                 finally:
-                    if not committed and not raw.is_closed():
-                        # Also after a cancelled BEGIN, which may have run; and
-                        # to the end even if cancelled again, so the connection
-                        # never goes back to the pool inside a transaction.
-                        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
-                            await run_to_completion(raw.execute("rollback"))
+                    if not committed:
+                        await _roll_back(raw)
 
     async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
         """LISTEN on a connection of its own, reconnecting with backoff when it drops.
@@ -261,7 +379,7 @@ class PostgresDatabase:
                     if self._dsn is not None:
                         conn = await asyncpg.connect(self._dsn)
                     else:
-                        conn = await self._pool.acquire()
+                        conn = await self._pool.acquire(timeout=self.pool_timeout)
             except TransientStorageError as exc:
                 logger.warning("kms_async: cannot listen for key changes (%s); retrying", exc)
                 await asyncio.sleep(backoff)

@@ -126,6 +126,13 @@ class SqliteQueries(Queries):
             " where m.type = 'table' and lower(f.\"table\") = lower($1)"
             " and lower(m.name) <> lower($1) order by 1"
         )
+        self.version_foreign_keys = (
+            'select m.name, f."from", upper(f.on_delete)'
+            " from sqlite_master m, pragma_foreign_key_list(m.name) f"
+            " where m.type = 'table' and lower(f.\"table\") = lower($1)"
+            " and lower(m.name) <> lower($1)"
+            ' and (f."to" is null or lower(f."to") = \'private_id\') order by 1, 2'
+        )
         self.version_ids_of_pairs = (
             "select r.scope_id, k.purpose, v.private_id from json_each($1) c"
             f" join {p}_root_key r on r.scope_id = json_extract(c.value, '$[0]')"
@@ -136,6 +143,17 @@ class SqliteQueries(Queries):
 
     def array(self, values: Sequence[Any]) -> Any:
         return json.dumps(list(values))
+
+    def seconds_since(self, timestamp: str) -> str:
+        # create_time has whole seconds (current_timestamp): one second less
+        # than measured is never more than the truth.
+        return f"((julianday('now') - julianday({timestamp})) * 86400.0 - 1.0)"
+
+    def references_version(self, table: str, column: str) -> str:
+        def quote(name: str) -> str:
+            return '"' + name.replace('"', '""') + '"'
+
+        return f"select exists (select 1 from {quote(table)} where {quote(column)} = $1)"
 
     def in_list(self, param: str) -> str:
         return f"in (select value from json_each({param}))"
@@ -181,6 +199,7 @@ class SqliteDatabase:
         self._writer = writer
         self._reader = reader
         self._owns = owns_connections
+        self._owns_reader = owns_connections
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -203,8 +222,30 @@ class SqliteDatabase:
 
     @classmethod
     async def from_connection(cls, conn: aiosqlite.Connection, *, prefix: str) -> SqliteDatabase:
+        """Write through the application's connection, read through one of our own.
+
+        The application's connection may be inside its own transaction, whose
+        rows must never reach the cache before they commit (they may roll
+        back). A second connection to the same file sees committed rows only.
+        An in-memory database has no second connection: its reads refuse to
+        run inside the application's transaction instead.
+        """
         await _configure(conn)
-        return cls(conn, None, prefix=prefix, owns_connections=False)
+        with translate_errors():
+            rows = await conn.execute_fetchall("pragma database_list")
+        path = next((str(r[2]) for r in rows if r[1] == "main"), "")
+        reader = None
+        if path:
+            with translate_errors():
+                reader = await aiosqlite.connect(path, isolation_level=None)
+            try:
+                await _configure(reader)
+            except BaseException:
+                await reader.close()
+                raise
+        database = cls(conn, reader, prefix=prefix, owns_connections=False)
+        database._owns_reader = reader is not None
+        return database
 
     @property
     def connection(self) -> aiosqlite.Connection:
@@ -218,6 +259,11 @@ class SqliteDatabase:
         # A shared connection may be inside another task's transaction; wait
         # for it so reads never see (and cache) keys that may roll back.
         async with self._lock:
+            if self._writer.in_transaction:
+                raise InvalidParameterError(
+                    "the in-memory SQLite connection shared with the KMS is inside a "
+                    "transaction; keys are read only from committed rows: commit first"
+                )
             yield _SqliteConnection(self._writer)
 
     @contextlib.asynccontextmanager
@@ -277,9 +323,12 @@ class SqliteDatabase:
             parsed = parsed.replace(tzinfo=datetime.timezone.utc)
         return parsed
 
+    def can_listen(self) -> bool:
+        return False
+
     async def aclose(self) -> None:
-        if self._owns:
-            with translate_errors():
-                if self._reader is not None:
-                    await self._reader.close()
+        with translate_errors():
+            if self._owns_reader and self._reader is not None:
+                await self._reader.close()
+            if self._owns:
                 await self._writer.close()

@@ -5,10 +5,14 @@
 
 Workers encrypt rows for many tenants, store them in an application table
 (restrict foreign key to the data key versions), read them back, rotate
-tenants' keys (with and without rewrap) and revoke versions nothing uses.
-During a PostgreSQL run the server is restarted once and a rotating worker
-is killed with SIGKILL in the middle of a rotation and started again. At the
-end every stored row must decrypt to what was written, every rotation must be
+tenants' keys (with and without rewrap) and revoke versions nothing uses,
+once they have been superseded for the revoke grace. During a PostgreSQL run
+the server is restarted once, a rotating worker is killed with SIGKILL in the
+middle of a rotation and started again, a forger sends malformed and forged
+key change notifications, and an operator kills every other connection now
+and then (so key change checks, loads and commits fail). At the end every
+stored row must decrypt to what was written (the report counts unreadable
+rows: it must be 0), every rotation must be
 whole (a root key version and one version of every data key, or nothing),
 and every error a worker saw must be a retryable KMSError subclass or an
 expected refusal (KeyInUseError). The run is bounded in time; all traffic
@@ -60,6 +64,10 @@ create table if not exists soak_row (
 # Revokers work on the first tenants only, so the others keep contiguous
 # version numbers that the final check can compare one to one.
 REVOCABLE = 4
+#: Every worker's bound; with no successful check for 4x as long it stops encrypting.
+MAX_STALENESS = 0.5
+#: Superseded versions are revoked only after this long (> 4 x MAX_STALENESS).
+REVOKE_GRACE = 3.0
 
 
 # -- a private PostgreSQL cluster ----------------------------------------------
@@ -125,11 +133,20 @@ class Stats:
     def error(self, exc: BaseException) -> None:
         name = type(exc).__name__
         self.errors[name] += 1
+        # OutcomeUnknownError: the operator killed the connection during a
+        # COMMIT; the verification below checks whatever came of it.
         expected = isinstance(exc, kms_async.KMSError) and (
-            exc.retryable or isinstance(exc, kms_async.KeyInUseError)
+            exc.retryable
+            or isinstance(exc, (kms_async.KeyInUseError, kms_async.OutcomeUnknownError))
         )
         if not expected and len(self.bad) < 20:
             self.bad.append(f"{name}: {exc}")
+
+
+async def asyncpg_connect(dsn: str) -> Any:
+    import asyncpg
+
+    return await asyncpg.connect(dsn)
 
 
 async def app_connection(dsn: str) -> Any:
@@ -194,7 +211,11 @@ async def worker(
     while kms is None and time.time() < until:
         try:
             kms = await kms_async.KMS.open(
-                dsn, purposes=PURPOSES, root_wrapper=root, max_staleness=0.5
+                dsn,
+                purposes=PURPOSES,
+                root_wrapper=root,
+                max_staleness=MAX_STALENESS,
+                revoke_grace=REVOKE_GRACE,
             )
         except kms_async.KMSError as exc:
             stats.error(exc)
@@ -278,8 +299,67 @@ async def worker(
                     stats.error(exc)
                 await asyncio.sleep(rng.uniform(0.1, 0.3))
 
-        body = {"writer": writer, "rotator": rotator, "revoker": revoker}[role]
+        async def forger() -> None:
+            """Anyone who can connect can NOTIFY: junk, and versions announced early."""
+            while time.time() < until:
+                try:
+                    conn = await asyncpg_connect(dsn)
+                    try:
+                        oid = await conn.fetchval(
+                            "select to_regclass('kms_collection_version')::oid"
+                        )
+                        channel = f"kms_key_change_{oid}"
+                        while time.time() < until:
+                            version = await conn.fetchval(
+                                "select version from kms_collection_version"
+                            )
+                            payloads = [
+                                json.dumps({"v": version + 1, "s": []}),
+                                json.dumps({"v": version + 1, "s": None}),
+                                '{"v": Infinity, "s": null}',
+                                "[" * 3000,
+                                json.dumps({"v": version + 2, "s": [f"tenant-{rng.randrange(9)}"]}),
+                            ]
+                            await conn.executemany(
+                                "select pg_notify($1, $2)", [(channel, p) for p in payloads]
+                            )
+                            stats.ops["forged notifications"] += len(payloads)
+                            await asyncio.sleep(rng.uniform(0.01, 0.05))
+                    finally:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                except Exception as exc:
+                    # Killed by the operator, or the server restarting.
+                    stats.ops[f"forger: {type(exc).__name__}"] += 1
+                    await asyncio.sleep(0.2)
+
+        async def operator() -> None:
+            """Kills every other connection now and then: checks, loads and writes fail."""
+            while time.time() < until:
+                await asyncio.sleep(rng.uniform(0.5, 1.5))
+                try:
+                    conn = await asyncpg_connect(dsn)
+                    try:
+                        killed = await conn.fetchval(
+                            "select count(pg_terminate_backend(pid)) from pg_stat_activity"
+                            " where datname = current_database() and pid <> pg_backend_pid()"
+                            " and backend_type = 'client backend'"
+                        )
+                    finally:
+                        await conn.close()
+                    stats.ops["connections killed"] += int(killed or 0)
+                except Exception as exc:
+                    stats.ops[f"operator: {type(exc).__name__}"] += 1
+
+        body = {
+            "writer": writer,
+            "rotator": rotator,
+            "revoker": revoker,
+            "forger": forger,
+            "operator": operator,
+        }[role]
         await asyncio.gather(*(body() for _ in range(4 if role == "writer" else 1)))
+        stats.ops["failed key change checks"] += kms._freshness.failed_checks
     finally:
         await kms.aclose()
         await db.close()
@@ -330,7 +410,7 @@ async def verify(dsn: str, root_key: bytes, tenants: int) -> dict[str, Any]:
     """Every row decrypts; every rotation is whole; nothing half-written."""
     root = kms_async.AeadWrapper(root_key, key_id="soak-root")
     problems: list[str] = []
-    rows_checked = 0
+    rows_checked = unreadable = 0
     db = await app_connection(dsn)
     try:
         async with await kms_async.KMS.open(
@@ -340,10 +420,16 @@ async def verify(dsn: str, root_key: bytes, tenants: int) -> dict[str, Any]:
                 db, "select id, tenant, ciphertext, digest from soak_row"
             ):
                 scope, purpose = owner.split("|")
-                plain = await kms.decrypt(scope, purpose, bytes(cipher), aad=rid.encode())
+                rows_checked += 1
+                try:
+                    plain = await kms.decrypt(scope, purpose, bytes(cipher), aad=rid.encode())
+                except kms_async.KMSError as exc:
+                    unreadable += 1
+                    if unreadable <= 5:
+                        problems.append(f"row {rid} cannot be decrypted: {exc}")
+                    continue
                 if hashlib.sha256(plain).hexdigest() != digest:
                     problems.append(f"row {rid} does not match what was written")
-                rows_checked += 1
             for i in range(tenants):
                 keys = await kms.list_keys(f"tenant-{i}")
                 counts = {k.purpose: [v.version for v in k.versions] for k in keys}
@@ -367,7 +453,9 @@ async def verify(dsn: str, root_key: bytes, tenants: int) -> dict[str, Any]:
             problems.append(f"{orphans[0][0]} data key versions point at no root key version")
     finally:
         await db.close()
-    return {"rows_checked": rows_checked, "problems": problems}
+    if unreadable:
+        problems.append(f"{unreadable} stored rows cannot be decrypted")
+    return {"rows_checked": rows_checked, "unreadable": unreadable, "problems": problems}
 
 
 def spawn(
@@ -424,6 +512,8 @@ def run_dialect(dialect: str, args: argparse.Namespace) -> dict[str, Any]:
         until = started + args.duration
         marker = work / "rotating"
         roles = ["rotator", "revoker"] + ["writer"] * max(1, args.workers - 2)
+        if dialect == "postgres":
+            roles += ["forger", "operator"]
         procs = []
         for i, role in enumerate(roles):
             procs.append(

@@ -308,3 +308,29 @@ async def version_ids(
         for scope_id, purpose, version_id in rows:
             found.setdefault((scope_id, purpose), set()).add(version_id)
     return found
+
+
+async def begin_migration(conn: Connection, q: Queries) -> set[str]:
+    """Wait for other migrators, make the tracking table; the names of the files applied.
+
+    Call first in the transaction that applies a file: the lock (where the
+    dialect takes one) is held until that transaction ends.
+    """
+    if q.lock_migrations is not None:
+        await conn.execute(q.lock_migrations, f"{q.prefix}_migration")
+    await conn.execute(q.create_migration_table)
+    return {row[0] for row in await conn.fetch(q.migration_names)}
+
+
+async def record_migration(conn: Connection, q: Queries, name: str) -> None:
+    await conn.execute(q.insert_migration, name)
+
+
+async def table_exists(conn: Connection, q: Queries, table: str) -> bool:
+    return bool(await conn.fetchval(q.table_exists, table))
+
+
+async def run_script(conn: Connection, q: Queries, script: str) -> None:
+    """Execute a whole schema file."""
+    for statement in q.script_statements(script):
+        await conn.execute(statement)

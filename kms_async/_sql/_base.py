@@ -274,6 +274,18 @@ class Queries:
         self.delete_root_key_version = f"delete from {p}_root_key_version where private_id = $1"
         self.delete_data_key_version = f"delete from {p}_data_key_version where private_id = $1"
 
+        # kms_async.migrate(): which schema files it applied, one row per file.
+        self.create_migration_table = (
+            f"create table if not exists {p}_migration ("
+            " name text primary key,"
+            " applied_at timestamp not null default current_timestamp)"
+        )
+        self.migration_names = f"select name from {p}_migration"
+        self.insert_migration = f"insert into {p}_migration (name) values ($1)"
+        #: Serialises concurrent migrators until commit, where BEGIN does not
+        #: already do it (PostgreSQL); $1 names the lock.
+        self.lock_migrations: str | None = None
+
     def insert_many(self, statement: str) -> str | None:
         """The statement inserting many rows at once with column arrays, if the
         dialect has one (PostgreSQL); ``None`` means one execution per row."""
@@ -289,6 +301,8 @@ class Queries:
     latest_root_key_versions: str
     referencing_tables: str
     version_ids_of_pairs: str
+    #: Whether the table named $1 exists.
+    table_exists: str
 
     def array(self, values: Sequence[Any]) -> Any:
         """Bind a list as one parameter (PostgreSQL arrays; SQLite overrides with JSON)."""
@@ -301,3 +315,7 @@ class Queries:
     def pairs(self, pairs: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
         """Bind (scope, purpose) pairs as the parameters of ``version_ids_of_pairs``."""
         return (self.array([p[0] for p in pairs]), self.array([p[1] for p in pairs]))
+
+    def script_statements(self, script: str) -> list[str]:
+        """A schema file as the statements to execute, in order (PostgreSQL: the whole file)."""
+        return [script]

@@ -176,6 +176,8 @@ class PostgresQueries(Queries):
             f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = c.purpose"
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
         )
+        self.lock_migrations = "select pg_advisory_xact_lock(hashtext($1))"
+        self.table_exists = "select to_regclass($1) is not null"
 
     def insert_many(self, statement: str) -> str | None:
         return self._insert_many.get(statement)

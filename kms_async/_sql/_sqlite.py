@@ -133,6 +133,9 @@ class SqliteQueries(Queries):
             "  and k.purpose = json_extract(c.value, '$[1]')"
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
         )
+        self.table_exists = (
+            "select count(*) > 0 from sqlite_master where type = 'table' and name = $1"
+        )
 
     def array(self, values: Sequence[Any]) -> Any:
         return json.dumps(list(values))
@@ -144,6 +147,21 @@ class SqliteQueries(Queries):
         # One JSON array of [scope, purpose]: joining two json_each tables on
         # their positions is a nested loop, quadratic in the batch size.
         return (json.dumps(pairs),)
+
+    def script_statements(self, script: str) -> list[str]:
+        # The driver runs one statement per call; complete_statement keeps
+        # trigger bodies (with their inner semicolons) whole.
+        statements = []
+        pending = ""
+        for line in script.splitlines(keepends=True):
+            pending += line
+            if sqlite3.complete_statement(pending):
+                if pending.strip().strip(";").strip():
+                    statements.append(pending.strip())
+                pending = ""
+        if pending.strip():
+            statements.append(pending.strip())
+        return statements
 
 
 async def _pragma(conn: aiosqlite.Connection, statement: str) -> None:

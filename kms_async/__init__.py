@@ -24,7 +24,7 @@ from ._errors import (
 from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
-from ._types import ROOT_PURPOSE, Key, KeyVersion
+from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
 __version__ = "0.1.0"
@@ -49,6 +49,7 @@ __all__ = [
     "PooledWrapper",
     "ReencryptReport",
     "SchemaVersionError",
+    "Scope",
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",

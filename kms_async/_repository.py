@@ -7,12 +7,14 @@ inside the KMS's own transactions and inside a caller's (``conn=``).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._errors import KeyNotFoundError, SchemaVersionError, StorageError
-from ._sql import Connection, Queries
+from ._sql import Connection, Queries, Row
+from ._types import KeyVersion, Scope
 
 __all__ = [
     "DataKeyVersionRow",
@@ -334,3 +336,39 @@ async def run_script(conn: Connection, q: Queries, script: str) -> None:
     """Execute a whole schema file."""
     for statement in q.script_statements(script):
         await conn.execute(statement)
+
+
+def _scope(row: Row, to_time: Callable[[Any], datetime.datetime]) -> Scope:
+    newest = KeyVersion(row[3], int(row[4]), to_time(row[5]))
+    return Scope(row[0], row[1], to_time(row[2]), newest)
+
+
+async def scopes_after(
+    conn: Connection,
+    q: Queries,
+    after: str,
+    limit: int,
+    to_time: Callable[[Any], datetime.datetime],
+) -> list[Scope]:
+    """Up to ``limit`` scopes whose ids sort after ``after``, in scope id order."""
+    return [_scope(r, to_time) for r in await conn.fetch(q.scopes_after, after, limit)]
+
+
+async def scopes_by_id(
+    conn: Connection,
+    q: Queries,
+    scope_ids: Sequence[str],
+    to_time: Callable[[Any], datetime.datetime],
+) -> list[Scope]:
+    """The scopes among ``scope_ids`` that have keys, in the order given."""
+    found: dict[str, Scope] = {}
+    for start in range(0, len(scope_ids), BATCH):
+        rows = await conn.fetch(q.scopes_by_id, q.array(scope_ids[start : start + BATCH]))
+        found.update((r[0], _scope(r, to_time)) for r in rows)
+    return [found[s] for s in scope_ids if s in found]
+
+
+async def database_time(
+    conn: Connection, q: Queries, to_time: Callable[[Any], datetime.datetime]
+) -> datetime.datetime:
+    return to_time(await conn.fetchval(q.database_time)).astimezone(datetime.timezone.utc)

@@ -54,6 +54,7 @@ EXPORTED = [
     "PooledWrapper",
     "ReencryptReport",
     "SchemaVersionError",
+    "Scope",
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",
@@ -191,6 +192,9 @@ VALUES: dict[str, Any] = {
     "KeyVersion": VERSION,
     "BlobInfo": BlobInfo(b"sealed", "kdkv_AAAAAAAAAA"),
     "Migration": Migration(number=1, name="01_kms_core.up.sql", sql="select 1;"),
+    "Scope": kms_async.Scope(
+        id="s1", root_key_id="krk_AAAAAAAAAA", create_time=NOW, newest_root_version=VERSION
+    ),
 }
 
 

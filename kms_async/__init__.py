@@ -24,6 +24,7 @@ from ._errors import (
 from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
+from ._root_wrapper import open_root_wrapper
 from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
@@ -58,4 +59,5 @@ __all__ = [
     "WrapperError",
     "migrate",
     "migrations",
+    "open_root_wrapper",
 ]

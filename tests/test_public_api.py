@@ -63,6 +63,7 @@ EXPORTED = [
     "WrapperError",
     "migrate",
     "migrations",
+    "open_root_wrapper",
 ]
 
 

@@ -163,7 +163,7 @@ async def open_root_wrapper(
 def _previous_key(
     name: str | None, path: str | os.PathLike[str] | None, key_id: str | None
 ) -> AeadWrapper | None:
-    if name is None and path is None:
+    if not name and not path:
         name = PREVIOUS_KEY_ENV if _env(PREVIOUS_KEY_ENV) else None
         path = _env(PREVIOUS_KEY_FILE_ENV)
     if name and path:

@@ -16,14 +16,14 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from conftest import TestDB
 
 import kms_async
-from kms_async import KMS, AeadWrapper, BlobInfo
+from kms_async import KMS, AeadWrapper, BlobInfo, Scope
 from kms_async._cli import EXIT_CODES, INTERRUPTED_MESSAGE, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -449,6 +449,46 @@ async def test_scopes_or_all_scopes(env: TestDB, cli: Cli) -> None:
     batched = await cli("rotate", "--all-scopes", "--batch-size", "2", "--json")
     assert batched.json()["transactions"] == 2
     assert await root_versions(env) == {"a": [1, 2], "b": [1, 2], "c": [1, 2]}
+
+
+async def test_every_scope_comes_from_kms_list_scopes_page_by_page(
+    env: TestDB, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command line once looked up a KMS.list_scopes that did not exist
+    # and, not finding it, quietly read the table with SQL of its own.
+    scopes = [f"s{n}" for n in range(7)]
+    assert (await cli("create", *scopes)).code == 0
+    pages: list[list[str]] = []
+    list_scopes, iter_scopes = KMS.list_scopes, KMS.iter_scopes
+
+    async def recorded(self: KMS, *, after: str | None = None, limit: int = 1000) -> list[Scope]:
+        page = await list_scopes(self, after=after, limit=limit)
+        pages.append([s.id for s in page])
+        return page
+
+    def in_pages_of_two(self: KMS, *, batch_size: int = 1000) -> AsyncIterator[Scope]:
+        return iter_scopes(self, batch_size=2)
+
+    monkeypatch.setattr(KMS, "list_scopes", recorded)
+    monkeypatch.setattr(KMS, "iter_scopes", in_pages_of_two)
+
+    status = await cli("status", "--json")
+    assert status.code == 0, status.err
+    assert sorted(s["scope"] for s in status.json()["scopes"]) == scopes
+    assert [len(p) for p in pages] == [2, 2, 2, 1]
+    assert sorted(s for p in pages for s in p) == scopes
+
+    for command in ("rotate", "rewrap", "reconcile"):
+        pages.clear()
+        result = await cli(command, "--all-scopes", "--json")
+        assert result.code == 0, result.err
+        assert sorted(s for p in pages for s in p) == scopes, command
+    assert await root_versions(env) == {scope: [1, 2] for scope in scopes}
+
+    pages.clear()
+    due = await cli("rotate", "--all-scopes", "--older-than", "2999-01-01T00:00:00Z", "--json")
+    assert due.json()["rotated"] == 7
+    assert len(pages) == 4
 
 
 async def test_rotate_older_than(env: TestDB, cli: Cli) -> None:

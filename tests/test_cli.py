@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -797,3 +799,17 @@ async def test_demo_still_works(cli: Cli, tmp_path: Any, monkeypatch: pytest.Mon
     result = await cli("demo", "--db", f"sqlite:///{tmp_path}/demo.db")
     assert result.code == 0, result.err
     assert "done: every step behaved as expected" in result.out
+
+
+def test_demo_leaves_a_database_it_did_not_make_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    path = os.path.join(str(tmp_path), "app.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("create table users (id integer primary key)")
+    result = run_sync(capsys, "demo", "--db", f"sqlite:///{path}")
+    assert result.code == 2
+    assert "refusing to delete" in result.err
+    assert "users" in result.err
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("select count(*) from users").fetchone() == (0,)

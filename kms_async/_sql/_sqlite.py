@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -301,3 +302,34 @@ class SqliteDatabase:
                 if self._reader is not None:
                     await self._reader.close()
                 await self._writer.close()
+
+
+def delete_database_file(path: str, *, owned: Sequence[str]) -> str:
+    """Delete a database file and its journals; return its absolute path.
+
+    For throwaway databases (the demo): a file holding objects whose names
+    start with none of ``owned`` (someone else's tables) is left alone.
+    Blocking; run it in a worker thread.
+
+    Raises:
+        InvalidParameterError: the file is not a SQLite database, or holds
+            objects that are not ``owned``.
+    """
+    if os.path.exists(path):
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                names = [r[0] for r in conn.execute("select name from sqlite_master")]
+        except sqlite3.DatabaseError:
+            raise InvalidParameterError(
+                f"refusing to delete {path}: it is not a SQLite database; use a throwaway database"
+            ) from None
+        foreign = sorted(n for n in names if not n.startswith(("sqlite_", *owned)))
+        if foreign:
+            raise InvalidParameterError(
+                f"refusing to delete {path}: it holds objects of its own "
+                f"({', '.join(foreign[:5])}); use a throwaway database"
+            )
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+    return os.path.abspath(path)

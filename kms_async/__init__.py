@@ -27,7 +27,8 @@ from ._errors import (
 from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
-from ._types import ROOT_PURPOSE, Key, KeyVersion
+from ._root_wrapper import open_root_wrapper
+from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "ReencryptReport",
     "RevokeTooSoonError",
     "SchemaVersionError",
+    "Scope",
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",
@@ -63,4 +65,5 @@ __all__ = [
     "WrapperError",
     "migrate",
     "migrations",
+    "open_root_wrapper",
 ]

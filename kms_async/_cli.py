@@ -24,37 +24,49 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, NoReturn
-
-import aiosqlite
-import asyncpg
+from contextlib import AbstractAsyncContextManager
+from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from ._demo import DEFAULT_DB, POSTGRES_SCHEMA, redact, run_demo
+from ._demo import DEFAULT_DB, POSTGRES_SCHEMA, run_demo
 from ._errors import (
     InvalidParameterError,
     KeyExistsError,
     KeyInUseError,
     KeyNotFoundError,
     KMSError,
+    RevokeTooSoonError,
     SchemaVersionError,
     StorageError,
-    TransientStorageError,
     WrapperError,
 )
-from ._kms import KMS
+from ._kms import DEFAULT_REVOKE_GRACE, KMS
 from ._migrations import SCHEMA_VERSION, migrate
 from ._progress import Progress
 from ._reencrypt import EncryptedColumn, VersionUsage
-from ._sql import sqlite_path, validate_prefix
+from ._root_wrapper import (
+    AWS_KEY_ENV,
+    PKCS11_KEY_LABEL_ENV,
+    PKCS11_LIB_ENV,
+    PKCS11_PIN_ENV,
+    PKCS11_TOKEN_ENV,
+    PREVIOUS_KEY_ENV,
+    PREVIOUS_KEY_FILE_ENV,
+    PREVIOUS_KEY_ID_ENV,
+    ROOT_KEY_ENV,
+    ROOT_KEY_FILE_ENV,
+    ROOT_KEY_ID_ENV,
+    open_root_wrapper,
+)
 from ._types import Key
-from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
+from ._wrappers import Wrapper
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -82,17 +94,6 @@ INTERRUPTED_MESSAGE = "interrupted; nothing half-written \N{EM DASH} rerun to co
 DSN_ENV = "KMS_DATABASE_URL"
 PREFIX_ENV = "KMS_TABLE_PREFIX"
 PURPOSES_ENV = "KMS_PURPOSES"
-ROOT_KEY_ENV = "KMS_ROOT_KEY"
-ROOT_KEY_FILE_ENV = "KMS_ROOT_KEY_FILE"
-ROOT_KEY_ID_ENV = "KMS_ROOT_KEY_ID"
-PREVIOUS_KEY_ENV = "KMS_PREVIOUS_ROOT_KEY"
-PREVIOUS_KEY_FILE_ENV = "KMS_PREVIOUS_ROOT_KEY_FILE"
-PREVIOUS_KEY_ID_ENV = "KMS_PREVIOUS_ROOT_KEY_ID"
-AWS_KEY_ENV = "KMS_AWS_KMS_KEY_ID"
-PKCS11_LIB_ENV = "KMS_PKCS11_LIB"
-PKCS11_TOKEN_ENV = "KMS_PKCS11_TOKEN"
-PKCS11_KEY_LABEL_ENV = "KMS_PKCS11_KEY_LABEL"
-PKCS11_PIN_ENV = "KMS_PKCS11_PIN"
 
 DEFAULT_SCOPE_BATCH = 1000
 DEFAULT_ROW_BATCH = 500
@@ -146,18 +147,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _duration(text: str) -> float:
+    """Seconds from a duration such as ``60``, ``45s``, ``2m`` or ``1h``."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (a number with s, m, h, d or w, e.g. 90s)"
+        )
+    return float(match[1]) * _SECONDS[match[2]]
+
+
 def _age_or_time(text: str) -> datetime.timedelta | datetime.datetime:
     """A duration (``90d``, ``12h``, ``30m``, ``45s``, ``2w``) or an ISO 8601 instant."""
     match = _DURATION.fullmatch(text.strip())
     if match is not None:
         return datetime.timedelta(seconds=float(match[1]) * _SECONDS[match[2]])
     try:
-        return _as_utc(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        when = datetime.datetime.fromisoformat(
+            text.strip().replace("Z", "+00:00").replace("z", "+00:00")
+        )
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a duration (a number with s, m, h, d or w, e.g. 90d) "
             "nor a time (e.g. 2025-01-31T12:00:00Z)"
         ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=datetime.timezone.utc)
 
 
 def _purpose_list(text: str) -> list[str]:
@@ -532,7 +546,27 @@ def _add_revoke(adder: _Adder) -> None:
     )
     parser.add_argument("version_id", metavar="VERSION_ID", help="the key version id")
     parser.add_argument("--scope", metavar="SCOPE", help="refuse unless it belongs to SCOPE")
+    _grace_arguments(parser)
     parser.set_defaults(run=_run_revoke)
+
+
+def _grace_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--grace",
+        type=_duration,
+        default=DEFAULT_REVOKE_GRACE,
+        metavar="DURATION",
+        help=(
+            "refuse (exit 4) while the version has been superseded for less than this, by the "
+            "database clock: other instances may still encrypt under it. It must exceed 4 x "
+            f"the largest max_staleness of your services (default: {DEFAULT_REVOKE_GRACE:g}s)"
+        ),
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="if the version was superseded too recently, wait until the grace has passed",
+    )
 
 
 def _add_reencrypt(adder: _Adder) -> None:
@@ -570,6 +604,7 @@ def _add_destroy(adder: _Adder) -> None:
         root_key=True,
     )
     _add_version_work_arguments(parser, dry_run=True)
+    _grace_arguments(parser)
     parser.set_defaults(run=_run_destroy)
 
 
@@ -674,7 +709,7 @@ def _dsn(args: argparse.Namespace) -> str:
 
 
 def _prefix(args: argparse.Namespace) -> str:
-    return validate_prefix(args.table_prefix or _env(PREFIX_ENV) or "kms")
+    return str(args.table_prefix or _env(PREFIX_ENV) or "kms")
 
 
 def _purposes(args: argparse.Namespace, *extra: Iterable[str]) -> list[str]:
@@ -689,114 +724,34 @@ def _purposes(args: argparse.Namespace, *extra: Iterable[str]) -> list[str]:
     return merged
 
 
-async def _root_wrapper(args: argparse.Namespace) -> tuple[Wrapper, Callable[[], Awaitable[None]]]:
-    """The root wrapper the options (else the environment) choose, and how to close it.
-
-    With a previous root key it is ``PooledWrapper(new, previous)``: both
-    unwrap, the new one wraps, as ``rewrap`` needs after a key replacement.
-    """
-    previous = _previous_root_key(args)
-    wrapper, close = await _new_root_wrapper(args)
-    if previous is None:
-        return wrapper, close
-    try:
-        return PooledWrapper(wrapper, previous), close
-    except BaseException:
-        await close()
-        raise
+_ROOT_KEY_FLAGS = {
+    "--pkcs11-lib": "pkcs11_lib",
+    "--aws-kms-key-id": "aws_kms_key_id",
+    "--root-key-file": "root_key_file",
+    "--root-key-env": "root_key_env",
+}
 
 
-def _previous_root_key(args: argparse.Namespace) -> Wrapper | None:
-    name, path = args.previous_root_key_env, args.previous_root_key_file
-    if not name and not path:
-        name, path = (
-            (PREVIOUS_KEY_ENV if _env(PREVIOUS_KEY_ENV) else None),
-            _env(PREVIOUS_KEY_FILE_ENV),
-        )
-    if name and path:
-        raise InvalidParameterError(
-            "give the previous root key once: in an environment variable or in a file"
-        )
-    key_id = args.previous_root_key_id or _env(PREVIOUS_KEY_ID_ENV)
-    if path:
-        return AeadWrapper.from_file(path, key_id=key_id)
-    if name:
-        return AeadWrapper.from_env(name, key_id=key_id)
-    return None
-
-
-async def _new_root_wrapper(
-    args: argparse.Namespace,
-) -> tuple[Wrapper, Callable[[], Awaitable[None]]]:
-    flags = {
-        "--pkcs11-lib": args.pkcs11_lib,
-        "--aws-kms-key-id": args.aws_kms_key_id,
-        "--root-key-file": args.root_key_file,
-        "--root-key-env": args.root_key_env,
-    }
-    chosen = [name for name, value in flags.items() if value]
-    if not chosen:
-        # Nothing on the command line: the environment decides.
-        flags = {
-            PKCS11_LIB_ENV: _env(PKCS11_LIB_ENV),
-            AWS_KEY_ENV: _env(AWS_KEY_ENV),
-            ROOT_KEY_FILE_ENV: _env(ROOT_KEY_FILE_ENV),
-        }
-        chosen = [name for name, value in flags.items() if value]
-    if len(chosen) > 1:
-        raise InvalidParameterError(f"{' and '.join(chosen)} both name a root key; keep only one")
-    source = chosen[0] if chosen else None
-    key_id = args.root_key_id or _env(ROOT_KEY_ID_ENV)
-
-    async def nothing() -> None:
-        return None
-
-    if source in ("--pkcs11-lib", PKCS11_LIB_ENV):
-        from .pkcs11 import Pkcs11Wrapper
-
-        token = args.pkcs11_token or _env(PKCS11_TOKEN_ENV)
-        label = args.pkcs11_key_label or _env(PKCS11_KEY_LABEL_ENV)
-        pin = os.environ.get(PKCS11_PIN_ENV, "")
-        missing = [
-            what
-            for what, value in (
-                (f"--pkcs11-token (or {PKCS11_TOKEN_ENV})", token),
-                (f"--pkcs11-key-label (or {PKCS11_KEY_LABEL_ENV})", label),
-                (f"the user PIN in {PKCS11_PIN_ENV}", pin),
-            )
-            if not value
-        ]
-        if missing:
-            raise InvalidParameterError(f"a PKCS#11 root key also needs {', '.join(missing)}")
-        hsm = Pkcs11Wrapper(
-            flags[source], token_label=str(token), pin=pin, key_label=str(label), key_id=key_id
-        )
-        try:
-            # Log in now, so a wrong PIN or label is a configuration error
-            # (exit 2) before any work starts, not a failed wrap later.
-            await hsm.connect()
-        except BaseException:
-            await hsm.aclose()
-            raise
-        return hsm, hsm.aclose
-    if source in ("--aws-kms-key-id", AWS_KEY_ENV):
-        from .aws import AwsKmsWrapper
-
-        aws = AwsKmsWrapper(
-            str(flags[source]),
-            region_name=args.aws_region or None,
-            endpoint_url=args.aws_endpoint_url or None,
-        )
-        return aws, aws.aclose
-    if source in ("--root-key-file", ROOT_KEY_FILE_ENV):
-        return AeadWrapper.from_file(str(flags[source]), key_id=key_id), nothing
-    name = args.root_key_env or ROOT_KEY_ENV
-    if not _env(name):
-        raise InvalidParameterError(
-            f"no root key: set {name} to the base64 of 32 random bytes, or pass "
-            "--root-key-file, --aws-kms-key-id or --pkcs11-lib"
-        )
-    return AeadWrapper.from_env(name, key_id=key_id), nothing
+def _root_wrapper(args: argparse.Namespace) -> AbstractAsyncContextManager[Wrapper]:
+    """The root wrapper the options (else the environment) choose."""
+    given = [flag for flag, name in _ROOT_KEY_FLAGS.items() if getattr(args, name)]
+    if len(given) > 1:
+        # Checked here too, to name the options rather than the library's arguments.
+        raise InvalidParameterError(f"{' and '.join(given)} both name a root key; keep only one")
+    return open_root_wrapper(
+        key_env=args.root_key_env,
+        key_file=args.root_key_file,
+        key_id=args.root_key_id,
+        aws_kms_key_id=args.aws_kms_key_id,
+        aws_region=args.aws_region,
+        aws_endpoint_url=args.aws_endpoint_url,
+        pkcs11_lib=args.pkcs11_lib,
+        pkcs11_token=args.pkcs11_token,
+        pkcs11_key_label=args.pkcs11_key_label,
+        previous_key_env=args.previous_root_key_env,
+        previous_key_file=args.previous_root_key_file,
+        previous_key_id=args.previous_root_key_id,
+    )
 
 
 def _load_columns(path: str) -> list[EncryptedColumn]:
@@ -878,14 +833,9 @@ async def _open_kms(
     args: argparse.Namespace, *, root_key: bool, purposes: Iterable[str] = ()
 ) -> AsyncIterator[KMS]:
     """A KMS for one short command: no background refresh, no listener."""
-    dsn = _dsn(args)
-    prefix = _prefix(args)
-    wanted = _purposes(args, purposes)
-    wrapper: Wrapper | None = None
-    close_wrapper: Callable[[], Awaitable[None]] | None = None
-    if root_key:
-        wrapper, close_wrapper = await _root_wrapper(args)
-    try:
+    dsn, prefix, wanted = _dsn(args), _prefix(args), _purposes(args, purposes)
+    async with contextlib.AsyncExitStack() as stack:
+        wrapper = await stack.enter_async_context(_root_wrapper(args)) if root_key else None
         kms = await KMS.open(
             dsn,
             purposes=wanted,
@@ -893,12 +843,10 @@ async def _open_kms(
             table_prefix=prefix,
             max_staleness=None,
             notifications=False,
+            revoke_grace=getattr(args, "grace", DEFAULT_REVOKE_GRACE),
         )
         async with kms:
             yield kms
-    finally:
-        if close_wrapper is not None:
-            await close_wrapper()
 
 
 def _progress(args: argparse.Namespace, label: str, total: int | None, unit: str) -> Progress:
@@ -943,70 +891,6 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
-# -- reading scopes with a plain query --------------------------------------
-
-
-@contextlib.contextmanager
-def _driver_errors(dsn: str) -> Iterator[None]:
-    try:
-        yield
-    except (asyncpg.PostgresConnectionError, ConnectionError, TimeoutError) as exc:
-        raise TransientStorageError(f"reading scopes from {redact(dsn)} failed: {exc}") from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, sqlite3.Error) as exc:
-        raise StorageError(f"reading scopes from {redact(dsn)} failed: {exc}") from exc
-
-
-async def _query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
-    """Rows of one read-only query on a connection of its own."""
-    with _driver_errors(dsn):
-        if dsn.startswith(("postgresql://", "postgres://")):
-            pg = await asyncpg.connect(dsn)
-            try:
-                return [tuple(r) for r in await pg.fetch(sql)]
-            finally:
-                await pg.close()
-        lite = await aiosqlite.connect(sqlite_path(dsn))
-        try:
-            return [tuple(r) for r in await lite.execute_fetchall(sql)]
-        finally:
-            await lite.close()
-
-
-async def _all_scopes(kms: KMS, dsn: str, prefix: str) -> list[str]:
-    """Every scope with a root key, sorted."""
-    list_scopes = getattr(kms, "list_scopes", None)
-    if list_scopes is not None:
-        return sorted(await list_scopes())
-    rows = await _query(dsn, f"select scope_id from {prefix}_root_key order by scope_id")
-    return [str(r[0]) for r in rows]
-
-
-def _as_utc(value: object) -> datetime.datetime:
-    parsed = (
-        value
-        if isinstance(value, datetime.datetime)
-        else datetime.datetime.fromisoformat(str(value))
-    )
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-    return parsed
-
-
-async def _database_now(dsn: str) -> datetime.datetime:
-    rows = await _query(dsn, "select current_timestamp")
-    return _as_utc(rows[0][0])
-
-
-async def _newest_root_versions(dsn: str, prefix: str) -> dict[str, datetime.datetime]:
-    """When each scope's newest root key version was made."""
-    rows = await _query(
-        dsn,
-        f"select r.scope_id, max(v.create_time) from {prefix}_root_key r"
-        f" join {prefix}_root_key_version v on v.root_key_id = r.private_id group by r.scope_id",
-    )
-    return {str(scope): _as_utc(newest) for scope, newest in rows}
-
-
 def _iso(value: datetime.datetime) -> str:
     return value.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -1015,7 +899,7 @@ async def _scopes(args: argparse.Namespace, kms: KMS) -> list[str]:
     if args.all_scopes and args.scopes:
         raise InvalidParameterError("give scope ids or --all-scopes, not both")
     if args.all_scopes:
-        return await _all_scopes(kms, _dsn(args), _prefix(args))
+        return [scope.id async for scope in kms.iter_scopes()]
     if not args.scopes:
         raise InvalidParameterError("give the scope ids, or --all-scopes for every scope")
     return list(dict.fromkeys(args.scopes))
@@ -1123,12 +1007,11 @@ async def _in_batches(
 async def _run_rotate(args: argparse.Namespace) -> int:
     async with _open_kms(args, root_key=True) as kms:
         scopes = await _scopes(args, kms)
-        dsn, prefix = _dsn(args), _prefix(args)
         # Every root key version this run makes is at least this new.
-        started = await _database_now(dsn)
+        started = await kms.database_time()
         skipped = 0
         if args.older_than is not None:
-            newest = await _newest_root_versions(dsn, prefix)
+            newest = {s.id: s.newest_root_version.create_time for s in await kms.get_scopes(scopes)}
             if isinstance(args.older_than, datetime.timedelta):
                 cutoff = started - args.older_than
                 due = {s for s, made in newest.items() if made <= cutoff}
@@ -1214,9 +1097,28 @@ async def _run_reconcile(args: argparse.Namespace) -> int:
 
 async def _run_revoke(args: argparse.Namespace) -> int:
     async with _open_kms(args, root_key=False) as kms:
-        await kms.revoke_key_version(args.version_id, scope_id=args.scope)
+        await _when_revocable(
+            args, lambda: kms.revoke_key_version(args.version_id, scope_id=args.scope)
+        )
     _out(args, {"revoked": args.version_id}, f"revoked {args.version_id}")
     return EXIT_OK
+
+
+async def _when_revocable(args: argparse.Namespace, revoke: Callable[[], Awaitable[T]]) -> T:
+    """Run ``revoke``; with --wait, again once the grace the database reports has passed."""
+    while True:
+        try:
+            return await revoke()
+        except RevokeTooSoonError as exc:
+            if not getattr(args, "wait", False):
+                raise
+            print(
+                f"{_prog()}: {args.version_id} becomes revocable in {exc.retry_after:.1f} s; "
+                "waiting",
+                file=sys.stderr,
+            )
+            # The database said how long; then it decides again.
+            await asyncio.sleep(exc.retry_after + 0.1)
 
 
 def _usage_map(usages: Iterable[VersionUsage]) -> dict[str, dict[str, int]]:
@@ -1232,9 +1134,7 @@ async def _run_status(args: argparse.Namespace) -> int:
     purposes = _column_purposes(columns) if columns else []
     report = []
     async with _open_kms(args, root_key=False, purposes=purposes) as kms:
-        scopes = list(dict.fromkeys(args.scopes)) or await _all_scopes(
-            kms, _dsn(args), _prefix(args)
-        )
+        scopes = list(dict.fromkeys(args.scopes)) or [s.id async for s in kms.iter_scopes()]
         usage = _usage_map(await kms.version_usage(columns)) if columns else None
         progress = _progress(args, "reading", len(scopes), "scopes")
         try:
@@ -1267,8 +1167,14 @@ async def _reencrypt(args: argparse.Namespace, *, destroy: bool) -> int:
         progress = _progress(args, "re-encrypting", sum(u.rows for u in usages), "rows")
         work = kms.destroy_key_version if destroy else kms.reencrypt_key_version
         try:
-            report = await work(
-                args.version_id, columns, batch_size=args.batch_size, progress=progress.advance
+            report = await _when_revocable(
+                args,
+                lambda: work(
+                    args.version_id,
+                    columns,
+                    batch_size=args.batch_size,
+                    progress=progress.advance,
+                ),
             )
         finally:
             progress.close()

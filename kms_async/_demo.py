@@ -12,22 +12,16 @@ drops and creates again. Nothing it prints is key material.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import sqlite3
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
-
-import aiosqlite
-import asyncpg
+from collections.abc import Callable
 
 from ._blob import BlobInfo
-from ._errors import InvalidParameterError, KeyInUseError, StorageError, UnknownKeyVersionError
+from ._errors import KeyInUseError, UnknownKeyVersionError
 from ._kms import KMS
 from ._migrations import migrate
-from ._sql import sqlite_path
+from ._reencrypt import EncryptedColumn
+from ._sql._demo import DemoRow, DemoStore, reset_demo_database
 from ._wrappers import AeadWrapper
 
 __all__ = ["DEFAULT_DB", "POSTGRES_SCHEMA", "redact", "run_demo"]
@@ -41,14 +35,17 @@ TENANTS = ("acme", "globex", "initech")
 ROWS_PER_TENANT = 2
 PURPOSE = "database"
 
-_APP_TABLE = (
-    "create table demo_secret ("
-    " id text primary key,"
-    " tenant text not null,"
-    " key_version_id text not null"
-    "  references kms_data_key_version(private_id) on delete restrict,"
-    " ciphertext bytea not null)"
-)
+#: How re-encryption finds the demo's rows, their tenant and their AAD.
+_COLUMNS = [
+    EncryptedColumn(
+        table=DemoStore.table,
+        ciphertext_column="ciphertext",
+        key_version_column="key_version_id",
+        scope="tenant",
+        purpose=PURPOSE,
+        aad="{id}",
+    )
+]
 
 
 def redact(dsn: str) -> str:
@@ -61,135 +58,6 @@ def redact(dsn: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def _is_postgres(dsn: str) -> bool:
-    return dsn.startswith(("postgresql://", "postgres://"))
-
-
-def _with_search_path(dsn: str, schema: str) -> str:
-    # asyncpg passes unknown query parameters on as server settings.
-    parts = urllib.parse.urlsplit(dsn)
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "search_path"]
-    query.append(("search_path", schema))
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-
-
-def _reset_sqlite(path: str) -> str:
-    """Delete the demo's SQLite file, refusing if it holds someone else's tables.
-
-    Returns the file's absolute path.
-    """
-    if os.path.exists(path):
-        try:
-            with contextlib.closing(sqlite3.connect(path)) as conn:
-                names = [r[0] for r in conn.execute("select name from sqlite_master")]
-        except sqlite3.DatabaseError:
-            raise InvalidParameterError(
-                f"refusing to delete {path}: it is not a SQLite database; "
-                "pass --db with a throwaway database"
-            ) from None
-        foreign = [n for n in names if not n.startswith(("kms_", "demo_secret", "sqlite_"))]
-        if foreign:
-            raise InvalidParameterError(
-                f"refusing to delete {path}: it holds objects the demo did not create "
-                f"({', '.join(sorted(foreign)[:5])}); pass --db with a throwaway database"
-            )
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + suffix)
-    return os.path.abspath(path)
-
-
-class _AppDB:
-    """The demo application's own connection, whichever the driver."""
-
-    def __init__(self, conn: Any, dialect: str) -> None:
-        self.conn = conn
-        self.dialect = dialect
-
-    @classmethod
-    async def connect(cls, dsn: str) -> _AppDB:
-        if _is_postgres(dsn):
-            return cls(await asyncpg.connect(dsn), "postgres")
-        conn = await aiosqlite.connect(sqlite_path(dsn), isolation_level=None)
-        try:
-            await conn.execute("pragma foreign_keys = on")
-            await conn.execute("pragma busy_timeout = 5000")
-        except BaseException:
-            await conn.close()
-            raise
-        return cls(conn, "sqlite")
-
-    def _sql(self, sql: str) -> str:
-        if self.dialect == "sqlite":
-            for n in range(9, 0, -1):
-                sql = sql.replace(f"${n}", "?")
-        return sql
-
-    async def execute(self, sql: str, *args: Any) -> None:
-        if self.dialect == "postgres":
-            await self.conn.execute(sql, *args)
-        else:
-            await self.conn.execute(self._sql(sql), args)
-
-    async def fetch(self, sql: str, *args: Any) -> Sequence[Sequence[Any]]:
-        if self.dialect == "postgres":
-            return list(await self.conn.fetch(sql, *args))
-        return list(await self.conn.execute_fetchall(self._sql(sql), args))
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[None]:
-        if self.dialect == "postgres":
-            async with self.conn.transaction():
-                yield
-            return
-        await self.conn.execute("begin immediate")
-        try:
-            yield
-        except BaseException:
-            await asyncio.shield(self.conn.rollback())
-            raise
-        await self.conn.commit()
-
-    async def aclose(self) -> None:
-        await self.conn.close()
-
-
-@contextlib.contextmanager
-def _driver_errors(dsn: str) -> Iterator[None]:
-    """Report the demo's own driver failures the way the library reports its own."""
-    try:
-        yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error) as exc:
-        raise StorageError(f"the demo's query on {redact(dsn)} failed: {exc}") from exc
-
-
-async def _prepare(dsn: str, out: Callable[[str], None]) -> str:
-    """Empty the demo's database; return the DSN the demo then uses."""
-    if _is_postgres(dsn):
-        try:
-            admin = await asyncpg.connect(dsn)
-            try:
-                await admin.execute(f"drop schema if exists {POSTGRES_SCHEMA} cascade")
-                await admin.execute(f"create schema {POSTGRES_SCHEMA}")
-            finally:
-                await admin.close()
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise StorageError(
-                f"cannot prepare schema {POSTGRES_SCHEMA} in {redact(dsn)}: {exc}"
-            ) from exc
-        out(f"   in schema {POSTGRES_SCHEMA}, dropped and created again for this run")
-        return _with_search_path(dsn, POSTGRES_SCHEMA)
-    path = sqlite_path(dsn)
-    if path == ":memory:" or path.startswith("file:"):
-        raise InvalidParameterError(
-            "the demo needs a database file that two connections can share; "
-            "pass --db sqlite:///some-file.db"
-        )
-    where = await asyncio.to_thread(_reset_sqlite, path)
-    out(f"   in {where}, deleted and created again for this run")
-    return dsn
-
-
 async def run_demo(dsn: str = DEFAULT_DB, *, out: Callable[[str], None] = print) -> None:
     """Walk through the key lifecycle on a rebuilt database, printing each step.
 
@@ -197,25 +65,21 @@ async def run_demo(dsn: str = DEFAULT_DB, *, out: Callable[[str], None] = print)
         KMSError: a step failed (the message says which and why).
     """
     out(f"kms_async demo on {redact(dsn)}")
-    dsn = await _prepare(dsn, out)
+    dsn, where = await reset_demo_database(dsn, schema=POSTGRES_SCHEMA)
+    out(f"   {where}")
 
     applied = await migrate(dsn)
     out(f"1. migrated the schema: applied {', '.join(applied) or 'nothing (already current)'}")
 
-    with _driver_errors(dsn):
-        await _run(dsn, out)
-    out("done: every step behaved as expected")
-
-
-async def _run(dsn: str, out: Callable[[str], None]) -> None:
-    app = await _AppDB.connect(dsn)
+    app = await DemoStore.open(dsn)
     try:
-        await app.execute(_APP_TABLE)
-        out("2. created table demo_secret; key_version_id references")
+        await app.create_table()
+        out(f"2. created table {DemoStore.table}; key_version_id references")
         out("   kms_data_key_version(private_id) on delete restrict")
 
         # A real deployment never makes its root key here: it loads it from a
-        # key service (cloud KMS, Vault, HSM) or from the environment.
+        # key service (cloud KMS, Vault, HSM) or from the environment, e.g.
+        # with kms_async.open_root_wrapper().
         root_wrapper = AeadWrapper(os.urandom(32), key_id="demo-root")
         # One process: no other instance can still be encrypting under a
         # version this one superseded, so it may be revoked at once.
@@ -228,23 +92,18 @@ async def _run(dsn: str, out: Callable[[str], None]) -> None:
             await _tour(kms, app, out)
     finally:
         await app.aclose()
+    out("done: every step behaved as expected")
 
 
-async def _store(kms: KMS, app: _AppDB, row_id: str, tenant: str, text: str) -> str:
+async def _store(kms: KMS, app: DemoStore, row_id: str, tenant: str, text: str) -> str:
     """Encrypt ``text`` for ``tenant``, bound to ``row_id``; return the key version id."""
     ciphertext = await kms.encrypt(tenant, PURPOSE, text.encode(), aad=row_id.encode())
     version_id = BlobInfo.from_bytes(ciphertext).key_id
-    await app.execute(
-        "insert into demo_secret (id, tenant, key_version_id, ciphertext) values ($1, $2, $3, $4)",
-        row_id,
-        tenant,
-        version_id,
-        ciphertext,
-    )
+    await app.insert(DemoRow(row_id, tenant, version_id, ciphertext))
     return version_id
 
 
-async def _tour(kms: KMS, app: _AppDB, out: Callable[[str], None]) -> None:
+async def _tour(kms: KMS, app: DemoStore, out: Callable[[str], None]) -> None:
     for tenant in TENANTS:
         await kms.create_keys(tenant)
     out(f"4. created a root key and 'database' + 'oidc' data keys for {', '.join(TENANTS)}")
@@ -257,23 +116,18 @@ async def _tour(kms: KMS, app: _AppDB, out: Callable[[str], None]) -> None:
             out(f"   {row_id:<10} key version {version_id}")
 
     tenant, other = TENANTS[0], TENANTS[1]
-    (old_version,) = {
-        r[0]
-        for r in await app.fetch("select key_version_id from demo_secret where tenant = $1", tenant)
-    }
+    (old_version,) = {row.key_version_id for row in await app.rows() if row.tenant == tenant}
     await kms.rotate_keys(tenant, rewrap=True)
     out(f"6. rotated {tenant}'s keys with rewrap=True (new versions; old ones re-wrapped)")
     new_row = f"{tenant}-{ROWS_PER_TENANT + 1}"
     new_version = await _store(kms, app, new_row, tenant, f"{tenant} secret #{ROWS_PER_TENANT + 1}")
     out(f"7. encrypted row {new_row} under the new key version {new_version}")
 
-    rows = await app.fetch(
-        "select id, tenant, key_version_id, ciphertext from demo_secret order by id"
-    )
+    rows = await app.rows()
     out("8. read back and decrypted every row:")
-    for row_id, owner, version_id, ciphertext in rows:
-        text = await kms.decrypt(owner, PURPOSE, bytes(ciphertext), aad=row_id.encode())
-        out(f"   {row_id:<10} {version_id}  {text.decode()!r}")
+    for row in rows:
+        text = await kms.decrypt(row.tenant, PURPOSE, row.ciphertext, aad=row.id.encode())
+        out(f"   {row.id:<10} {row.key_version_id}  {text.decode()!r}")
 
     try:
         await kms.revoke_key_version(old_version)
@@ -283,32 +137,20 @@ async def _tour(kms: KMS, app: _AppDB, out: Callable[[str], None]) -> None:
     else:
         raise RuntimeError(f"kms_async bug: revoking the in-use version {old_version} succeeded")
 
-    stolen_id, stolen = next((r[0], bytes(r[3])) for r in rows if r[1] == tenant)
+    stolen = next(row for row in rows if row.tenant == tenant)
     try:
-        await kms.decrypt(other, PURPOSE, stolen, aad=stolen_id.encode())
+        await kms.decrypt(other, PURPOSE, stolen.ciphertext, aad=stolen.id.encode())
     except UnknownKeyVersionError as exc:
-        out(f"10. decrypting {tenant}'s row {stolen_id} with {other}'s keys is refused:")
+        out(f"10. decrypting {tenant}'s row {stolen.id} with {other}'s keys is refused:")
         out(f"    UnknownKeyVersionError: {exc}")
     else:
         raise RuntimeError("kms_async bug: a cross-tenant decrypt succeeded")
 
-    async with app.transaction():
-        stale = await app.fetch(
-            "select id, ciphertext from demo_secret where tenant = $1 and key_version_id <> $2",
-            tenant,
-            new_version,
-        )
-        for row_id, ciphertext in stale:
-            aad = row_id.encode()
-            text = await kms.decrypt(tenant, PURPOSE, bytes(ciphertext), aad=aad)
-            fresh = await kms.encrypt(tenant, PURPOSE, text, aad=aad)
-            await app.execute(
-                "update demo_secret set ciphertext = $1, key_version_id = $2 where id = $3",
-                fresh,
-                BlobInfo.from_bytes(fresh).key_id,
-                row_id,
-            )
-    out(f"11. re-encrypted {len(stale)} old rows of {tenant} under {new_version}, one transaction")
+    report = await kms.reencrypt_key_version(old_version, _COLUMNS)
+    out(
+        f"11. reencrypt_key_version() moved {report.rows_reencrypted} old rows of {tenant} "
+        f"to {new_version}"
+    )
 
     await kms.revoke_key_version(old_version, scope_id=tenant)
     out(f"12. revoked {old_version}: no row uses it any more")
@@ -323,3 +165,7 @@ async def _tour(kms: KMS, app: _AppDB, out: Callable[[str], None]) -> None:
         out(f"    {key.purpose:<8} {key.type} {key.id}: {versions}")
     tables = await kms.list_data_key_version_referencers()
     out(f"15. tables referencing kms_data_key_version: {', '.join(tables)}")
+    scopes = [
+        f"{s.id} (root key v{s.newest_root_version.version})" async for s in kms.iter_scopes()
+    ]
+    out(f"16. scopes with keys: {', '.join(scopes)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import re
@@ -61,7 +62,7 @@ from ._ids import (
 from ._migrations import SCHEMA_VERSION
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._sql import DEFAULT_POOL_TIMEOUT, Connection, Database, IntegrityError, open_database
-from ._types import ROOT_PURPOSE, Key, KeyVersion
+from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
 from ._wrappers import KEY_SIZE, AeadWrapper, PooledWrapper, Wrapper
 
 __all__ = ["KMS"]
@@ -1282,18 +1283,19 @@ class KMS:
                         f"{key_version_id} is the newest {kind} key version of scope "
                         f"{_show(owner)}; rotate_keys() first"
                     )
-                self._check_grace(key_version_id, float(superseded_for))
-                if is_root:
-                    if detail:
-                        raise KeyInUseError(
-                            f"{key_version_id} still wraps {detail} data key version(s); run "
-                            f"rewrap_keys({_show(owner)}) so they move to the newest root key "
-                            "version"
-                        )
-                    await tx.execute(q.delete_root_key_version, key_version_id)
-                else:
+                # What is still in use first: that needs work, the grace only time.
+                if is_root and detail:
+                    raise KeyInUseError(
+                        f"{key_version_id} still wraps {detail} data key version(s); run "
+                        f"rewrap_keys({_show(owner)}) so they move to the newest root key version"
+                    )
+                if not is_root:
                     await self._refuse_if_referenced(tx, key_version_id)
-                    await tx.execute(q.delete_data_key_version, key_version_id)
+                self._check_grace(key_version_id, float(superseded_for))
+                await tx.execute(
+                    q.delete_root_key_version if is_root else q.delete_data_key_version,
+                    key_version_id,
+                )
                 await repo.announce(tx, q, changed, [owner])
         except IntegrityError as exc:
             # A row that appeared since the check, under a restrict foreign
@@ -1477,6 +1479,91 @@ class KMS:
         self._check_open()
         async with self._db.read() as conn:
             return await repo.referencing_tables(conn, self._q)
+
+    async def list_scopes(self, *, after: str | None = None, limit: int = 1000) -> list[Scope]:
+        """One page of the scopes that have keys, in the database's order of scope ids.
+
+        Pass the last id of a page as ``after`` to get the next page; a page
+        shorter than ``limit`` is the last. Each page is one indexed query,
+        so paging holds no transaction open and works as well at the
+        millionth scope as at the first; :meth:`iter_scopes` does the paging.
+
+        Raises:
+            InvalidParameterError: ``after`` is not a valid scope id, or
+                ``limit`` is not a whole number from 1 to 10,000.
+        """
+        self._check_open()
+        if after is not None:
+            _check_scope(after)
+        self._check_page_size("limit", limit)
+        async with self._db.read() as conn:
+            return await repo.scopes_after(conn, self._q, after or "", limit, self._db.to_datetime)
+
+    def iter_scopes(self, *, batch_size: int = 1000) -> AsyncIterator[Scope]:
+        """Every scope that has keys, in the database's order of scope ids.
+
+        Reads :meth:`list_scopes` pages of ``batch_size`` as it goes, so only
+        one page is ever in memory. A scope created or deleted meanwhile is
+        seen if the iteration has not passed its id yet.
+
+        Raises:
+            InvalidParameterError: ``batch_size`` is not a whole number from 1
+                to 10,000 (raised by this call, before iterating).
+            ClosedError: the KMS was closed.
+        """
+        self._check_open()
+        self._check_page_size("batch_size", batch_size)
+
+        async def pages() -> AsyncIterator[Scope]:
+            after: str | None = None
+            while True:
+                page = await self.list_scopes(after=after, limit=batch_size)
+                for scope in page:
+                    yield scope
+                if len(page) < batch_size:
+                    return
+                after = page[-1].id
+
+        return pages()
+
+    async def get_scopes(self, scope_ids: Iterable[str]) -> list[Scope]:
+        """The scopes among ``scope_ids`` that have keys, in the order given, each once.
+
+        Scopes without keys are left out. Any number of ids is read in
+        batches.
+
+        Raises:
+            InvalidParameterError: ``scope_ids`` is one string, or holds an
+                invalid scope id.
+        """
+        self._check_open()
+        if isinstance(scope_ids, (str, bytes)):
+            raise InvalidParameterError(
+                "scope_ids must be a list of scope ids, not one string; write [scope_id]"
+            )
+        wanted = list(dict.fromkeys(_check_scope(scope_id) for scope_id in scope_ids))
+        async with self._db.read() as conn:
+            return await repo.scopes_by_id(conn, self._q, wanted, self._db.to_datetime)
+
+    async def database_time(self) -> datetime.datetime:
+        """The database's current time, in UTC: the clock that sets every ``create_time``.
+
+        Compare key ages with this rather than the local clock, which may
+        differ. SQLite keeps whole seconds.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        self._check_open()
+        async with self._db.read() as conn:
+            return await repo.database_time(conn, self._q, self._db.to_datetime)
+
+    @staticmethod
+    def _check_page_size(name: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+            raise InvalidParameterError(
+                f"{name} must be a whole number from 1 to 10000, not {value!r}"
+            )
 
     # -- keeping the cache fresh (logic in _freshness) ----------------------
 

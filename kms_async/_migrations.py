@@ -17,11 +17,11 @@ import dataclasses
 import importlib.resources
 import pathlib
 import re
-import sqlite3
 from typing import Literal
 
+from . import _repository as repo
 from ._errors import InvalidParameterError, SchemaVersionError
-from ._sql import Connection, Database, open_database, validate_prefix
+from ._sql import Database, open_database, validate_prefix
 
 __all__ = ["SCHEMA_VERSION", "Migration", "migrate", "migrations"]
 
@@ -75,61 +75,24 @@ def migrations(
     return found
 
 
-def split_sqlite_script(script: str) -> list[str]:
-    """Split a SQLite script into statements, keeping trigger bodies whole."""
-    statements = []
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            if pending.strip().strip(";").strip():
-                statements.append(pending.strip())
-            pending = ""
-    if pending.strip():
-        statements.append(pending.strip())
-    return statements
-
-
-async def _table_exists(db: Database, conn: Connection, table: str) -> bool:
-    if db.dialect == "postgres":
-        return bool(await conn.fetchval("select to_regclass($1) is not null", table))
-    return bool(
-        await conn.fetchval(
-            "select count(*) from sqlite_master where type = 'table' and name = $1", table
-        )
-    )
-
-
 async def _apply_pending(db: Database, prefix: str) -> list[str]:
+    q = db.queries
     applied_now: list[str] = []
-    tracking = f"{prefix}_migration"
     for migration in migrations(db.dialect, table_prefix=prefix):
         async with db.transaction() as conn:
-            if db.dialect == "postgres":
-                # Serialise concurrent migrators; released at commit.
-                await conn.execute("select pg_advisory_xact_lock(hashtext($1))", tracking)
-            await conn.execute(
-                f"create table if not exists {tracking} ("
-                " name text primary key,"
-                " applied_at timestamp not null default current_timestamp)"
-            )
-            done = {row[0] for row in await conn.fetch(f"select name from {tracking}")}
+            done = await repo.begin_migration(conn, q)
             if migration.name in done:
                 continue
             if (
                 migration.number <= _CORE_FILES
                 and not done
-                and await _table_exists(db, conn, f"{prefix}_schema_version")
+                and await repo.table_exists(conn, q, f"{prefix}_schema_version")
             ):
                 # Tables made by another tool: record, do not re-create.
-                await conn.execute(f"insert into {tracking} (name) values ($1)", migration.name)
+                await repo.record_migration(conn, q, migration.name)
                 continue
-            if db.dialect == "postgres":
-                await conn.execute(migration.sql)
-            else:
-                for statement in split_sqlite_script(migration.sql):
-                    await conn.execute(statement)
-            await conn.execute(f"insert into {tracking} (name) values ($1)", migration.name)
+            await repo.run_script(conn, q, migration.sql)
+            await repo.record_migration(conn, q, migration.name)
             applied_now.append(migration.name)
     return applied_now
 
@@ -152,7 +115,7 @@ async def migrate(db: object, *, table_prefix: str = "kms") -> list[str]:
     try:
         applied = await _apply_pending(database, prefix)
         async with database.read() as conn:
-            version = await conn.fetchval(database.queries.schema_version)
+            version = await repo.schema_version(conn, database.queries)
         if version != SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"the database schema is at {version!r} but kms_async needs {SCHEMA_VERSION!r}; "

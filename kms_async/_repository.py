@@ -7,12 +7,14 @@ inside the KMS's own transactions and inside a caller's (``conn=``).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._errors import KeyNotFoundError, SchemaVersionError, StorageError
-from ._sql import Connection, Queries
+from ._sql import Connection, Queries, Row
+from ._types import KeyVersion, Scope
 
 __all__ = [
     "DataKeyVersionRow",
@@ -352,3 +354,65 @@ async def version_referencers(
         if await conn.fetchval(q.references_version(table, column), version_id):
             found.append((str(table), str(action)))
     return found
+
+
+async def begin_migration(conn: Connection, q: Queries) -> set[str]:
+    """Wait for other migrators, make the tracking table; the names of the files applied.
+
+    Call first in the transaction that applies a file: the lock (where the
+    dialect takes one) is held until that transaction ends.
+    """
+    if q.lock_migrations is not None:
+        await conn.execute(q.lock_migrations, f"{q.prefix}_migration")
+    await conn.execute(q.create_migration_table)
+    return {row[0] for row in await conn.fetch(q.migration_names)}
+
+
+async def record_migration(conn: Connection, q: Queries, name: str) -> None:
+    await conn.execute(q.insert_migration, name)
+
+
+async def table_exists(conn: Connection, q: Queries, table: str) -> bool:
+    return bool(await conn.fetchval(q.table_exists, table))
+
+
+async def run_script(conn: Connection, q: Queries, script: str) -> None:
+    """Execute a whole schema file."""
+    for statement in q.script_statements(script):
+        await conn.execute(statement)
+
+
+def _scope(row: Row, to_time: Callable[[Any], datetime.datetime]) -> Scope:
+    newest = KeyVersion(row[3], int(row[4]), to_time(row[5]))
+    return Scope(row[0], row[1], to_time(row[2]), newest)
+
+
+async def scopes_after(
+    conn: Connection,
+    q: Queries,
+    after: str,
+    limit: int,
+    to_time: Callable[[Any], datetime.datetime],
+) -> list[Scope]:
+    """Up to ``limit`` scopes whose ids sort after ``after``, in scope id order."""
+    return [_scope(r, to_time) for r in await conn.fetch(q.scopes_after, after, limit)]
+
+
+async def scopes_by_id(
+    conn: Connection,
+    q: Queries,
+    scope_ids: Sequence[str],
+    to_time: Callable[[Any], datetime.datetime],
+) -> list[Scope]:
+    """The scopes among ``scope_ids`` that have keys, in the order given."""
+    found: dict[str, Scope] = {}
+    for start in range(0, len(scope_ids), BATCH):
+        rows = await conn.fetch(q.scopes_by_id, q.array(scope_ids[start : start + BATCH]))
+        found.update((r[0], _scope(r, to_time)) for r in rows)
+    return [found[s] for s in scope_ids if s in found]
+
+
+async def database_time(
+    conn: Connection, q: Queries, to_time: Callable[[Any], datetime.datetime]
+) -> datetime.datetime:
+    return to_time(await conn.fetchval(q.database_time)).astimezone(datetime.timezone.utc)

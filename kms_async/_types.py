@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 from typing import Literal
 
-__all__ = ["ROOT_PURPOSE", "Key", "KeyVersion"]
+__all__ = ["ROOT_PURPOSE", "Key", "KeyVersion", "Scope"]
 
 #: The purpose reserved for a scope's root key (key-encryption key).
 ROOT_PURPOSE = "rootKey"
@@ -34,3 +34,18 @@ class Key:
     purpose: str
     create_time: datetime.datetime
     versions: tuple[KeyVersion, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Scope:
+    """A scope that has keys: its root key and the root key's newest version.
+
+    ``create_time`` is when the scope's keys were created and
+    ``newest_root_version.create_time`` when they were last rotated, both by
+    the database's clock (see :meth:`KMS.database_time`).
+    """
+
+    id: str
+    root_key_id: str
+    create_time: datetime.datetime
+    newest_root_version: KeyVersion

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from conftest import TestDB
 
 import kms_async
-from kms_async import KMS, AeadWrapper, BlobInfo
+from kms_async import KMS, AeadWrapper, BlobInfo, Scope
 from kms_async._cli import EXIT_CODES, INTERRUPTED_MESSAGE, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,9 +263,32 @@ async def test_commands_without_keys_work_without_a_root_key(
     assert listed.code == 0, listed.err
     old_root = listed.json()["keys"][0]["versions"][0]["id"]
     assert (await cli("status")).code == 0
-    revoked = await cli("revoke", old_root)
+    revoked = await cli("revoke", old_root, "--grace", "0")
     assert revoked.code == 4  # still wraps the old data key version
     assert "rewrap" in revoked.err
+
+
+async def test_revoke_waits_out_the_grace_only_when_asked(
+    db: TestDB, cli: Cli, root_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMS_DATABASE_URL", db.dsn)
+    monkeypatch.setenv("KMS_ROOT_KEY", root_key)
+    assert (await cli("create", "acme")).code == 0
+    assert (await cli("rotate", "acme")).code == 0
+    listed = await cli("list", "acme", "--json")
+    old = next(k for k in listed.json()["keys"] if k["purpose"] == "database")["versions"][0]["id"]
+
+    refused = await cli("revoke", old)  # the default grace: 60 s
+    assert refused.code == 4
+    assert "retry in" in refused.err and "revoke_grace" in refused.err
+    refused = await cli("revoke", old, "--grace", "1m", "--json")
+    assert refused.code == 4
+
+    waited = await cli("revoke", old, "--grace", "1", "--wait")
+    assert waited.code == 0, waited.err
+    assert f"revoked {old}" in waited.out
+    assert (await cli("revoke", old, "--grace", "0")).code == 3  # gone
+    assert (await cli("revoke", old, "--grace", "soon")).code == 2
 
 
 def test_two_root_key_sources_exit_2(
@@ -395,9 +420,9 @@ async def test_lifecycle(env: TestDB, cli: Cli) -> None:
     assert "newest" in refused.error()["message"]
     wrong_scope = await cli("revoke", old_oidc, "--scope", "globex")
     assert wrong_scope.code == 3
-    assert (await cli("revoke", old_oidc, "--scope", "acme")).code == 0
+    assert (await cli("revoke", old_oidc, "--scope", "acme", "--grace", "0")).code == 0
     # The rewrap moved every data key version to root version 2.
-    revoked = await cli("revoke", old_root, "--json")
+    revoked = await cli("revoke", old_root, "--json", "--grace", "0")
     assert revoked.code == 0, revoked.err
     assert revoked.json() == {"revoked": old_root}
     assert await root_versions(db) == {"acme": [2], "globex": [1]}
@@ -449,6 +474,46 @@ async def test_scopes_or_all_scopes(env: TestDB, cli: Cli) -> None:
     batched = await cli("rotate", "--all-scopes", "--batch-size", "2", "--json")
     assert batched.json()["transactions"] == 2
     assert await root_versions(env) == {"a": [1, 2], "b": [1, 2], "c": [1, 2]}
+
+
+async def test_every_scope_comes_from_kms_list_scopes_page_by_page(
+    env: TestDB, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command line once looked up a KMS.list_scopes that did not exist
+    # and, not finding it, quietly read the table with SQL of its own.
+    scopes = [f"s{n}" for n in range(7)]
+    assert (await cli("create", *scopes)).code == 0
+    pages: list[list[str]] = []
+    list_scopes, iter_scopes = KMS.list_scopes, KMS.iter_scopes
+
+    async def recorded(self: KMS, *, after: str | None = None, limit: int = 1000) -> list[Scope]:
+        page = await list_scopes(self, after=after, limit=limit)
+        pages.append([s.id for s in page])
+        return page
+
+    def in_pages_of_two(self: KMS, *, batch_size: int = 1000) -> AsyncIterator[Scope]:
+        return iter_scopes(self, batch_size=2)
+
+    monkeypatch.setattr(KMS, "list_scopes", recorded)
+    monkeypatch.setattr(KMS, "iter_scopes", in_pages_of_two)
+
+    status = await cli("status", "--json")
+    assert status.code == 0, status.err
+    assert sorted(s["scope"] for s in status.json()["scopes"]) == scopes
+    assert [len(p) for p in pages] == [2, 2, 2, 1]
+    assert sorted(s for p in pages for s in p) == scopes
+
+    for command in ("rotate", "rewrap", "reconcile"):
+        pages.clear()
+        result = await cli(command, "--all-scopes", "--json")
+        assert result.code == 0, result.err
+        assert sorted(s for p in pages for s in p) == scopes, command
+    assert await root_versions(env) == {scope: [1, 2] for scope in scopes}
+
+    pages.clear()
+    due = await cli("rotate", "--all-scopes", "--older-than", "2999-01-01T00:00:00Z", "--json")
+    assert due.json()["rotated"] == 7
+    assert len(pages) == 4
 
 
 async def test_rotate_older_than(env: TestDB, cli: Cli) -> None:
@@ -627,11 +692,20 @@ async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> No
     assert acme_v2 != acme_v1
     assert {after[r] for r in globex_rows} == {globex_v1}
 
-    destroyed = await cli("destroy", acme_v1, "--columns", columns)
+    destroyed = await cli("destroy", acme_v1, "--columns", columns, "--grace", "0")
     assert destroyed.code == 0, destroyed.err
     assert f"{acme_v1} revoked" in destroyed.out
     destroyed = await cli(
-        "destroy", globex_v1, "--columns", columns, "--batch-size", "1", "--progress", "always"
+        "destroy",
+        globex_v1,
+        "--columns",
+        columns,
+        "--batch-size",
+        "1",
+        "--progress",
+        "always",
+        "--grace",
+        "0",
     )
     assert destroyed.code == 0, destroyed.err
     assert "re-encrypted 3 row(s)" in destroyed.out
@@ -639,7 +713,7 @@ async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> No
     final = await check_rows(db)
     assert not {acme_v1, globex_v1} & set(final.values())
     assert (await data_versions(db))[("acme", "database")] == [2]
-    gone = await cli("destroy", acme_v1, "--columns", columns)
+    gone = await cli("destroy", acme_v1, "--columns", columns, "--grace", "0")
     assert gone.code == 3
 
 
@@ -757,3 +831,17 @@ async def test_demo_still_works(cli: Cli, tmp_path: Any, monkeypatch: pytest.Mon
     result = await cli("demo", "--db", f"sqlite:///{tmp_path}/demo.db")
     assert result.code == 0, result.err
     assert "done: every step behaved as expected" in result.out
+
+
+def test_demo_leaves_a_database_it_did_not_make_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    path = os.path.join(str(tmp_path), "app.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("create table users (id integer primary key)")
+    result = run_sync(capsys, "demo", "--db", f"sqlite:///{path}")
+    assert result.code == 2
+    assert "refusing to delete" in result.err
+    assert "users" in result.err
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("select count(*) from users").fetchone() == (0,)

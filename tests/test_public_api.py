@@ -60,6 +60,7 @@ EXPORTED = [
     "ReencryptReport",
     "RevokeTooSoonError",
     "SchemaVersionError",
+    "Scope",
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",
@@ -68,6 +69,7 @@ EXPORTED = [
     "WrapperError",
     "migrate",
     "migrations",
+    "open_root_wrapper",
 ]
 
 
@@ -200,6 +202,9 @@ VALUES: dict[str, Any] = {
     "KeyVersion": VERSION,
     "BlobInfo": BlobInfo(b"sealed", "kdkv_AAAAAAAAAA"),
     "Migration": Migration(number=1, name="01_kms_core.up.sql", sql="select 1;"),
+    "Scope": kms_async.Scope(
+        id="s1", root_key_id="krk_AAAAAAAAAA", create_time=NOW, newest_root_version=VERSION
+    ),
 }
 
 

@@ -4,7 +4,7 @@ A store whose root keys are wrapped by a local AES key moves to a new root
 (another local key, AWS KMS on moto's server, a SoftHSM2 key):
 
 1. open with ``PooledWrapper(new, old)``;
-2. ``rewrap_keys_many`` over every scope (``select scope_id from kms_root_key``);
+2. ``rewrap_keys_many`` over every scope (``kms.iter_scopes()``);
 3. reopen with ``new`` alone: everything decrypts, every wrapped root key
    names the new wrapper, and the old key alone unwraps none of them.
 """
@@ -101,7 +101,7 @@ async def test_replace_the_root_of_trust(
     # 1-2. Pool the new root with the old one and rewrap every scope.
     kms = await open_kms(root_wrapper=PooledWrapper(new_root, old_root))
     async with kms:
-        scope_ids = [row[0] for row in await db.fetch("select scope_id from kms_root_key")]
+        scope_ids = [scope.id async for scope in kms.iter_scopes()]
         assert sorted(scope_ids) == sorted(SCOPES)
         await kms.rewrap_keys_many(scope_ids)
         # Running it again is harmless: the pool unwraps with the new root now.

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import logging
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from .._errors import (
     TransientStorageError,
 )
 from ._base import IntegrityError, Queries, Row, savepoint
+from ._reencrypt_sql import quote
 
 __all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
 
@@ -244,6 +246,8 @@ class PostgresQueries(Queries):
             f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = c.purpose"
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
         )
+        self.lock_migrations = "select pg_advisory_xact_lock(hashtext($1))"
+        self.table_exists = "select to_regclass($1) is not null"
 
     def insert_many(self, statement: str) -> str | None:
         return self._insert_many.get(statement)
@@ -421,3 +425,27 @@ class PostgresDatabase:
         if self._owns_pool:
             with translate_errors():
                 await self._pool.close()
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    """``dsn`` with its connections' ``search_path`` set to ``schema``."""
+    # asyncpg passes query parameters it does not know on as server settings.
+    parts = urllib.parse.urlsplit(dsn)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "search_path"]
+    query.append(("search_path", schema))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+async def recreate_schema(dsn: str, schema: str) -> str:
+    """Drop ``schema`` with everything in it, create it empty; return ``dsn`` working in it.
+
+    For throwaway databases (the demo), never for the application's own.
+    """
+    with translate_errors():
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f"drop schema if exists {quote(schema)} cascade")
+            await conn.execute(f"create schema {quote(schema)}")
+        finally:
+            await conn.close()
+    return with_search_path(dsn, schema)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -140,6 +141,9 @@ class SqliteQueries(Queries):
             "  and k.purpose = json_extract(c.value, '$[1]')"
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
         )
+        self.table_exists = (
+            "select count(*) > 0 from sqlite_master where type = 'table' and name = $1"
+        )
 
     def array(self, values: Sequence[Any]) -> Any:
         return json.dumps(list(values))
@@ -162,6 +166,21 @@ class SqliteQueries(Queries):
         # One JSON array of [scope, purpose]: joining two json_each tables on
         # their positions is a nested loop, quadratic in the batch size.
         return (json.dumps(pairs),)
+
+    def script_statements(self, script: str) -> list[str]:
+        # The driver runs one statement per call; complete_statement keeps
+        # trigger bodies (with their inner semicolons) whole.
+        statements = []
+        pending = ""
+        for line in script.splitlines(keepends=True):
+            pending += line
+            if sqlite3.complete_statement(pending):
+                if pending.strip().strip(";").strip():
+                    statements.append(pending.strip())
+                pending = ""
+        if pending.strip():
+            statements.append(pending.strip())
+        return statements
 
 
 async def _pragma(conn: aiosqlite.Connection, statement: str) -> None:
@@ -332,3 +351,34 @@ class SqliteDatabase:
                 await self._reader.close()
             if self._owns:
                 await self._writer.close()
+
+
+def delete_database_file(path: str, *, owned: Sequence[str]) -> str:
+    """Delete a database file and its journals; return its absolute path.
+
+    For throwaway databases (the demo): a file holding objects whose names
+    start with none of ``owned`` (someone else's tables) is left alone.
+    Blocking; run it in a worker thread.
+
+    Raises:
+        InvalidParameterError: the file is not a SQLite database, or holds
+            objects that are not ``owned``.
+    """
+    if os.path.exists(path):
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                names = [r[0] for r in conn.execute("select name from sqlite_master")]
+        except sqlite3.DatabaseError:
+            raise InvalidParameterError(
+                f"refusing to delete {path}: it is not a SQLite database; use a throwaway database"
+            ) from None
+        foreign = sorted(n for n in names if not n.startswith(("sqlite_", *owned)))
+        if foreign:
+            raise InvalidParameterError(
+                f"refusing to delete {path}: it holds objects of its own "
+                f"({', '.join(foreign[:5])}); use a throwaway database"
+            )
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+    return os.path.abspath(path)

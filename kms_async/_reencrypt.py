@@ -24,7 +24,7 @@ import logging
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._blob import BlobInfo
 from ._errors import (
@@ -32,19 +32,19 @@ from ._errors import (
     InvalidParameterError,
     KeyInUseError,
     KeyNotFoundError,
+    RevokeTooSoonError,
     TransientStorageError,
     UnknownKeyVersionError,
 )
-from ._ids import DATA_KEY_VERSION_PREFIX
-from ._sql import Connection, Row
+from ._ids import DATA_KEY_VERSION_PREFIX, is_id
+from ._sql import Connection, Database, Row
 from ._sql._reencrypt_sql import IDENTIFIER, ReencryptQueries, reencrypt_queries
-
-if TYPE_CHECKING:
-    from ._kms import KMS
 
 __all__ = [
     "EncryptedColumn",
+    "KeyUser",
     "ReencryptReport",
+    "Session",
     "VersionUsage",
     "destroy_key_version",
     "reencrypt_key_version",
@@ -52,6 +52,40 @@ __all__ = [
 ]
 
 logger = logging.getLogger("kms_async")
+
+
+class KeyUser(Protocol):
+    """What re-encryption needs of a KMS: its public key operations."""
+
+    @property
+    def purposes(self) -> tuple[str, ...]: ...
+
+    async def encrypt(
+        self, scope_id: str, purpose: str, plaintext: bytes, *, aad: bytes | None = None
+    ) -> bytes: ...
+
+    async def decrypt(
+        self, scope_id: str, purpose: str, ciphertext: bytes, *, aad: bytes | None = None
+    ) -> bytes: ...
+
+    async def refresh(self) -> None: ...
+
+    async def revoke_key_version(
+        self, key_version_id: str, *, scope_id: str | None = None, conn: Any = None
+    ) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Session:
+    """The KMS's key operations and its database, for one call."""
+
+    keys: KeyUser
+    db: Database
+
+    @property
+    def queries(self) -> ReencryptQueries:
+        return reencrypt_queries(self.db.dialect, self.db.queries.prefix)
+
 
 #: Largest batch accepted; a batch is one transaction.
 MAX_BATCH_SIZE = 100_000
@@ -62,7 +96,6 @@ _IDLE_PASSES = 3
 
 _TABLE = re.compile(r"(?:([A-Za-z_][A-Za-z0-9_]{0,62})\.)?([A-Za-z_][A-Za-z0-9_]{0,62})")
 _FIELD_HEAD = re.compile(r"[^.\[]*")
-_VERSION_ID = re.compile(DATA_KEY_VERSION_PREFIX + r"_[A-Za-z0-9]{1,60}")
 
 
 def _show(value: object, limit: int = 60) -> str:
@@ -251,17 +284,7 @@ def _column(spec: EncryptedColumn, present: list[str], name: str, what: str) -> 
     return found
 
 
-def _database(kms: KMS) -> Any:
-    kms._check_open()
-    return kms._db
-
-
-def _queries(kms: KMS) -> ReencryptQueries:
-    db = _database(kms)
-    return reencrypt_queries(db.dialect, kms._q.prefix)
-
-
-def _check_columns(kms: KMS, columns: Sequence[EncryptedColumn]) -> list[EncryptedColumn]:
+def _check_columns(kms: Session, columns: Sequence[EncryptedColumn]) -> list[EncryptedColumn]:
     if isinstance(columns, EncryptedColumn) or not isinstance(columns, Sequence):
         raise InvalidParameterError("columns must be a list of EncryptedColumn")
     checked = list(columns)
@@ -272,16 +295,16 @@ def _check_columns(kms: KMS, columns: Sequence[EncryptedColumn]) -> list[Encrypt
             raise InvalidParameterError(
                 f"columns must hold EncryptedColumn objects, not {type(spec).__name__}"
             )
-        if spec.purpose not in kms.purposes:
+        if spec.purpose not in kms.keys.purposes:
             raise InvalidParameterError(
                 f"{spec.table} is encrypted for purpose {_show(spec.purpose)}, which this KMS "
-                f"was not opened with (purposes={list(kms.purposes)!r})"
+                f"was not opened with (purposes={list(kms.keys.purposes)!r})"
             )
     return checked
 
 
 def _check_version_id(key_version_id: object) -> str:
-    if not isinstance(key_version_id, str) or not _VERSION_ID.fullmatch(key_version_id):
+    if not isinstance(key_version_id, str) or not is_id(key_version_id, DATA_KEY_VERSION_PREFIX):
         raise InvalidParameterError(
             f"{_show(key_version_id)} is not a data key version id ({DATA_KEY_VERSION_PREFIX}_...)"
         )
@@ -402,24 +425,24 @@ async def _resolve(
 
 
 async def _prepare(
-    kms: KMS, columns: Sequence[EncryptedColumn], *, require_all: bool
+    kms: Session, columns: Sequence[EncryptedColumn], *, require_all: bool
 ) -> tuple[ReencryptQueries, list[_Target]]:
     specs = _check_columns(kms, columns)
-    q = _queries(kms)
-    async with _database(kms).read() as conn:
+    q = kms.queries
+    async with kms.db.read() as conn:
         targets = await _resolve(q, conn, specs, require_all=require_all)
     return q, targets
 
 
 async def version_usage(
-    kms: KMS, columns: Sequence[EncryptedColumn], *, key_version_id: str | None = None
+    kms: Session, columns: Sequence[EncryptedColumn], *, key_version_id: str | None = None
 ) -> list[VersionUsage]:
     """Rows per (table, key version) of the described columns, sorted: a dry run."""
     if key_version_id is not None:
         _check_version_id(key_version_id)
     _q, targets = await _prepare(kms, columns, require_all=False)
     counts: dict[tuple[str, str], int] = {}
-    async with _database(kms).read() as conn:
+    async with kms.db.read() as conn:
         for target in targets:
             if key_version_id is None:
                 rows = await conn.fetch(target.usage_all)
@@ -443,9 +466,9 @@ def _check_batch(batch_size: object, progress: object) -> int:
     return batch_size
 
 
-async def _owner(kms: KMS, q: ReencryptQueries, version_id: str) -> tuple[str, str]:
+async def _owner(kms: Session, q: ReencryptQueries, version_id: str) -> tuple[str, str]:
     """The version's (scope, purpose); refuses the newest version of its key."""
-    async with _database(kms).read() as conn:
+    async with kms.db.read() as conn:
         row = await conn.fetchrow(q.version_owner, version_id)
     if row is None:
         raise KeyNotFoundError(f"no data key version {_show(version_id)}")
@@ -458,7 +481,7 @@ async def _owner(kms: KMS, q: ReencryptQueries, version_id: str) -> tuple[str, s
     return str(scope_id), str(purpose)
 
 
-async def _rewrite(kms: KMS, target: _Target, row: Row, version_id: str) -> tuple[Any, ...]:
+async def _rewrite(kms: Session, target: _Target, row: Row, version_id: str) -> tuple[Any, ...]:
     """The update parameters that move one row to the newest version."""
     spec = target.spec
     values = target.mapping(row)
@@ -496,7 +519,7 @@ async def _rewrite(kms: KMS, target: _Target, row: Row, version_id: str) -> tupl
             f"{target.describe_row(row)} holds no ciphertext in {spec.ciphertext_column}"
         )
     try:
-        plaintext = await kms.decrypt(scope_id, spec.purpose, old, aad=aad)
+        plaintext = await kms.keys.decrypt(scope_id, spec.purpose, old, aad=aad)
     except UnknownKeyVersionError as exc:
         raise UnknownKeyVersionError(
             f"{target.describe_row(row)} cannot be decrypted: {exc}"
@@ -508,12 +531,12 @@ async def _rewrite(kms: KMS, target: _Target, row: Row, version_id: str) -> tupl
         ) from exc
     except KeyNotFoundError as exc:
         raise KeyNotFoundError(f"{target.describe_row(row)}: {exc}") from exc
-    new = await kms.encrypt(scope_id, spec.purpose, plaintext, aad=aad)
+    new = await kms.keys.encrypt(scope_id, spec.purpose, plaintext, aad=aad)
     new_version = BlobInfo.from_bytes(new).key_id
     if new_version == version_id:
         # This instance has not seen the rotation yet (another process made it).
-        await kms.refresh()
-        new = await kms.encrypt(scope_id, spec.purpose, plaintext, aad=aad)
+        await kms.keys.refresh()
+        new = await kms.keys.encrypt(scope_id, spec.purpose, plaintext, aad=aad)
         new_version = BlobInfo.from_bytes(new).key_id
         if new_version == version_id:
             raise KeyInUseError(
@@ -535,7 +558,7 @@ class _Tally:
 
 
 async def _pass(
-    kms: KMS,
+    kms: Session,
     q: ReencryptQueries,
     target: _Target,
     version_id: str,
@@ -546,7 +569,7 @@ async def _pass(
     skip_locked: bool,
 ) -> tuple[int, int]:
     """One keyset scan over the rows using the version; returns (seen, moved)."""
-    db = _database(kms)
+    db = kms.db
     first, following = (
         (target.select_first, target.select_next)
         if skip_locked
@@ -585,7 +608,7 @@ async def _pass(
 
 
 async def _move_all(
-    kms: KMS,
+    kms: Session,
     q: ReencryptQueries,
     targets: list[_Target],
     version_id: str,
@@ -613,16 +636,16 @@ async def _move_all(
                 )
 
 
-async def _remaining(kms: KMS, targets: list[_Target], version_id: str) -> int:
+async def _remaining(kms: Session, targets: list[_Target], version_id: str) -> int:
     total = 0
-    async with _database(kms).read() as conn:
+    async with kms.db.read() as conn:
         for target in targets:
             total += int(await conn.fetchval(target.count, version_id))
     return total
 
 
 async def reencrypt_key_version(
-    kms: KMS,
+    kms: Session,
     key_version_id: str,
     columns: Sequence[EncryptedColumn],
     *,
@@ -653,7 +676,7 @@ async def reencrypt_key_version(
 
 
 async def destroy_key_version(
-    kms: KMS,
+    kms: Session,
     key_version_id: str,
     columns: Sequence[EncryptedColumn],
     *,
@@ -669,9 +692,11 @@ async def destroy_key_version(
         await _owner(kms, q, key_version_id)
         await _move_all(kms, q, targets, key_version_id, batch_size, progress, tally)
         try:
-            await kms.revoke_key_version(key_version_id)
+            await kms.keys.revoke_key_version(key_version_id)
         except KeyNotFoundError:
             break  # a concurrent destroy of the same version revoked it first
+        except RevokeTooSoonError:
+            raise  # only time helps: the rows are moved, run it again later
         except KeyInUseError:
             # Processes whose caches have not seen the rotation yet may still
             # write rows with this version: move those too, a few times.

@@ -241,6 +241,60 @@ async def insert_rows(
         await conn.execute(many, *(q.array(column) for column in zip(*rows, strict=True)))
 
 
+async def insert_root_key_versions(
+    conn: Connection, q: Queries, rows: Sequence[tuple[str, str, bytes]]
+) -> None:
+    """(version id, root key id, wrapped key) rows; the database numbers them."""
+    await insert_rows(conn, q, q.insert_root_key_version, rows)
+
+
+async def update_wrapped_keys(
+    conn: Connection,
+    q: Queries,
+    root_updates: Sequence[tuple[bytes, str, bytes]],
+    data_updates: Sequence[tuple[bytes, str, str, bytes]],
+) -> None:
+    """Re-wrapped keys: (new, id, old) for root versions and (new, root version, id,
+    old) for data versions; a row whose key is no longer ``old`` is left alone."""
+    await conn.executemany(q.update_root_key_version_key, root_updates)
+    await conn.executemany(q.update_data_key_version_key, data_updates)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RevokeFacts:
+    """What revoking one key version depends on, read under the write lock."""
+
+    scope_id: str
+    newest: bool
+    #: Seconds since a newer version was made, by the database clock (0 if none).
+    superseded_for: float
+    #: The data key's purpose (None for a root key version).
+    purpose: str | None
+    #: Data key versions a root key version still wraps (0 for a data key version).
+    wrapped_data_versions: int
+
+
+async def version_for_revoke(
+    conn: Connection, q: Queries, version_id: str, *, root: bool
+) -> RevokeFacts | None:
+    statement = q.root_key_version_for_revoke if root else q.data_key_version_for_revoke
+    row = await conn.fetchrow(statement, version_id)
+    if row is None:
+        return None
+    scope_id, newest, superseded_for, detail = row
+    return RevokeFacts(
+        scope_id=scope_id,
+        newest=bool(newest),
+        superseded_for=0.0 if superseded_for is None else float(superseded_for),
+        purpose=None if root else detail,
+        wrapped_data_versions=int(detail) if root else 0,
+    )
+
+
+async def delete_key_version(conn: Connection, q: Queries, version_id: str, *, root: bool) -> None:
+    await conn.execute(q.delete_root_key_version if root else q.delete_data_key_version, version_id)
+
+
 async def insert_root_keys(conn: Connection, q: Queries, keys: Sequence[NewRootKey]) -> None:
     await insert_rows(conn, q, q.insert_root_key, [(k.id, k.scope_id) for k in keys])
     await insert_rows(

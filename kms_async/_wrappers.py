@@ -17,14 +17,27 @@ from typing import Protocol, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ._blob import NONCE_SIZE, TAG_SIZE, BlobInfo, nonces
+from ._blob import NONCE_SIZE, TAG_SIZE, BlobInfo, decode, nonces
 from ._errors import (
     DecryptionError,
     InvalidParameterError,
+    KMSError,
     UnknownKeyVersionError,
+    WrapperError,
 )
 
-__all__ = ["AeadWrapper", "PooledWrapper", "Wrapper", "key_fingerprint"]
+__all__ = [
+    "AeadWrapper",
+    "PooledWrapper",
+    "Wrapper",
+    "aead_wrapper",
+    "key_fingerprint",
+    "seal",
+    "unseal",
+    "unwrap_key",
+    "wrap_key",
+    "wrapper_error",
+]
 
 KEY_SIZE = 32
 DEFAULT_KEY_ENV = "KMS_ROOT_KEY"
@@ -53,6 +66,63 @@ class Wrapper(Protocol):
     async def decrypt(self, blob: BlobInfo, *, aad: bytes | None = None) -> bytes:
         """Decrypt a blob made by ``encrypt`` with the same ``aad``."""
         ...
+
+
+# -- the local AES-GCM format (the Go aead wrapper's) -------------------------
+
+
+def seal(aead: AESGCM, plaintext: bytes, aad: bytes | None = None) -> bytes:
+    """A fresh random nonce followed by the AES-GCM output: a blob's ``ciphertext``."""
+    nonce = nonces()
+    return nonce + aead.encrypt(nonce, plaintext, aad)
+
+
+def unseal(aead: AESGCM, sealed: bytes, aad: bytes | None = None) -> bytes:
+    """The plaintext of what :func:`seal` made.
+
+    Raises:
+        InvalidTag: wrong key, wrong AAD, tampered or too short.
+    """
+    if len(sealed) < NONCE_SIZE + TAG_SIZE:
+        raise InvalidTag
+    return aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+
+
+def wrap_key(aead: AESGCM, wrapping_id: str, key: bytes) -> bytes:
+    """A key wrapped under a root key version (``wrapping_id``), as stored."""
+    return BlobInfo(seal(aead, key), wrapping_id).to_bytes()
+
+
+def unwrap_key(aead: AESGCM, wrapping_id: str, version_id: str, wrapped: bytes) -> bytes:
+    """The key of data key version ``version_id``, stored under root key version ``wrapping_id``.
+
+    Raises:
+        DecryptionError: the stored blob does not unwrap to a key under it.
+    """
+    blob = decode(wrapped)
+    if blob.key_id and blob.key_id != wrapping_id:
+        raise DecryptionError(
+            f"data key version {version_id} names wrapping key {blob.key_id!r} but its "
+            f"row names {wrapping_id}; the key tables were changed outside kms_async"
+        )
+    try:
+        key = unseal(aead, blob.ciphertext)
+    except InvalidTag:
+        raise DecryptionError(
+            f"data key version {version_id} cannot be unwrapped with root key version "
+            f"{wrapping_id}; the key tables were changed or corrupted"
+        ) from None
+    if len(key) != KEY_SIZE:
+        raise DecryptionError(f"data key version {version_id} does not hold a {KEY_SIZE}-byte key")
+    return key
+
+
+def wrapper_error(message: str, cause: Exception) -> WrapperError:
+    """A WrapperError for a failed wrapper call, as retryable as its cause."""
+    error = WrapperError(message)
+    if isinstance(cause, KMSError) and cause.retryable:
+        error.retryable = True
+    return error
 
 
 def _check_bytes(name: str, value: object) -> None:
@@ -151,14 +221,6 @@ class AeadWrapper:
             )
         return cls(key, key_id=_default_key_id(key, key_id))
 
-    @classmethod
-    def _from_aead(cls, aead: AESGCM, key: bytes, key_id: str) -> AeadWrapper:
-        self = cls.__new__(cls)
-        self._key = key
-        self._key_id = key_id
-        self._aead = aead
-        return self
-
     def __repr__(self) -> str:
         return f"AeadWrapper(key_id={self._key_id!r})"
 
@@ -186,8 +248,7 @@ class AeadWrapper:
         _check_bytes("plaintext", plaintext)
         if aad is not None:
             _check_bytes("aad", aad)
-        nonce = nonces()
-        return BlobInfo(nonce + self._aead.encrypt(nonce, plaintext, aad or None), self._key_id)
+        return BlobInfo(seal(self._aead, plaintext, aad or None), self._key_id)
 
     def decrypt_sync(self, blob: BlobInfo, *, aad: bytes | None = None) -> bytes:
         """Synchronous ``decrypt``."""
@@ -195,15 +256,23 @@ class AeadWrapper:
             raise InvalidParameterError(f"blob must be a BlobInfo, not {type(blob).__name__}")
         if aad is not None:
             _check_bytes("aad", aad)
-        data = blob.ciphertext
-        if len(data) < NONCE_SIZE + TAG_SIZE:
+        if len(blob.ciphertext) < NONCE_SIZE + TAG_SIZE:
             raise DecryptionError("ciphertext is too short to be AES-GCM output")
         try:
-            return self._aead.decrypt(data[:NONCE_SIZE], data[NONCE_SIZE:], aad or None)
+            return unseal(self._aead, blob.ciphertext, aad or None)
         except InvalidTag:
             raise DecryptionError(
                 "decryption failed: wrong key, wrong AAD or tampered ciphertext"
             ) from None
+
+
+def aead_wrapper(aead: AESGCM, key: bytes, key_id: str) -> AeadWrapper:
+    """An AeadWrapper over an unwrapped key version, sharing its AESGCM object."""
+    wrapper = AeadWrapper.__new__(AeadWrapper)
+    wrapper._key = key
+    wrapper._key_id = key_id
+    wrapper._aead = aead
+    return wrapper
 
 
 def key_fingerprint(key: bytes) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import anyio.to_thread
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import NONCE_SIZE, BlobInfo
 from ._errors import ClosedError, DecryptionError, InvalidParameterError, WrapperError
+from ._resource import AsyncResource
 
 __all__ = ["MECHANISM_ENCRYPT", "MECHANISM_ENVELOPE", "AwsKmsWrapper"]
 
@@ -79,7 +79,7 @@ def _wrapper_error(message: str, *, retryable: bool = False) -> WrapperError:
     return error
 
 
-class AwsKmsWrapper:
+class AwsKmsWrapper(AsyncResource):
     """Wraps root keys with a symmetric AWS KMS key.
 
     ``key_id`` may be a key id, key ARN, alias name (``alias/...``) or alias
@@ -171,17 +171,6 @@ class AwsKmsWrapper:
         return dict(self._context)
 
     # -- lifecycle ---------------------------------------------------------
-
-    async def __aenter__(self) -> AwsKmsWrapper:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the client this wrapper made (a caller's stays open). Idempotent."""

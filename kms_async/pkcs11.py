@@ -24,7 +24,6 @@ import os
 import threading
 import urllib.parse
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -37,6 +36,7 @@ from ._errors import (
     KMSError,
     WrapperError,
 )
+from ._resource import AsyncResource
 
 __all__ = ["CKM_AES_GCM", "Pkcs11Wrapper"]
 
@@ -80,7 +80,7 @@ def _uri(token_label: str, key_label: str) -> str:
     return f"pkcs11:token={quote(token_label, safe='')};object={quote(key_label, safe='')}"
 
 
-class Pkcs11Wrapper:
+class Pkcs11Wrapper(AsyncResource):
     """Wraps root keys with an AES key held in a PKCS#11 token.
 
     ``lib_path`` is the vendor's PKCS#11 module (for SoftHSM2,
@@ -157,17 +157,8 @@ class Pkcs11Wrapper:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def __aenter__(self) -> Pkcs11Wrapper:
+    async def _enter(self) -> None:
         await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def connect(self) -> None:
         """Load the module, log in and find the key now rather than on first use.

@@ -588,7 +588,7 @@ def count_loads(kms: KMS) -> tuple[list[tuple[str, str]], list[bool]]:
     """
     calls: list[tuple[str, str]] = []
     ended: list[bool] = []
-    original = kms._load_purpose
+    original = kms._keyring.load
 
     async def counted(scope_id: str, purpose: str) -> Any:
         calls.append((scope_id, purpose))
@@ -600,7 +600,7 @@ def count_loads(kms: KMS) -> tuple[list[tuple[str, str]], list[bool]]:
         finally:
             ended.append(ok)
 
-    kms._load_purpose = counted  # type: ignore[method-assign]
+    kms._keyring.load = counted  # type: ignore[method-assign]
     return calls, ended
 
 

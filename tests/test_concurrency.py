@@ -55,13 +55,13 @@ def count_loads(kms: KMS) -> list[tuple[str, str]]:
     the database work is real; only the number of loads is observed.
     """
     calls: list[tuple[str, str]] = []
-    original = kms._load_purpose
+    original = kms._keyring.load
 
     async def counted(scope_id: str, purpose: str) -> Any:
         calls.append((scope_id, purpose))
         return await original(scope_id, purpose)
 
-    kms._load_purpose = counted  # type: ignore[method-assign]
+    kms._keyring.load = counted  # type: ignore[method-assign]
     return calls
 
 

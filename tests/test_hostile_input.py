@@ -37,7 +37,7 @@ from kms_async import (
     StorageError,
     UnknownKeyVersionError,
 )
-from kms_async import _kms as kms_module
+from kms_async import _keyring as keyring_module
 
 OpenKMS = Callable[..., Awaitable[KMS]]
 
@@ -59,7 +59,7 @@ KEY_TABLES = (
 @pytest.fixture
 def no_reload_spacing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reload at once for ciphertexts naming unknown versions (the spacing is tested apart)."""
-    monkeypatch.setattr(kms_module, "_RELOAD_SPACING", 0.0)
+    monkeypatch.setattr(keyring_module, "RELOAD_SPACING", 0.0)
 
 
 # -- protobuf framing, written here independently of kms_async._blob ----------------
@@ -400,13 +400,13 @@ def test_blobinfo_from_bytes_refuses_non_bytes(data: Any) -> None:
 def count_loads(kms: KMS) -> list[tuple[str, str]]:
     """Record every database load of a (scope, purpose) by this KMS."""
     loads: list[tuple[str, str]] = []
-    original = kms._load_purpose
+    original = kms._keyring.load
 
     async def counting(scope_id: str, purpose: str) -> Any:
         loads.append((scope_id, purpose))
         return await original(scope_id, purpose)
 
-    kms._load_purpose = counting  # type: ignore[method-assign]
+    kms._keyring.load = counting  # type: ignore[method-assign]
     return loads
 
 

@@ -19,7 +19,7 @@ Attributing statements to calls (the background check runs concurrently):
   check runs in tasks created when the KMS opened, outside the flag.
   SQLite traces run on aiosqlite's worker thread, which has no task
   context, hence the first method.
-* ``_load_purpose`` of the instance is wrapped to count loads: with the
+* ``_keyring.load`` of the instance is wrapped to count loads: with the
   warmed scopes untouched, the background check must not reload them either.
 """
 
@@ -136,13 +136,13 @@ async def traced_kms(
                 lambda sql: statements.append(Statement(sql, None))
             )
         traced = Traced(kms, statements, [])
-        original = kms._load_purpose
+        original = kms._keyring.load
 
         async def counted(scope_id: str, purpose: str) -> Any:
             traced.loads.append((scope_id, purpose))
             return await original(scope_id, purpose)
 
-        kms._load_purpose = counted  # type: ignore[method-assign]
+        kms._keyring.load = counted  # type: ignore[method-assign]
         return traced
 
     try:

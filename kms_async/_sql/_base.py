@@ -147,6 +147,14 @@ class Database(Protocol):
         """
         ...
 
+    async def find_notify_channel(self) -> str | None:
+        """Name the channel key changes are announced on (``None``: no notifications).
+
+        Specific to this database's collection version table, since schemas
+        of one database share a notification namespace.
+        """
+        ...
+
     def can_listen(self) -> bool:
         """Whether a listener can hold a connection without starving other work."""
         ...

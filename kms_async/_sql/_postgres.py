@@ -32,6 +32,8 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "55P03")
 
 #: Seconds to wait for a free pool connection before giving up.
 DEFAULT_POOL_TIMEOUT = 10.0
+#: Seconds a rollback may take before its connection is dropped instead.
+ROLLBACK_WAIT = 2.0
 
 
 @contextlib.contextmanager
@@ -89,28 +91,30 @@ async def _commit(raw: Any) -> None:
 
 
 async def _roll_back(raw: Any) -> None:
-    """Roll back after a failure, or drop the connection if that cannot finish.
+    """Roll back after a failure or cancellation, or drop the connection.
 
-    Cancelled (a caller's timeout, perhaps on a connection that no longer
-    answers), the connection is terminated at once: the server rolls back
-    when it goes, and the cancellation is never swallowed while waiting for
-    a reply that may not come.
+    The rollback runs to its end, so that a COMMIT still in flight is
+    settled one way or the other before the error reaches the caller. But it
+    gets at most ``ROLLBACK_WAIT`` seconds, and a second cancellation ends the
+    wait at once: on a connection that no longer answers (a network
+    partition) the connection is terminated instead, the server rolls back
+    when it goes, and the caller's timeout is never swallowed.
     """
     try:
         if raw.is_closed():
             return
     except asyncpg.InterfaceError:
         return  # lost, and already handed back to the pool
-    if sys.exc_info()[0] is asyncio.CancelledError:
-        _drop(raw)
-        return
+    rollback = asyncio.ensure_future(raw.execute("rollback"))
     try:
-        await raw.execute("rollback")
+        done, _ = await asyncio.wait({rollback}, timeout=ROLLBACK_WAIT)
     except asyncio.CancelledError:
         _drop(raw)
+        rollback.cancel()
         raise
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+    if not done or rollback.exception() is not None:
         _drop(raw)
+        rollback.cancel()
 
 
 def _drop(raw: Any) -> None:
@@ -296,6 +300,13 @@ class PostgresDatabase:
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
+
+    async def find_notify_channel(self) -> str | None:
+        q = self.queries
+        async with self.read() as conn:
+            oid = await conn.fetchval(q.collection_version_oid, f"{q.prefix}_collection_version")
+        q.notify_channel = f"{q.prefix}_key_change_{oid}"
+        return q.notify_channel
 
     def can_listen(self) -> bool:
         """Whether listening leaves the pool a connection for everything else."""

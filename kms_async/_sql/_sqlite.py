@@ -342,6 +342,9 @@ class SqliteDatabase:
             parsed = parsed.replace(tzinfo=datetime.timezone.utc)
         return parsed
 
+    async def find_notify_channel(self) -> str | None:
+        return None
+
     def can_listen(self) -> bool:
         return False
 

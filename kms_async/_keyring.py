@@ -1,0 +1,225 @@
+"""Key loading: the wrapper registry, root unwrapping, cold loads and reloads.
+
+A cold load of one (scope, purpose) is one query for its data key versions
+and the root key versions that wrap them; the connection goes back to the
+pool before the root wrapper (perhaps a remote key service) is called.
+Concurrent misses of one pair share a single load (see :class:`KeyCache`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import _repository as repo
+from ._blob import BlobInfo, decode
+from ._cache import KeyCache, PurposeKeys, VersionKey
+from ._errors import (
+    InvalidParameterError,
+    KeyNotFoundError,
+    StorageError,
+    TransientStorageError,
+    UnknownKeyVersionError,
+    WrapperError,
+)
+from ._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, is_id, new_id
+from ._sql import Database
+from ._types import ROOT_PURPOSE
+from ._validate import check_known_purpose, show
+from ._wrappers import KEY_SIZE, Wrapper, unwrap_key, wrapper_error
+
+__all__ = ["Keyring"]
+
+logger = logging.getLogger("kms_async")
+
+#: Root keys wrapped concurrently by bulk operations (for remote root wrappers).
+WRAP_CONCURRENCY = 16
+#: A ciphertext naming an unknown version reloads its scope at most this often.
+RELOAD_SPACING = 0.2
+
+
+class Keyring:
+    """The root wrappers and everything that unwraps keys into the cache."""
+
+    def __init__(self, database: Database, cache: KeyCache, purposes: tuple[str, ...]) -> None:
+        self._db = database
+        self._q = database.queries
+        self._cache = cache
+        self.purposes = purposes
+        self._wrappers: dict[str, Wrapper] = {}
+
+    # -- the wrapper registry ----------------------------------------------
+
+    def add_wrapper(self, purpose: str, wrapper: Wrapper) -> None:
+        check_known_purpose(purpose, self.purposes)
+        if wrapper is None or not isinstance(wrapper, Wrapper):
+            raise InvalidParameterError(
+                "missing wrapper: pass an object with key_id, encrypt() and decrypt()"
+            )
+        self._wrappers[purpose] = wrapper
+
+    def wrapper(self, purpose: str) -> Wrapper:
+        check_known_purpose(purpose, self.purposes)
+        wrapper = self._wrappers.get(purpose)
+        if wrapper is None:
+            raise KeyNotFoundError(f"missing external wrapper for {purpose!r}")
+        return wrapper
+
+    def root_wrapper(self) -> Wrapper:
+        wrapper = self._wrappers.get(ROOT_PURPOSE)
+        if wrapper is None:
+            raise KeyNotFoundError(
+                "missing external root wrapper: pass root_wrapper= to KMS.open() or call "
+                "add_external_wrapper('rootKey', wrapper)"
+            )
+        return wrapper
+
+    def clear(self) -> None:
+        # Registered wrappers may hold root key material.
+        self._wrappers.clear()
+
+    # -- root keys -----------------------------------------------------------
+
+    async def wrap_root(self, key: bytes) -> bytes:
+        wrapper = self.root_wrapper()
+        try:
+            blob = await wrapper.encrypt(key)
+        except Exception as exc:
+            raise wrapper_error(f"the root wrapper failed to wrap a root key: {exc}", exc) from exc
+        if not isinstance(blob, BlobInfo):
+            raise WrapperError(
+                f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
+            )
+        return blob.to_bytes()
+
+    async def unwrap_root(self, version_id: str, version: int, wrapped: bytes) -> VersionKey:
+        cached = self._cache.get_root(version_id)
+        if cached is not None:
+            # A rotation caches its new root before the database numbers it.
+            return (
+                cached
+                if cached.version == version
+                else dataclasses.replace(cached, version=version)
+            )
+        wrapper = self.root_wrapper()
+        blob = decode(wrapped)
+        try:
+            key = await wrapper.decrypt(blob)
+        except Exception as exc:
+            raise wrapper_error(
+                f"the root wrapper cannot unwrap root key version {version_id} (wrapped under "
+                f"key id {show(blob.key_id)}): {exc}; if the root key was replaced, register "
+                "PooledWrapper(new, old) until rewrap_keys() has run for every scope",
+                exc,
+            ) from exc
+        if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+            raise WrapperError(f"root key version {version_id} did not unwrap to a 32-byte key")
+        unwrapped = VersionKey(version_id, version, AESGCM(key), key)
+        self._cache.put_root(version_id, unwrapped)
+        return unwrapped
+
+    async def new_roots(self, count: int) -> list[tuple[VersionKey, bytes]]:
+        """Make ``count`` root key versions, wrapped, several wrapper calls at a time.
+
+        Runs before any transaction opens: no connection or lock is held
+        while a root key service answers.
+        """
+        keys = [os.urandom(KEY_SIZE) for _ in range(count)]
+        wrapped = [b""] * count
+        pending = iter(range(count))
+
+        async def worker() -> None:
+            for i in pending:
+                wrapped[i] = await self.wrap_root(keys[i])
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(count, WRAP_CONCURRENCY))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        return [
+            (VersionKey(new_id(ROOT_KEY_VERSION_PREFIX), 1, AESGCM(key), key), blob)
+            for key, blob in zip(keys, wrapped, strict=True)
+        ]
+
+    async def root_versions(self, scope_id: str) -> list[VersionKey]:
+        """The scope's root key versions, unwrapped, newest first."""
+        async with self._db.read() as conn:
+            root_key_id, _ = await repo.require_root_key(conn, self._q, scope_id)
+            rows = await repo.root_key_versions(conn, self._q, root_key_id)
+        if not rows:
+            raise KeyNotFoundError(f"scope {show(scope_id)} has no root key versions")
+        unwrapped = [await self.unwrap_root(r.id, r.version, r.wrapped) for r in rows]
+        return sorted(unwrapped, key=lambda v: v.version, reverse=True)
+
+    # -- data keys -----------------------------------------------------------
+
+    async def load(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """Read and unwrap the pair's versions (no caching here)."""
+        # The connection goes back to the pool before any wrapper is called.
+        async with self._db.read() as conn:
+            rows = await repo.load_purpose(conn, self._q, scope_id, purpose)
+        roots = {}
+        for version_id, version, wrapped in rows.root_versions:
+            roots[version_id] = await self.unwrap_root(version_id, version, wrapped)
+        versions = []
+        for version_id, version, wrapped, root_version_id in rows.data_versions:
+            root = roots.get(root_version_id)
+            if root is None:
+                raise StorageError(
+                    f"data key version {version_id} points at a missing root key version"
+                )
+            key = unwrap_key(root.aead, root_version_id, version_id, wrapped)
+            versions.append(VersionKey(version_id, version, AESGCM(key), key))
+        logger.debug(
+            "kms_async: loaded %d %r key versions of scope %s", len(versions), purpose, scope_id
+        )
+        return PurposeKeys(versions, loaded_at=time.monotonic())
+
+    async def reload(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """Load the pair (shared with any concurrent load of it) and cache it."""
+        return await self._cache.load((scope_id, purpose), lambda: self.load(scope_id, purpose))
+
+    async def for_decrypt(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """A cache miss on decrypt: load, or while the database is away, use a
+        pair demoted for lack of confirmation (never used to encrypt)."""
+        try:
+            return await self.reload(scope_id, purpose)
+        except TransientStorageError:
+            demoted = self._cache.demoted.get((scope_id, purpose))
+            if demoted is None:
+                raise
+            return demoted
+
+    async def unknown_version(self, scope_id: str, purpose: str, key_id: str) -> AESGCM:
+        """A ciphertext names a version not in the cache: reload the pair once.
+
+        Reloads of one pair are spaced by ``RELOAD_SPACING`` so that hostile
+        ciphertexts cannot turn every call into a database query.
+        """
+        if is_id(key_id, DATA_KEY_VERSION_PREFIX):
+            key = (scope_id, purpose)
+            current = self._cache.entries.get(key)
+            if current is not None:
+                wait = current.loaded_at + RELOAD_SPACING - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                current = self._cache.entries.get(key)
+            found = None if current is None else current.find_id(key_id)
+            if found is not None:
+                return found
+            found = (await self.reload(scope_id, purpose)).find_id(key_id)
+            if found is not None:
+                return found
+        raise UnknownKeyVersionError(
+            f"ciphertext names key version {show(key_id)}, which "
+            f"{purpose!r} keys of scope {show(scope_id)} do not have: it was revoked, or the "
+            "ciphertext belongs to another scope or purpose"
+        )

@@ -1,0 +1,483 @@
+"""Every key write: create, rotate, rewrap, reconcile and revoke.
+
+Each is one transaction: it all commits or none of it does, also when
+cancelled. Root wrapper calls (perhaps a remote key service) happen before
+the transaction opens wherever possible, so no lock is held while they run.
+
+Rotations with ``rewrap`` and rewraps follow one path, read top to bottom:
+
+1. **plan** outside the transaction: read the scopes' key versions and
+   compute their new wrappings (wrapper calls, no lock held);
+2. **check** the plan inside the transaction, under the write lock: if
+   another writer changed the rows meanwhile, plan again, now under the lock,
+   where nobody can overtake (contention costs holding the lock, never a
+   failure);
+3. **apply** the inserts and updates, announce the change, commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import _repository as repo
+from ._cache import KeyCache, PurposeKeys, VersionKey
+from ._errors import (
+    InvalidParameterError,
+    KeyExistsError,
+    KeyInUseError,
+    KeyNotFoundError,
+    RevokeTooSoonError,
+    StorageError,
+    TransientStorageError,
+)
+from ._ids import DATA_KEY_PREFIX, DATA_KEY_VERSION_PREFIX, ROOT_KEY_PREFIX, new_id
+from ._keyring import Keyring
+from ._sql import Connection, Database, IntegrityError
+from ._validate import show
+from ._wrappers import KEY_SIZE, unwrap_key, wrap_key
+
+__all__ = ["Writer"]
+
+logger = logging.getLogger("kms_async")
+
+#: reconcile reads again this often when other processes create the same keys.
+WRITE_ATTEMPTS = 5
+#: Bulk writes of at most this many scopes put the new keys in the cache.
+PRIME_LIMIT = 100
+
+Snapshot = tuple[str, list[repo.RootKeyVersionRow], list[repo.DataKeyVersionRow]]
+
+
+class _StraddledCommit(Exception):
+    """An unlocked snapshot's two reads saw different commits of another writer."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RewrapPlan:
+    """New wrappings for one scope's key versions, and the rows they were made from."""
+
+    root_key_id: str
+    root_updates: list[tuple[bytes, str, bytes]]  # new wrapped, id, old wrapped
+    data_updates: list[tuple[bytes, str, str, bytes]]  # new wrapped, root version, id, old
+
+    def made_from(self) -> tuple[set[tuple[str, bytes]], set[tuple[str, bytes]]]:
+        return (
+            {(u[1], u[2]) for u in self.root_updates},
+            {(u[2], u[3]) for u in self.data_updates},
+        )
+
+
+class Writer:
+    """The write half of a KMS: one method per kind of write."""
+
+    def __init__(
+        self,
+        database: Database,
+        keyring: Keyring,
+        cache: KeyCache,
+        purposes: tuple[str, ...],
+        revoke_grace: float,
+    ) -> None:
+        self._db = database
+        self._q = database.queries
+        self._keyring = keyring
+        self._cache = cache
+        self._purposes = purposes
+        self.revoke_grace = revoke_grace
+
+    @contextlib.asynccontextmanager
+    async def _invalidating(self, scope_ids: list[str]) -> AsyncIterator[None]:
+        """Drop the scopes' cached keys when a write ends, however it ends.
+
+        A write cancelled while its commit was in flight may still have
+        committed, so the cache is invalidated on every exit, not only on
+        success; the next use reloads from what the database holds.
+        """
+        try:
+            yield
+        finally:
+            for scope_id in scope_ids:
+                self._cache.invalidate_scope(scope_id)
+
+    # -- create ------------------------------------------------------------
+
+    async def create(self, scopes: list[str], purposes: list[str], conn: Any) -> None:
+        roots = await self._keyring.new_roots(len(scopes))
+        prime = conn is None and len(scopes) <= PRIME_LIMIT
+        new_roots = []
+        rows: list[tuple[str, repo.NewDataKey]] = []
+        primed: list[tuple[str, VersionKey]] = []
+        for scope_id, (root, wrapped) in zip(scopes, roots, strict=True):
+            new_root = repo.NewRootKey(new_id(ROOT_KEY_PREFIX), scope_id, root.id, wrapped)
+            new_roots.append(new_root)
+            for purpose in purposes:
+                key = os.urandom(KEY_SIZE)
+                version_id = new_id(DATA_KEY_VERSION_PREFIX)
+                row = repo.NewDataKey(
+                    new_id(DATA_KEY_PREFIX),
+                    new_root.id,
+                    purpose,
+                    version_id,
+                    root.id,
+                    wrap_key(root.aead, root.id, key),
+                )
+                rows.append((scope_id, row))
+                if prime:
+                    # Only keys that will be cached get an AESGCM object (2.4 kB each).
+                    primed.append((scope_id, VersionKey(version_id, 1, AESGCM(key), key)))
+        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
+            changed = await repo.bump_collection_version(tx, self._q)
+            try:
+                await repo.insert_root_keys(tx, self._q, new_roots)
+            except IntegrityError as exc:
+                if exc.kind != "unique":
+                    raise
+                which = (
+                    f"scope {show(scopes[0])} already has"
+                    if len(scopes) == 1
+                    else "one of the scopes already has"
+                )
+                raise KeyExistsError(
+                    f"{which} keys and nothing was created; use rotate_keys() to make new "
+                    "versions or reconcile_keys() to add purposes"
+                ) from exc
+            await repo.insert_data_keys(tx, self._q, [row for _, row in rows])
+            await repo.announce(tx, self._q, changed, scopes)
+        if prime:
+            # Committed: the first encrypt for a new scope needs no query.
+            for root, _ in roots:
+                self._cache.put_root(root.id, root)
+            for (scope_id, row), (_, version) in zip(rows, primed, strict=True):
+                self._cache.put((scope_id, row.purpose), PurposeKeys([version]))
+        logger.debug("kms_async: created keys for %d scope(s): %s", len(scopes), purposes)
+
+    # -- rotate and rewrap -------------------------------------------------
+
+    async def rotate(self, scopes: list[str], *, rewrap: bool, conn: Any) -> None:
+        roots = dict(zip(scopes, await self._keyring.new_roots(len(scopes)), strict=True))
+        targets = {scope_id: root for scope_id, (root, _) in roots.items()}
+        plans = await self._plan_outside(scopes, conn, targets) if rewrap else None
+        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
+            changed = await repo.bump_collection_version(tx, self._q)
+            if rewrap:
+                plans = await self._plan_checked(tx, scopes, plans, targets)
+            await self._insert_rotation(tx, roots)
+            if plans:
+                await self._apply(tx, plans)
+            await repo.announce(tx, self._q, changed, scopes)
+        if conn is None and len(scopes) <= PRIME_LIMIT:
+            for root, _ in roots.values():
+                self._cache.put_root(root.id, root)
+        logger.debug("kms_async: rotated %d scope(s) (rewrap=%s)", len(scopes), rewrap)
+
+    async def rewrap(self, scopes: list[str], *, conn: Any) -> None:
+        plans = await self._plan_outside(scopes, conn, None)
+        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
+            changed = await repo.bump_collection_version(tx, self._q)
+            plans = await self._plan_checked(tx, scopes, plans, None)
+            await self._apply(tx, plans)
+            await repo.announce(tx, self._q, changed, scopes)
+        logger.debug("kms_async: rewrapped %d scope(s)", len(scopes))
+
+    async def _insert_rotation(
+        self, tx: Connection, roots: dict[str, tuple[VersionKey, bytes]]
+    ) -> None:
+        """A new root key version per scope, and a new version of each data key under it.
+
+        Only the purposes this KMS was opened with get new versions.
+        """
+        owners = await self._root_keys_of(tx, list(roots))
+        await repo.insert_root_key_versions(
+            tx,
+            self._q,
+            [(root.id, owners[scope_id], wrapped) for scope_id, (root, wrapped) in roots.items()],
+        )
+        new_root_of = {owners[scope_id]: root for scope_id, (root, _) in roots.items()}
+        new_versions = []
+        for data_key_id, root_key_id, purpose in await repo.data_keys_of_roots(
+            tx, self._q, list(new_root_of)
+        ):
+            if purpose in self._purposes:
+                root = new_root_of[root_key_id]
+                new_versions.append(
+                    repo.NewDataKey(
+                        data_key_id,
+                        root_key_id,
+                        purpose,
+                        new_id(DATA_KEY_VERSION_PREFIX),
+                        root.id,
+                        wrap_key(root.aead, root.id, os.urandom(KEY_SIZE)),
+                        new_key=False,
+                    )
+                )
+        await repo.insert_data_keys(tx, self._q, new_versions)
+
+    async def _plan_outside(
+        self, scopes: list[str], conn: Any, targets: dict[str, VersionKey] | None
+    ) -> dict[str, _RewrapPlan] | None:
+        """Step 1: plans from reads outside the write transaction (None: plan under the lock)."""
+        if conn is not None:
+            # The caller's transaction: read inside it, in a savepoint.
+            async with self._db.transaction(conn) as tx:
+                snapshots = await self._snapshots(tx, scopes)
+        else:
+            async with self._db.read() as reader:
+                snapshots = await self._snapshots(reader, scopes)
+        try:
+            return await self._plans(scopes, snapshots, targets, locked=False)
+        except _StraddledCommit:
+            return None
+
+    async def _plan_checked(
+        self,
+        tx: Connection,
+        scopes: list[str],
+        plans: dict[str, _RewrapPlan] | None,
+        targets: dict[str, VersionKey] | None,
+    ) -> dict[str, _RewrapPlan]:
+        """Step 2: the plans if the rows are still what they were made from, else new ones."""
+        if plans is not None:
+            versions = await repo.key_versions_of_roots(
+                tx, self._q, [plan.root_key_id for plan in plans.values()]
+            )
+            if all(
+                _rows_of(*versions[plan.root_key_id]) == plan.made_from() for plan in plans.values()
+            ):
+                return plans
+        # Under the write lock: nobody can change the rows before we commit.
+        return await self._plans(scopes, await self._snapshots(tx, scopes), targets, locked=True)
+
+    async def _apply(self, tx: Connection, plans: dict[str, _RewrapPlan]) -> None:
+        """Step 3: write the new wrappings."""
+        await repo.update_wrapped_keys(
+            tx,
+            self._q,
+            [u for plan in plans.values() for u in plan.root_updates],
+            [u for plan in plans.values() for u in plan.data_updates],
+        )
+
+    async def _plans(
+        self,
+        scopes: list[str],
+        snapshots: dict[str, Snapshot],
+        targets: dict[str, VersionKey] | None,
+        *,
+        locked: bool,
+    ) -> dict[str, _RewrapPlan]:
+        return {
+            scope_id: await self._plan(
+                scope_id,
+                snapshots[scope_id],
+                None if targets is None else targets[scope_id],
+                locked=locked,
+            )
+            for scope_id in scopes
+        }
+
+    async def _plan(
+        self, scope_id: str, snapshot: Snapshot, target: VersionKey | None, *, locked: bool
+    ) -> _RewrapPlan:
+        """New wrappings for every key version of one scope.
+
+        Root versions are re-wrapped by the root wrapper, data versions by
+        ``target`` (a rotation's new root version) or else the newest root
+        version.
+        """
+        root_key_id, root_rows, data_rows = snapshot
+        if not root_rows:
+            raise KeyNotFoundError(f"scope {show(scope_id)} has no root key versions")
+        roots: dict[str, VersionKey] = {}
+        root_updates = []
+        for row in root_rows:
+            roots[row.id] = await self._keyring.unwrap_root(row.id, row.version, row.wrapped)
+            rewrapped = await self._keyring.wrap_root(roots[row.id].key)
+            root_updates.append((rewrapped, row.id, row.wrapped))
+        goal = target if target is not None else roots[root_rows[-1].id]
+        data_updates = []
+        for d in data_rows:
+            parent = roots.get(d.root_key_version_id)
+            if parent is None:
+                if locked:
+                    raise StorageError(
+                        f"data key version {d.id} points at a missing root key version (none "
+                        "of its scope's); the key tables were changed outside kms_async"
+                    )
+                raise _StraddledCommit
+            key = unwrap_key(parent.aead, parent.id, d.id, d.wrapped)
+            data_updates.append((wrap_key(goal.aead, goal.id, key), goal.id, d.id, d.wrapped))
+        return _RewrapPlan(root_key_id, root_updates, data_updates)
+
+    async def _snapshots(self, conn: Connection, scopes: list[str]) -> dict[str, Snapshot]:
+        """Each scope's root key id, root key versions and data key versions
+        (three queries per 1,000 scopes)."""
+        owners = await self._root_keys_of(conn, scopes)
+        versions = await repo.key_versions_of_roots(conn, self._q, list(owners.values()))
+        return {scope_id: (owners[scope_id], *versions[owners[scope_id]]) for scope_id in scopes}
+
+    async def _root_keys_of(self, conn: Connection, scopes: list[str]) -> dict[str, str]:
+        """scope id -> root key id; KeyNotFoundError names the first scope without keys."""
+        owners = await repo.root_keys_of_scopes(conn, self._q, scopes)
+        missing = [scope_id for scope_id in scopes if scope_id not in owners]
+        if missing:
+            others = f" (and {len(missing) - 1} more scopes)" if len(missing) > 1 else ""
+            raise KeyNotFoundError(
+                f"scope {show(missing[0])}{others} has no keys; create them with create_keys()"
+            )
+        return owners
+
+    # -- revoke ------------------------------------------------------------
+
+    async def revoke(
+        self, key_version_id: str, *, is_root: bool, scope_id: str | None, conn: Any
+    ) -> None:
+        owners: list[str] = []
+        try:
+            async with self._invalidating(owners), self._db.transaction(conn) as tx:
+                changed = await repo.bump_collection_version(tx, self._q)
+                found = await repo.version_for_revoke(tx, self._q, key_version_id, root=is_root)
+                if found is None or (scope_id is not None and found.scope_id != scope_id):
+                    where = "" if scope_id is None else f" in scope {show(scope_id)}"
+                    raise KeyNotFoundError(f"no key version {show(key_version_id)}{where}")
+                owners.append(found.scope_id)
+                kind = "root" if is_root else repr(found.purpose)
+                if found.newest:
+                    raise KeyInUseError(
+                        f"{key_version_id} is the newest {kind} key version of scope "
+                        f"{show(found.scope_id)}; rotate_keys() first"
+                    )
+                # What is still in use first: that needs work, the grace only time.
+                if found.wrapped_data_versions:
+                    raise KeyInUseError(
+                        f"{key_version_id} still wraps {found.wrapped_data_versions} data key "
+                        f"version(s); run rewrap_keys({show(found.scope_id)}) so they move to "
+                        "the newest root key version"
+                    )
+                if not is_root:
+                    await self._refuse_if_referenced(tx, key_version_id)
+                self._check_grace(key_version_id, found.superseded_for)
+                await repo.delete_key_version(tx, self._q, key_version_id, root=is_root)
+                await repo.announce(tx, self._q, changed, owners)
+        except IntegrityError as exc:
+            # A row that appeared since the check, under a restrict foreign
+            # key, or under a deferred one (which fails at commit).
+            if exc.kind != "foreign_key":
+                raise
+            raise KeyInUseError(
+                f"{key_version_id} still protects application rows ({exc.detail}); "
+                "re-encrypt them under the newest version before revoking it"
+            ) from exc
+        if is_root:
+            self._cache.roots.pop(key_version_id, None)
+        logger.debug("kms_async: revoked key version %s of scope %s", key_version_id, owners)
+
+    def _check_grace(self, key_version_id: str, superseded_for: float) -> None:
+        """Refuse to revoke what other instances may still be encrypting under."""
+        remaining = self.revoke_grace - superseded_for
+        if self.revoke_grace > 0 and remaining > 0:
+            raise RevokeTooSoonError(
+                f"{key_version_id} was superseded {max(superseded_for, 0.0):.1f} s ago; other "
+                "instances may still encrypt under it until it has been superseded for "
+                f"{self.revoke_grace:g} s (revoke_grace): retry in {remaining:.1f} s",
+                retry_after=remaining,
+            )
+
+    async def _refuse_if_referenced(self, tx: Connection, key_version_id: str) -> None:
+        """KeyInUseError if application rows use the version, whatever their foreign key does.
+
+        A cascading or nulling foreign key would otherwise delete or blank
+        the application's rows along with the key; a deferred one would fail
+        only at commit.
+        """
+        found = await repo.version_referencers(tx, self._q, key_version_id)
+        if not found:
+            return
+        effects = {"CASCADE": "delete", "SET NULL": "null", "SET DEFAULT": "reset"}
+        table, action = found[0]
+        effect = effects.get(action)
+        what = (
+            f"revoking it would {effect} rows of {table} (ON DELETE {action})"
+            if effect
+            else f"rows of {table} still use it"
+        )
+        raise KeyInUseError(
+            f"{key_version_id} still protects application rows: {what}; re-encrypt them under "
+            "the newest version (reencrypt_key_version) before revoking it"
+        )
+
+    # -- reconcile ---------------------------------------------------------
+
+    async def reconcile(self, scopes: list[str], purposes: list[str]) -> list[tuple[str, str]]:
+        if not purposes:
+            raise InvalidParameterError("missing purposes")
+        for _attempt in range(WRITE_ATTEMPTS):
+            async with self._db.read() as reader:
+                missing = await repo.missing_data_keys(reader, self._q, scopes, purposes)
+                with_root = sorted({m[2] for m in missing if m[2] is not None})
+                latest = await repo.latest_root_key_versions(reader, self._q, with_root)
+            if not missing:
+                return []
+            roots: dict[str, VersionKey] = {}
+            for root_key_id, row in latest.items():
+                roots[root_key_id] = await self._keyring.unwrap_root(
+                    row.id, row.version, row.wrapped
+                )
+            rootless = list(dict.fromkeys(m[0] for m in missing if m[2] is None))
+            new_roots: dict[str, repo.NewRootKey] = {}
+            fresh: list[VersionKey] = []
+            for scope_id, (root, wrapped) in zip(
+                rootless, await self._keyring.new_roots(len(rootless)), strict=True
+            ):
+                new_roots[scope_id] = repo.NewRootKey(
+                    new_id(ROOT_KEY_PREFIX), scope_id, root.id, wrapped
+                )
+                roots[new_roots[scope_id].id] = root
+                fresh.append(root)
+            rows = []
+            for scope_id, purpose, existing_root in missing:
+                owner = existing_root if existing_root is not None else new_roots[scope_id].id
+                if owner not in roots:
+                    break  # a root key without versions appeared; read again
+                root = roots[owner]
+                rows.append(
+                    repo.NewDataKey(
+                        new_id(DATA_KEY_PREFIX),
+                        owner,
+                        purpose,
+                        new_id(DATA_KEY_VERSION_PREFIX),
+                        root.id,
+                        wrap_key(root.aead, root.id, os.urandom(KEY_SIZE)),
+                    )
+                )
+            else:
+                changed_scopes = [m[0] for m in missing]
+                try:
+                    async with self._invalidating(changed_scopes), self._db.transaction() as tx:
+                        changed = await repo.bump_collection_version(tx, self._q)
+                        await repo.insert_root_keys(tx, self._q, list(new_roots.values()))
+                        await repo.insert_data_keys(tx, self._q, rows)
+                        await repo.announce(tx, self._q, changed, changed_scopes)
+                except IntegrityError as exc:
+                    # Another process created some of these keys, or revoked a
+                    # root version we used, since the read: read again.
+                    if exc.kind not in ("unique", "foreign_key"):
+                        raise
+                    continue
+                for version in fresh[:PRIME_LIMIT]:
+                    self._cache.put_root(version.id, version)
+                created = sorted((m[0], m[1]) for m in missing)
+                logger.debug("kms_async: reconcile created %d data keys", len(created))
+                return created
+        raise TransientStorageError("other processes kept creating the same keys; retry")
+
+
+def _rows_of(
+    root_rows: list[repo.RootKeyVersionRow], data_rows: list[repo.DataKeyVersionRow]
+) -> tuple[set[tuple[str, bytes]], set[tuple[str, bytes]]]:
+    return ({(r.id, r.wrapped) for r in root_rows}, {(d.id, d.wrapped) for d in data_rows})

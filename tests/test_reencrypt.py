@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest import input_validation
 
 from kms_async import (
     KMS,
@@ -325,6 +326,7 @@ HOSTILE = [
 ]
 
 
+@input_validation
 @pytest.mark.parametrize("change", HOSTILE)
 async def test_hostile_identifiers_are_refused_before_any_sql(
     db: Any, kms: KMS, change: dict[str, Any]

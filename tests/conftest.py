@@ -20,10 +20,11 @@ import asyncio
 import dataclasses
 import os
 import pathlib
+import re
 import secrets
 import shutil
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiosqlite
@@ -76,6 +77,23 @@ class GatedWrapper(CountingWrapper):
         return await super().decrypt(blob, aad=aad)
 
 
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def sqlite_sql(sql: str) -> str:
+    """A statement written with ``$n`` as sqlite3 takes it: ``:pn``, bound by :func:`sqlite_args`.
+
+    (sqlite3's ``?n`` would do, but Python 3.12.0-3.12.3 warn whenever ``?n``
+    is bound from a sequence: CPython gh-117995.)
+    """
+    return _PLACEHOLDER.sub(r":p\1", sql)
+
+
+def sqlite_args(args: Sequence[Any]) -> dict[str, Any]:
+    """The arguments of a :func:`sqlite_sql` statement: ``args[0]`` binds ``:p1``."""
+    return {f"p{n}": value for n, value in enumerate(args, 1)}
+
+
 def _with_search_path(dsn: str, schema: str) -> str:
     parts = urllib.parse.urlsplit(dsn)
     query = urllib.parse.parse_qsl(parts.query)
@@ -109,7 +127,7 @@ class TestDB:
             if self.dialect == "postgres":
                 await conn.execute(sql, *args)
             else:
-                await conn.execute(sql.replace("$", "?"), args)
+                await conn.execute(sqlite_sql(sql), sqlite_args(args))
         finally:
             await conn.close()
 
@@ -118,7 +136,8 @@ class TestDB:
         try:
             if self.dialect == "postgres":
                 return [tuple(r) for r in await conn.fetch(sql, *args)]
-            return [tuple(r) for r in await conn.execute_fetchall(sql.replace("$", "?"), args)]
+            rows = await conn.execute_fetchall(sqlite_sql(sql), sqlite_args(args))
+            return [tuple(r) for r in rows]
         finally:
             await conn.close()
 

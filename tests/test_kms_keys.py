@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import input_validation
+from conftest import input_validation, sqlite_args, sqlite_sql
 
 from kms_async import (
     KMS,
@@ -290,7 +290,7 @@ class CallerTransaction:
         if self.dialect == "postgres":
             await self.conn.execute(sql, *args)
         else:
-            await self.conn.execute(sql.replace("$", "?"), args)
+            await self.conn.execute(sqlite_sql(sql), sqlite_args(args))
 
     async def commit(self) -> None:
         if self.dialect == "postgres":

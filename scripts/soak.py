@@ -36,6 +36,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -181,7 +182,10 @@ async def app_execute(db: Any, sql: str, *args: Any) -> list[Any]:
         if hasattr(db, "acquire"):
             async with db.acquire() as conn:
                 return list(await conn.fetch(sql, *args))
-        return list(await db.execute_fetchall(sql.replace("$", "?"), args))
+        # :pn bound from a dict: Python 3.12.0-3.12.3 warn on ?n bound from a tuple.
+        named = re.sub(r"\$(\d+)", r":p\1", sql)
+        params = {f"p{n}": value for n, value in enumerate(args, 1)}
+        return list(await db.execute_fetchall(named, params))
     except (asyncpg.ForeignKeyViolationError, sqlite3.IntegrityError) as exc:
         raise VersionRevokedMeanwhile(str(exc)) from exc
     except (

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Gener
 from typing import Any
 
 import pytest
-from conftest import GatedWrapper
+from conftest import GatedWrapper, sqlite_args, sqlite_sql
 
 from kms_async import (
     KMS,
@@ -130,7 +130,7 @@ class Rows:
     async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         if self.db.dialect == "postgres":
             return [tuple(r) for r in await self.conn.fetch(sql, *args)]
-        rows = await self.conn.execute_fetchall(sql.replace("$", "?"), args)
+        rows = await self.conn.execute_fetchall(sqlite_sql(sql), sqlite_args(args))
         return [tuple(r) for r in rows]
 
     async def collection_version(self) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest import input_validation
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -320,6 +321,7 @@ async def test_empty_aad_and_none_are_the_same(kms: KMS) -> None:
             assert await kms.decrypt("t", "database", ciphertext, aad=dec_aad) == b"p"
 
 
+@input_validation
 @pytest.mark.parametrize("aad", ["text", 5, object(), ["list"]])
 async def test_aad_of_the_wrong_type_is_an_invalid_parameter(kms: KMS, aad: Any) -> None:
     await kms.create_keys("t")
@@ -330,6 +332,7 @@ async def test_aad_of_the_wrong_type_is_an_invalid_parameter(kms: KMS, aad: Any)
         await kms.decrypt("t", "database", ciphertext, aad=aad)
 
 
+@input_validation
 @pytest.mark.parametrize("ciphertext", ["text", 5, None, object()])
 async def test_ciphertext_of_the_wrong_type_is_refused(kms: KMS, ciphertext: Any) -> None:
     await kms.create_keys("t")
@@ -630,6 +633,7 @@ async def test_hostile_purposes_round_trip_or_are_invalid(
         assert await kms.reconcile_keys([scope], [purpose]) == []
 
 
+@input_validation
 @pytest.mark.parametrize(
     "purpose",
     ["", " ", " database", "database ", "data\x00base", "\ud800", "x" * 257, "x" * 10_000,
@@ -703,13 +707,14 @@ def unreachable_dsn(dialect: str) -> str:
     return "sqlite:////nonexistent-dir/for/kms/tests.db"
 
 
+@input_validation
 @pytest.mark.parametrize("prefix", HOSTILE_PREFIXES)
 async def test_hostile_table_prefixes_are_refused_before_any_sql(
     db: Any, root_wrapper: Any, prefix: Any
 ) -> None:
     objects = await schema_objects(db)
     counts = await row_counts(db)
-    for target in (db.dsn, unreachable_dsn(db.dialect)):
+    for target in (db.dsn, unreachable_dsn("postgres"), unreachable_dsn("sqlite")):
         # With an unreachable database a connection attempt would fail with a
         # storage error: the prefix is refused before any connection is made.
         with pytest.raises(InvalidParameterError):
@@ -821,6 +826,7 @@ async def test_unencodable_key_version_ids_are_invalid_or_not_found(
     assert await kms.decrypt("a", "database", await kms.encrypt("a", "database", b"p")) == b"p"
 
 
+@input_validation
 @pytest.mark.parametrize("version_id", [None, 5, b"kdkv_AAAAAAAAAA", ["kdkv_AAAAAAAAAA"]])
 async def test_key_version_ids_of_the_wrong_type_are_invalid(
     populated: KMS, version_id: Any

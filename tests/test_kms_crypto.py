@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest import input_validation
 
 import kms_async._kms as _kms_module
 from kms_async import (
@@ -209,6 +210,7 @@ async def test_random_bytes_are_a_decryption_error(scoped: KMS) -> None:
     assert {k: v for k, v in results.items() if v != "refused"} == {}
 
 
+@input_validation
 @pytest.mark.parametrize("ciphertext", ["text", None, 42], ids=["str", "none", "int"])
 async def test_ciphertext_that_is_not_bytes_is_a_kms_error(scoped: KMS, ciphertext: Any) -> None:
     with pytest.raises(KMSError, match="ciphertext"):
@@ -218,23 +220,27 @@ async def test_ciphertext_that_is_not_bytes_is_a_kms_error(scoped: KMS, cipherte
 # -- bad arguments ------------------------------------------------------------------
 
 
+@input_validation
 @pytest.mark.parametrize("plaintext", ["text", None, 42], ids=["str", "none", "int"])
 async def test_encrypt_rejects_plaintext_that_is_not_bytes(scoped: KMS, plaintext: Any) -> None:
     with pytest.raises(InvalidParameterError, match="bytes"):
         await scoped.encrypt("s1", "database", plaintext)
 
 
+@input_validation
 async def test_encrypt_rejects_str_aad(scoped: KMS) -> None:
     with pytest.raises(InvalidParameterError, match="bytes"):
         await scoped.encrypt("s1", "database", b"payload", aad="row-17")  # type: ignore[arg-type]
 
 
+@input_validation
 async def test_decrypt_rejects_str_aad(scoped: KMS) -> None:
     ciphertext = await scoped.encrypt("s1", "database", b"payload", aad=b"row-17")
     with pytest.raises(InvalidParameterError, match="bytes"):
         await scoped.decrypt("s1", "database", ciphertext, aad="row-17")  # type: ignore[arg-type]
 
 
+@input_validation
 @pytest.mark.parametrize(
     ("purpose", "match"),
     [
@@ -255,6 +261,7 @@ async def test_encrypt_and_decrypt_reject_bad_purposes(
         await scoped.decrypt("s1", purpose, ciphertext)
 
 
+@input_validation
 @pytest.mark.parametrize("scope_id", ["", "  ", None, 42, ["s1"]], ids=str)
 async def test_encrypt_and_decrypt_reject_bad_scope_ids(scoped: KMS, scope_id: Any) -> None:
     ciphertext = await scoped.encrypt("s1", "database", b"payload")
@@ -451,6 +458,7 @@ async def test_get_wrapper_for_an_unknown_scope_is_key_not_found(kms: KMS) -> No
         await kms.get_wrapper("nope", ROOT_PURPOSE)
 
 
+@input_validation
 async def test_get_wrapper_rejects_bad_arguments(scoped: KMS) -> None:
     with pytest.raises(InvalidParameterError, match="not a supported key purpose"):
         await scoped.get_wrapper("s1", "audit")

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest import input_validation, sqlite_args, sqlite_sql
 
 from kms_async import (
     KMS,
@@ -184,6 +185,7 @@ async def test_created_keys_encrypt_and_decrypt(kms: KMS, open_kms: OpenKMS) -> 
         assert await cold.decrypt("s1", "database", ciphertext) == b"payload"
 
 
+@input_validation
 @pytest.mark.parametrize(
     "scope_id",
     [42, None, b"s1", "", "   ", "\t\n", "a\x00b", "x" * 1025, "é" * 513, "\ud800"],
@@ -212,6 +214,7 @@ async def test_scope_id_of_exactly_1024_utf8_bytes_is_accepted(kms: KMS) -> None
     assert await kms.decrypt(scope_id, "oidc", await kms.encrypt(scope_id, "oidc", b"x")) == b"x"
 
 
+@input_validation
 @pytest.mark.parametrize(
     ("purposes", "match"),
     [
@@ -287,7 +290,7 @@ class CallerTransaction:
         if self.dialect == "postgres":
             await self.conn.execute(sql, *args)
         else:
-            await self.conn.execute(sql.replace("$", "?"), args)
+            await self.conn.execute(sqlite_sql(sql), sqlite_args(args))
 
     async def commit(self) -> None:
         if self.dialect == "postgres":
@@ -351,6 +354,7 @@ async def test_conn_without_an_open_transaction_is_rejected(
     assert await count(db, "kms_root_key") == 0
 
 
+@input_validation
 async def test_conn_of_the_wrong_kind_is_rejected(kms: KMS, db: Any) -> None:
     with pytest.raises(InvalidParameterError, match="conn must be"):
         await kms.create_keys("s1", conn=object())
@@ -616,6 +620,7 @@ async def test_rewrap_replaces_the_root_of_trust(
 # -- revoke_key_version ----------------------------------------------------------
 
 
+@input_validation
 @pytest.mark.parametrize(
     "key_version_id",
     ["", 42, None, "krk_AAAAAAAAAA", "kdk_AAAAAAAAAA", "foo", "krkvAAAAAAAAAA"],
@@ -855,6 +860,7 @@ async def test_reconcile_1500_scopes_in_batches(kms: KMS, db: Any) -> None:
     assert await kms.reconcile_keys(scopes) == []
 
 
+@input_validation
 @pytest.mark.parametrize(
     ("scope_ids", "purposes", "match"),
     [
@@ -943,6 +949,7 @@ async def test_list_keys_of_an_unknown_scope_is_key_not_found(kms: KMS) -> None:
         await kms.list_keys("nope")
 
 
+@input_validation
 @pytest.mark.parametrize("scope_id", ["", 42, None])
 async def test_list_keys_rejects_bad_scope_ids(kms: KMS, scope_id: Any) -> None:
     with pytest.raises(InvalidParameterError, match="scope id"):

@@ -11,6 +11,7 @@ from typing import Any
 import aiosqlite
 import asyncpg
 import pytest
+from conftest import input_validation
 
 from kms_async import (
     KMS,
@@ -73,6 +74,7 @@ async def test_open_accepts_no_purposes(db: Any) -> None:
         assert list(kms.purposes) == []
 
 
+@input_validation
 @pytest.mark.parametrize(
     ("purposes", "match"),
     [
@@ -120,6 +122,7 @@ async def test_open_rejects_unusable_db_values(bad_db: Any) -> None:
         await KMS.open(bad_db, purposes=PURPOSES, max_staleness=None)
 
 
+@input_validation
 async def test_open_rejects_a_root_wrapper_that_is_not_a_wrapper(db: Any) -> None:
     with pytest.raises(InvalidParameterError, match="missing wrapper"):
         await open_default(db.dsn, root_wrapper=b"0" * 32)
@@ -291,17 +294,20 @@ async def test_external_wrapper_for_a_purpose_is_not_the_root_wrapper(
     assert kms.get_external_root_wrapper() is root_wrapper
 
 
+@input_validation
 @pytest.mark.parametrize("purpose", ["audit", "Database", "database "])
 async def test_add_external_wrapper_rejects_unknown_purposes(kms: KMS, purpose: str) -> None:
     with pytest.raises(InvalidParameterError, match="not a supported key purpose"):
         kms.add_external_wrapper(purpose, new_wrapper("x"))
 
 
+@input_validation
 async def test_add_external_wrapper_rejects_a_missing_purpose(kms: KMS) -> None:
     with pytest.raises(InvalidParameterError, match="missing purpose"):
         kms.add_external_wrapper("", new_wrapper("x"))
 
 
+@input_validation
 @pytest.mark.parametrize(
     "not_a_wrapper",
     [None, object(), b"0" * 32, "wrapper"],
@@ -314,11 +320,13 @@ async def test_add_external_wrapper_rejects_objects_that_are_not_wrappers(
         kms.add_external_wrapper("database", not_a_wrapper)
 
 
+@input_validation
 async def test_get_external_wrapper_rejects_unknown_purposes(kms: KMS) -> None:
     with pytest.raises(InvalidParameterError, match="not a supported key purpose"):
         kms.get_external_wrapper("audit")
 
 
+@input_validation
 async def test_get_external_wrapper_rejects_a_missing_purpose(kms: KMS) -> None:
     with pytest.raises(InvalidParameterError, match="missing purpose"):
         kms.get_external_wrapper("")

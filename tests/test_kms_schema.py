@@ -10,6 +10,7 @@ from typing import Any
 import aiosqlite
 import asyncpg
 import pytest
+from conftest import input_validation
 
 import kms_async
 from kms_async import KMS, SCHEMA_VERSION, AeadWrapper, InvalidParameterError, KeyNotFoundError
@@ -192,6 +193,7 @@ async def test_opening_an_unmigrated_prefix_is_a_schema_error(db: Any, open_kms:
 BAD_PREFIXES = ["Kms", "a;drop table x", "", "k" * 25, "1kms", "kms-x", "kms x", "kms\x00"]
 
 
+@input_validation
 @pytest.mark.parametrize("prefix", BAD_PREFIXES, ids=repr)
 async def test_migrate_rejects_bad_prefixes_before_any_sql(db: Any, prefix: str) -> None:
     before = await db.fetch("select count(*) from kms_root_key")
@@ -203,6 +205,7 @@ async def test_migrate_rejects_bad_prefixes_before_any_sql(db: Any, prefix: str)
     assert await db.fetch("select count(*) from kms_root_key") == before
 
 
+@input_validation
 @pytest.mark.parametrize("prefix", BAD_PREFIXES, ids=repr)
 async def test_open_rejects_bad_prefixes_before_any_sql(
     db: Any, root_wrapper: AeadWrapper, prefix: str

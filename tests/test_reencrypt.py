@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest import input_validation, sqlite_args, sqlite_sql
 
 from kms_async import (
     KMS,
@@ -95,7 +96,7 @@ async def insert_many(db: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
                 await conn.executemany(sql, rows)
         else:
             await conn.execute("begin")
-            await conn.executemany(sql.replace("$", "?"), rows)
+            await conn.executemany(sqlite_sql(sql), [sqlite_args(row) for row in rows])
             await conn.execute("commit")
     finally:
         await conn.close()
@@ -325,6 +326,7 @@ HOSTILE = [
 ]
 
 
+@input_validation
 @pytest.mark.parametrize("change", HOSTILE)
 async def test_hostile_identifiers_are_refused_before_any_sql(
     db: Any, kms: KMS, change: dict[str, Any]

@@ -30,10 +30,10 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 
-from . import _repository as repo
 from ._cache import CacheKey, KeyCache, PurposeKeys
 from ._errors import KeyNotFoundError, KMSError
 from ._sql import Database
+from ._sql import _store as repo
 
 __all__ = ["Freshness"]
 

@@ -16,7 +16,6 @@ import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import _repository as repo
 from ._blob import BlobInfo, decode
 from ._cache import KeyCache, PurposeKeys, VersionKey
 from ._errors import (
@@ -29,6 +28,7 @@ from ._errors import (
 )
 from ._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, is_id, new_id
 from ._sql import Database
+from ._sql import _store as repo
 from ._types import ROOT_PURPOSE
 from ._validate import check_known_purpose, show
 from ._wrappers import KEY_SIZE, Wrapper, unwrap_key, wrapper_error

@@ -26,7 +26,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _reencrypt
-from . import _repository as repo
 from ._blob import (
     ENVELOPE_HEADERS,
     NONCE_SIZE,
@@ -56,6 +55,7 @@ from ._migrations import SCHEMA_VERSION
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._resource import AsyncResource
 from ._sql import DEFAULT_POOL_TIMEOUT, Database, open_database
+from ._sql import _store as repo
 from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
 from ._validate import (
     MAX_SCOPE_BYTES,

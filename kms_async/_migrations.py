@@ -19,9 +19,9 @@ import pathlib
 import re
 from typing import Literal
 
-from . import _repository as repo
 from ._errors import InvalidParameterError, SchemaVersionError
 from ._sql import Database, open_database, validate_prefix
+from ._sql import _store as repo
 
 __all__ = ["SCHEMA_VERSION", "Migration", "migrate", "migrations"]
 

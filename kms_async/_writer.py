@@ -26,7 +26,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import _repository as repo
 from ._cache import KeyCache, PurposeKeys, VersionKey
 from ._errors import (
     InvalidParameterError,
@@ -40,6 +39,7 @@ from ._errors import (
 from ._ids import DATA_KEY_PREFIX, DATA_KEY_VERSION_PREFIX, ROOT_KEY_PREFIX, new_id
 from ._keyring import Keyring
 from ._sql import Connection, Database, IntegrityError
+from ._sql import _store as repo
 from ._validate import show
 from ._wrappers import KEY_SIZE, unwrap_key, wrap_key
 

@@ -79,3 +79,41 @@ def test_every_kms_method_they_use_exists(name: str) -> None:
             assert not (isinstance(target, ast.Name) and target.id == "kms"), (
                 f"{name} looks KMS methods up by name; call them"
             )
+
+
+# -- every layer above the store -------------------------------------------------------
+
+ABOVE_THE_STORE = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.glob("*.py"))
+
+
+@pytest.mark.parametrize("name", ABOVE_THE_STORE)
+def test_nothing_above_the_store_imports_a_driver(name: str) -> None:
+    test_no_driver_is_imported(name)
+
+
+@pytest.mark.parametrize("name", ABOVE_THE_STORE)
+def test_nothing_above_the_store_holds_sql(name: str) -> None:
+    test_no_sql_text(name)
+
+
+@pytest.mark.parametrize("name", ABOVE_THE_STORE)
+def test_nothing_above_the_store_branches_on_the_dialect(name: str) -> None:
+    test_no_branch_on_the_dialect(name)
+
+
+def test_the_store_is_the_only_package_with_drivers() -> None:
+    store = PACKAGE / "_sql"
+    importers = set()
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            if any(n.split(".")[0] in DRIVERS for n in names):
+                importers.add(path.parent == store)
+    assert importers == {True}

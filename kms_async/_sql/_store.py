@@ -1,4 +1,7 @@
-"""Rows to value objects and back. No cryptography happens here.
+"""The store: every storage question the layers above ask, as one function each.
+
+Rows to value objects and back; no cryptography happens here, and no SQL
+text either: the statements are the dialect's (:class:`Queries`).
 
 Every function takes a connection from the SQL layer, so the same code runs
 inside the KMS's own transactions and inside a caller's (``conn=``).
@@ -12,9 +15,9 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ._errors import KeyNotFoundError, SchemaVersionError, StorageError
-from ._sql import Connection, Queries, Row
-from ._types import KeyVersion, Scope
+from .._errors import KeyNotFoundError, SchemaVersionError, StorageError
+from .._types import KeyVersion, Scope
+from ._base import Connection, Queries, Row
 
 __all__ = [
     "DataKeyVersionRow",

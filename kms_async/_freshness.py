@@ -1,10 +1,13 @@
 """Keeping cached keys in step with the committed database.
 
 The database is the only authority. A check reads the collection version
-(bumped by every key write), and only when it has compared every cached
-(scope, purpose) pair against committed rows, and reloaded or dropped the
-ones that differ, does it record that version as seen. A check that fails
-records nothing: the next one compares again.
+(bumped by every key write); when it moved, the key change log says which
+scopes the writes in between changed, and the check compares those scopes'
+cached pairs against committed rows (every cached pair, when the log cannot
+tell: a write that did not log, such as the Go package's). Only when the
+pairs are compared, and the ones that differ reloaded or dropped, does it
+record the version as seen. A check that fails records nothing: the next
+one compares again.
 
 PostgreSQL notifications are hints: one makes the watcher compare the named
 scopes soon, never marks anything as seen. Payloads are validated (anything
@@ -40,7 +43,7 @@ __all__ = ["Freshness"]
 logger = logging.getLogger("kms_async")
 
 #: Hint checks start at most this often; notifications in between are merged.
-HINT_SPACING = 0.02
+HINT_SPACING = 0.005
 #: Scopes remembered from notifications before a full check is cheaper.
 MAX_HINTED_SCOPES = 10_000
 #: After a failed check, the next one starts this soon (bounded by the interval).
@@ -89,6 +92,7 @@ class Freshness:
         started = time.monotonic()
         self._marker = await self._db.change_marker()
         async with self._db.read() as conn:
+            await repo.find_change_log(conn, self._q)
             self._seen = await repo.collection_version(conn, self._q)
         self._confirmed(started)
 
@@ -112,10 +116,19 @@ class Freshness:
                 async with self._db.read() as conn:
                     version = await repo.collection_version(conn, self._q)
                 if version != self._seen:
+                    scopes = None
+                    if self._seen is not None and version > self._seen:
+                        async with self._db.read() as conn:
+                            scopes = await repo.changed_scopes(conn, self._q, self._seen, version)
                     # Loads in flight may have read the rows before the change.
-                    self._cache.mark_stale(None)
-                    await self._compare(list(self._cache.entries))
-                    # Only now, with every cached pair compared against rows
+                    self._cache.mark_stale(scopes)
+                    if scopes is None:
+                        await self._compare(list(self._cache.entries))
+                    else:
+                        await self._compare(
+                            [pair for s in scopes for pair in self._cache.cached_pairs(s)]
+                        )
+                    # Only now, with the changed pairs compared against rows
                     # committed at or after `version`, is the change seen.
                     self._seen = version
                 self._marker = marker

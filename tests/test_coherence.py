@@ -718,3 +718,71 @@ def test_logging_is_quiet_about_malformed_notifications(caplog: pytest.LogCaptur
         fresh.on_notification("[" * 9000)
     assert caplog.records == []
     assert not fresh._hinted and not fresh._hint_all
+
+
+# -- the key change log ------------------------------------------------------------------
+
+
+def spy_compares(kms: KMS) -> list[int]:
+    """The number of pairs each check of ``kms`` compares."""
+    sizes: list[int] = []
+    real = kms._freshness._compare
+
+    async def compare(pairs: list[Any]) -> None:
+        sizes.append(len(pairs))
+        await real(pairs)
+
+    kms._freshness._compare = compare  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_a_check_compares_only_the_scopes_the_change_log_names(
+    db: TestDB, kms: KMS, open_kms: OpenKMS
+) -> None:
+    scopes = [f"s{i}" for i in range(20)]
+    await kms.create_keys_many(scopes)
+    b = await open_kms()
+    async with b:
+        for scope_id in scopes:
+            await b.encrypt(scope_id, "database", b"x")
+        sizes = spy_compares(b)
+        await kms.rotate_keys("s3")
+        await kms.rotate_keys("s7")
+        logged = await db.fetch("select scopes from kms_key_change order by version")
+        assert [json.loads(s) for (s,) in logged[-2:]] == [["s3"], ["s7"]]
+        await b.refresh()
+        assert sizes == [2]  # s3 and s7, not all 20
+        for scope_id in ("s3", "s7"):
+            assert key_id(await b.encrypt(scope_id, "database", b"x")) == await newest_version(
+                kms, scope_id
+            )
+        # A write that does not log (here: SQL by hand, as the Go package's
+        # writes do not log either) makes the next check compare everything.
+        await db.execute("update kms_collection_version set version = version + 1")
+        await b.refresh()
+        assert sizes == [2, 20]
+
+
+async def test_readers_further_behind_than_the_log_compare_everything(
+    db: TestDB, kms: KMS, open_kms: OpenKMS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kms_async._sql import _store
+
+    monkeypatch.setattr(_store, "PRUNE_EVERY", 1)
+    monkeypatch.setattr(_store, "KEEP_CHANGES", 2)
+    await kms.create_keys_many(["a", "b", "c"])
+    b = await open_kms()
+    async with b:
+        for scope_id in ("a", "b", "c"):
+            await b.encrypt(scope_id, "database", b"x")
+        sizes = spy_compares(b)
+        for _ in range(3):
+            await kms.rotate_keys("a")
+        await kms.rotate_keys("b")
+        assert await db.fetchval("select count(*) from kms_key_change") <= 3
+        await b.refresh()
+        assert sizes == [3]  # the log no longer reaches back to what B saw
+        for scope_id in ("a", "b"):
+            assert key_id(await b.encrypt(scope_id, "database", b"x")) == await newest_version(
+                kms, scope_id
+            )

@@ -188,6 +188,13 @@ class Queries:
         self.schema_version = f"select version from {p}_schema_version"
         self.collection_version = f"select version from {p}_collection_version"
         self.bump_collection_version = f"update {p}_collection_version set version = version + 1"
+        # The key change log (schema file 03): which scopes each write changed.
+        self.key_change_table = f"{p}_key_change"
+        self.insert_key_change = f"insert into {p}_key_change (version, scopes) values ($1, $2)"
+        self.prune_key_changes = f"delete from {p}_key_change where version <= $1"
+        self.key_changes_between = (
+            f"select version, scopes from {p}_key_change where version > $1 and version <= $2"
+        )
 
         self.insert_root_key = f"insert into {p}_root_key (private_id, scope_id) values ($1, $2)"
         self.insert_root_key_version = (
@@ -350,6 +357,10 @@ class Queries:
         dialect has one (PostgreSQL); ``None`` means one execution per row."""
         return None
 
+    #: Whether ``bump_collection_version`` returns the new version (PostgreSQL).
+    bump_returns_version = False
+    #: Whether the key change log table exists (found when a KMS opens).
+    has_change_log = False
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
     notify_channel: str = ""

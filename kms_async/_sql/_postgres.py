@@ -170,6 +170,7 @@ class PostgresQueries(Queries):
         super().__init__(prefix)
         p = self.prefix
         self.bump_collection_version += " returning version"
+        self.bump_returns_version = True
         # Delivered to listeners when (and only if) the transaction commits.
         # Made specific to one table at open (see channel_for): schemas of one
         # database share a notification namespace.

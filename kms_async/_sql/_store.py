@@ -120,40 +120,86 @@ async def collection_version(conn: Connection, q: Queries) -> int:
     return int(value)
 
 
-async def bump_collection_version(conn: Connection, q: Queries) -> int | None:
-    """Bump the change counter; first statement of every key write.
+async def bump_collection_version(conn: Connection, q: Queries) -> int:
+    """Bump the change counter and return its new value; first statement of every key write.
 
     The update takes the row lock, so key writers across processes queue
-    here until commit; that is what keeps version numbers contiguous.
-    Returns the new version where the dialect reports it (PostgreSQL).
+    here until commit; that is what keeps version numbers contiguous, and
+    makes them commit in order.
     """
-    if q.notify is not None:
+    if q.bump_returns_version:
         rows = await conn.fetch(q.bump_collection_version)
-        count, version = len(rows), (int(rows[0][0]) if rows else None)
+        count = len(rows)
     else:
-        count, version = await conn.execute(q.bump_collection_version), None
+        count = await conn.execute(q.bump_collection_version)
     if count != 1:
         raise StorageError(
             f"{q.prefix}_collection_version must hold exactly one row; "
             "re-run kms_async.migrate() or restore the row"
         )
-    return version
+    return int(rows[0][0]) if q.bump_returns_version else await collection_version(conn, q)
 
 
 #: Longest notification payload sent; PostgreSQL's limit is 8000 bytes.
 _MAX_PAYLOAD = 7000
+#: Scopes listed in one change log row; a larger write is logged as "all".
+MAX_LOGGED_SCOPES = 1000
+#: Change log rows kept (writers prune older ones every PRUNE_EVERY versions).
+KEEP_CHANGES = 10_000
+PRUNE_EVERY = 100
+#: A reader further behind than this compares everything instead.
+MAX_CHANGES_READ = 1000
 
 
-async def announce(
-    conn: Connection, q: Queries, version: int | None, scope_ids: Iterable[str]
-) -> None:
-    """Tell other instances which scopes changed, once this transaction commits."""
-    if q.notify is None or version is None:
-        return
-    payload = json.dumps({"v": version, "s": sorted(set(scope_ids))}, ensure_ascii=False)
-    if len(payload.encode()) > _MAX_PAYLOAD:
-        payload = json.dumps({"v": version, "s": None})  # too many: check everything
-    await conn.execute(q.notify, q.notify_channel, payload)
+async def announce(conn: Connection, q: Queries, version: int, scope_ids: Iterable[str]) -> None:
+    """Record which scopes this write changed (change log) and tell listeners.
+
+    Both take effect only if this transaction commits.
+    """
+    scopes = sorted(set(scope_ids))
+    if q.has_change_log:
+        listed = (
+            json.dumps(scopes, ensure_ascii=False) if len(scopes) <= MAX_LOGGED_SCOPES else None
+        )
+        await conn.execute(q.insert_key_change, version, listed)
+        if version % PRUNE_EVERY == 0:
+            await conn.execute(q.prune_key_changes, version - KEEP_CHANGES)
+    if q.notify is not None:
+        payload = json.dumps({"v": version, "s": scopes}, ensure_ascii=False)
+        if len(payload.encode()) > _MAX_PAYLOAD:
+            payload = json.dumps({"v": version, "s": None})  # too many: check everything
+        await conn.execute(q.notify, q.notify_channel, payload)
+
+
+async def find_change_log(conn: Connection, q: Queries) -> bool:
+    """Whether the key change log exists; remembered for this database's statements."""
+    q.has_change_log = await table_exists(conn, q, q.key_change_table)
+    return q.has_change_log
+
+
+async def changed_scopes(conn: Connection, q: Queries, after: int, upto: int) -> set[str] | None:
+    """The scopes that writes after collection version ``after`` up to ``upto`` changed.
+
+    ``None`` when the log cannot tell: no log, a version without a row (a
+    write that did not log, such as the Go package's), a write logged as
+    "all", or too many versions to read. Call only after reading ``upto``
+    as committed: every version up to it has committed by then.
+    """
+    if not q.has_change_log or not 0 < upto - after <= MAX_CHANGES_READ:
+        return None
+    rows = await conn.fetch(q.key_changes_between, after, upto)
+    if len(rows) != upto - after:
+        return None
+    scopes: set[str] = set()
+    for _version, listed in rows:
+        try:
+            parsed = None if listed is None else json.loads(listed)
+        except ValueError:
+            return None
+        if not isinstance(parsed, list) or not all(isinstance(s, str) for s in parsed):
+            return None
+        scopes.update(parsed)
+    return scopes
 
 
 def _no_constants(name: str) -> Any:

@@ -116,6 +116,27 @@ class FaultyReads:
         database.read = read  # type: ignore[method-assign]
 
 
+@contextlib.asynccontextmanager
+async def rolled_back(db: TestDB) -> AsyncIterator[Any]:
+    """A caller's own connection inside a transaction that rolls back at the end."""
+    conn = await db.connect()
+    try:
+        if db.dialect == "postgres":
+            tx = conn.transaction()
+            await tx.start()
+        else:
+            await conn.execute("begin")
+        try:
+            yield conn
+        finally:
+            if db.dialect == "postgres":
+                await tx.rollback()
+            else:
+                await conn.execute("rollback")
+    finally:
+        await conn.close()
+
+
 def needs_postgres(db: TestDB) -> None:
     if db.dialect != "postgres":
         pytest.skip("PostgreSQL only: notifications, roles and TCP connections")
@@ -411,22 +432,10 @@ async def test_a_rotation_rolled_back_in_the_callers_transaction_never_reaches_t
     await kms.create_keys("org")
     before = await kms.encrypt("org", "database", b"before")
     made = [("org", "database", before, b"before")]
-    conn = await db.connect()
-    try:
-        if db.dialect == "postgres":
-            tx = conn.transaction()
-            await tx.start()
-        else:
-            await conn.execute("begin")
+    async with rolled_back(db) as conn:
         await kms.rotate_keys("org", conn=conn)
         inside = await kms.encrypt("org", "database", b"inside")
         made.append(("org", "database", inside, b"inside"))
-        if db.dialect == "postgres":
-            await tx.rollback()
-        else:
-            await conn.execute("rollback")
-    finally:
-        await conn.close()
     await kms.refresh()
     after = await kms.encrypt("org", "database", b"after")
     made.append(("org", "database", after, b"after"))

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import PURPOSES, TestDB
-from test_coherence import FaultyReads, key_id
+from test_coherence import FaultyReads, key_id, rolled_back
 
 import kms_async
 from kms_async import KMS, KeyInUseError, KeyNotFoundError, RevokeTooSoonError
@@ -86,22 +86,10 @@ async def test_random_histories_never_lose_a_returned_ciphertext(
             elif op == "rotate":
                 await kms.rotate_keys(scope_id)
             elif op == "rolled back":
-                conn = await db.connect()
-                try:
-                    if db.dialect == "postgres":
-                        tx = conn.transaction()
-                        await tx.start()
-                    else:
-                        await conn.execute("begin")
+                async with rolled_back(db) as conn:
                     await kms.rotate_keys(scope_id, conn=conn)
                     plaintext = secrets.token_bytes(12)
                     ciphertext = await kms.encrypt(scope_id, purpose, plaintext)
-                    if db.dialect == "postgres":
-                        await tx.rollback()
-                    else:
-                        await conn.execute("rollback")
-                finally:
-                    await conn.close()
                 row_id = secrets.token_hex(8)
                 await store(db, app, (row_id, scope_id, purpose, ciphertext, plaintext))
             elif op == "fault":

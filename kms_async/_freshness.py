@@ -37,6 +37,7 @@ from ._cache import CacheKey, KeyCache, PurposeKeys
 from ._errors import KeyNotFoundError, KMSError
 from ._sql import Database
 from ._sql import _store as repo
+from ._validate import show
 
 __all__ = ["Freshness"]
 
@@ -55,11 +56,6 @@ Reload = Callable[[str, str], Awaitable[PurposeKeys]]
 def hard_limit_for(max_staleness: float) -> float:
     """Seconds an instance may encrypt under keys it could not confirm."""
     return 4 * max_staleness
-
-
-def _show(value: str, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 class Freshness:
@@ -167,7 +163,7 @@ class Freshness:
                 await self._reload(scope_id, purpose)
             except KMSError as exc:
                 if not isinstance(exc, KeyNotFoundError):
-                    logger.warning("kms_async: reloading scope %s failed: %s", _show(scope_id), exc)
+                    logger.warning("kms_async: reloading scope %s failed: %s", show(scope_id), exc)
                 self._cache.invalidate_scope(scope_id)
 
     # -- the hard limit ----------------------------------------------------

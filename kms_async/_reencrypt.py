@@ -39,6 +39,7 @@ from ._errors import (
 from ._ids import DATA_KEY_VERSION_PREFIX, is_id
 from ._sql import Connection, Database, Row
 from ._sql._reencrypt_sql import IDENTIFIER, ReencryptQueries, reencrypt_queries
+from ._validate import show
 
 __all__ = [
     "EncryptedColumn",
@@ -98,15 +99,10 @@ _TABLE = re.compile(r"(?:([A-Za-z_][A-Za-z0-9_]{0,62})\.)?([A-Za-z_][A-Za-z0-9_]
 _FIELD_HEAD = re.compile(r"[^.\[]*")
 
 
-def _show(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
 def _check_identifier(what: str, name: object) -> str:
     if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
         raise InvalidParameterError(
-            f"{what} {_show(name)} is not a plain SQL identifier: use letters, digits and "
+            f"{what} {show(name)} is not a plain SQL identifier: use letters, digits and "
             "underscores, not starting with a digit"
         )
     return name
@@ -118,7 +114,7 @@ def _template_fields(table: str, template: str) -> tuple[str, ...]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise InvalidParameterError(f"aad template {_show(template)} of {table}: {exc}") from None
+        raise InvalidParameterError(f"aad template {show(template)} of {table}: {exc}") from None
     for _literal, field, spec, _conversion in parsed:
         if field is None:
             continue
@@ -126,8 +122,8 @@ def _template_fields(table: str, template: str) -> tuple[str, ...]:
         name = head.group() if head else ""
         if not IDENTIFIER.fullmatch(name) or (spec and "{" in spec):
             raise InvalidParameterError(
-                f"aad template {_show(template)} of {table} must name columns, as in '{{id}}'; "
-                f"got field {_show(field)}"
+                f"aad template {show(template)} of {table} must name columns, as in '{{id}}'; "
+                f"got field {show(field)}"
             )
         if name not in fields:
             fields.append(name)
@@ -162,7 +158,7 @@ class EncryptedColumn:
     def __post_init__(self) -> None:
         if not isinstance(self.table, str) or not _TABLE.fullmatch(self.table):
             raise InvalidParameterError(
-                f"table {_show(self.table)} is not a plain SQL name: use letters, digits and "
+                f"table {show(self.table)} is not a plain SQL name: use letters, digits and "
                 "underscores, optionally as schema.table"
             )
         table = self.table
@@ -262,7 +258,7 @@ class _Target:
     def describe_row(self, row: Row) -> str:
         pk = self.spec.primary_key
         shown = ", ".join(
-            f"{name}={_show(row[i])}" for name, i in zip(pk, self.pk_positions, strict=True)
+            f"{name}={show(row[i])}" for name, i in zip(pk, self.pk_positions, strict=True)
         )
         return f"row ({shown}) of {self.label}"
 
@@ -279,7 +275,7 @@ def _column(spec: EncryptedColumn, present: list[str], name: str, what: str) -> 
     found = _pick(name, present)
     if found is None:
         raise InvalidParameterError(
-            f"table {spec.table} has no column {_show(name)} (named as {what})"
+            f"table {spec.table} has no column {show(name)} (named as {what})"
         )
     return found
 
@@ -297,7 +293,7 @@ def _check_columns(kms: Session, columns: Sequence[EncryptedColumn]) -> list[Enc
             )
         if spec.purpose not in kms.keys.purposes:
             raise InvalidParameterError(
-                f"{spec.table} is encrypted for purpose {_show(spec.purpose)}, which this KMS "
+                f"{spec.table} is encrypted for purpose {show(spec.purpose)}, which this KMS "
                 f"was not opened with (purposes={list(kms.keys.purposes)!r})"
             )
     return checked
@@ -306,7 +302,7 @@ def _check_columns(kms: Session, columns: Sequence[EncryptedColumn]) -> list[Enc
 def _check_version_id(key_version_id: object) -> str:
     if not isinstance(key_version_id, str) or not is_id(key_version_id, DATA_KEY_VERSION_PREFIX):
         raise InvalidParameterError(
-            f"{_show(key_version_id)} is not a data key version id ({DATA_KEY_VERSION_PREFIX}_...)"
+            f"{show(key_version_id)} is not a data key version id ({DATA_KEY_VERSION_PREFIX}_...)"
         )
     return key_version_id
 
@@ -331,7 +327,7 @@ async def _resolve(
         schema_given, table_given = match.groups()
         if schema_given is not None and not q.schemas:
             raise InvalidParameterError(
-                f"table {_show(spec.table)}: schema-qualified names are for PostgreSQL; "
+                f"table {show(spec.table)}: schema-qualified names are for PostgreSQL; "
                 f"{q.dialect} tables are named without a schema"
             )
         # An unqualified name means the table the search path finds.
@@ -471,12 +467,12 @@ async def _owner(kms: Session, q: ReencryptQueries, version_id: str) -> tuple[st
     async with kms.db.read() as conn:
         row = await conn.fetchrow(q.version_owner, version_id)
     if row is None:
-        raise KeyNotFoundError(f"no data key version {_show(version_id)}")
+        raise KeyNotFoundError(f"no data key version {show(version_id)}")
     scope_id, purpose, newest = row
     if newest == version_id:
         raise KeyInUseError(
-            f"{version_id} is the newest {purpose!r} key version of scope {_show(scope_id)}, so "
-            f"its rows have nowhere to move; rotate_keys({_show(scope_id)}) first"
+            f"{version_id} is the newest {purpose!r} key version of scope {show(scope_id)}, so "
+            f"its rows have nowhere to move; rotate_keys({show(scope_id)}) first"
         )
     return str(scope_id), str(purpose)
 
@@ -502,7 +498,7 @@ async def _rewrite(kms: Session, target: _Target, row: Row, version_id: str) -> 
             aad = spec.aad.format_map(values).encode()
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise InvalidParameterError(
-                f"aad template {_show(spec.aad)} failed for {target.describe_row(row)}: "
+                f"aad template {show(spec.aad)} failed for {target.describe_row(row)}: "
                 f"{type(exc).__name__}"
             ) from None
     else:
@@ -541,7 +537,7 @@ async def _rewrite(kms: Session, target: _Target, row: Row, version_id: str) -> 
         if new_version == version_id:
             raise KeyInUseError(
                 f"{version_id} is still the newest {spec.purpose!r} key version of scope "
-                f"{_show(scope_id)}; rotate_keys() first"
+                f"{show(scope_id)}; rotate_keys() first"
             )
     pk = [row[i] for i in target.pk_positions]
     return (new, new_version, version_id, old, *pk)

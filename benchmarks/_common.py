@@ -287,7 +287,11 @@ class BenchDB:
         db = kwargs.pop("db", self.dsn)
         kwargs.setdefault("purposes", PURPOSES)
         kwargs.setdefault("root_wrapper", self.root)
-        return await kms_async.KMS.open(db, **kwargs)
+        kms = await kms_async.KMS.open(db, **kwargs)
+        counter = _COUNTERS.get(id(db))
+        if counter is not None:
+            await _count_kms_reader(kms, counter)
+        return kms
 
     async def raw_connect(self) -> Any:
         """A plain driver connection to the same database."""
@@ -447,12 +451,35 @@ class ContextSqliteConnection(aiosqlite.Connection):
         return await super()._execute(context.run, fn, *args, **kwargs)
 
 
+#: Counting SQLite connections by id(), and the counter each reports to.
+_COUNTERS: dict[int, StatementCounter] = {}
+
+
 async def counting_sqlite(path: str, counter: StatementCounter) -> aiosqlite.Connection:
-    """An aiosqlite connection that reports every statement to ``counter``."""
+    """An aiosqlite connection that reports every statement to ``counter``.
+
+    A KMS opened on it with :meth:`BenchDB.open` has its own reader counted too.
+    """
     conn = ContextSqliteConnection(lambda: sqlite3.connect(path, isolation_level=None), 64)
     await conn
     await conn.set_trace_callback(counter.record)
+    _COUNTERS[id(conn)] = counter
     return conn
+
+
+async def _count_kms_reader(kms: kms_async.KMS, counter: StatementCounter) -> None:
+    """Count the statements of the KMS's own SQLite reader, in the caller's context.
+
+    Given the application's SQLite connection, the KMS reads committed rows
+    through a second connection it opens itself (rows of the application's
+    open transaction must never reach its cache). The benchmark reaches into
+    the KMS for it: there is no public handle, nor should there be.
+    """
+    reader = getattr(kms._db, "_reader", None)
+    if reader is None:
+        return
+    reader.__class__ = ContextSqliteConnection  # same object layout, calls keep the context
+    await reader.set_trace_callback(counter.record)
 
 
 async def counting_pool(dsn: str, counter: StatementCounter, **kwargs: Any) -> asyncpg.Pool:
@@ -485,6 +512,7 @@ async def counting_db(
         try:
             yield conn
         finally:
+            _COUNTERS.pop(id(conn), None)
             await conn.close()
 
 

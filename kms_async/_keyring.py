@@ -13,6 +13,8 @@ import dataclasses
 import logging
 import os
 import time
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -27,7 +29,7 @@ from ._errors import (
     WrapperError,
 )
 from ._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, is_id, new_id
-from ._sql import Database
+from ._sql import Connection, Database
 from ._sql import _store as repo
 from ._types import ROOT_PURPOSE
 from ._validate import check_known_purpose, show
@@ -52,6 +54,8 @@ class Keyring:
         self._cache = cache
         self.purposes = purposes
         self._wrappers: dict[str, Wrapper] = {}
+        #: The root wrapper unwrapped one of the database's root key versions.
+        self._proven_any = False
 
     # -- the wrapper registry ----------------------------------------------
 
@@ -61,6 +65,12 @@ class Keyring:
             raise InvalidParameterError(
                 "missing wrapper: pass an object with key_id, encrypt() and decrypt()"
             )
+        if purpose == ROOT_PURPOSE and self._wrappers.get(purpose) is not wrapper:
+            # Unwrapped root keys prove possession of the wrapper that
+            # unwrapped them: a new root wrapper proves itself again before
+            # it wraps anything (see prove_scopes).
+            self._cache.roots.clear()
+            self._proven_any = False
         self._wrappers[purpose] = wrapper
 
     def wrapper(self, purpose: str) -> Wrapper:
@@ -122,6 +132,51 @@ class Keyring:
         unwrapped = VersionKey(version_id, version, AESGCM(key), key)
         self._cache.put_root(version_id, unwrapped)
         return unwrapped
+
+    # -- proof of possession ------------------------------------------------
+    #
+    # A root wrapper holding the wrong key (the right key id, another key)
+    # would wrap new root key versions that no correctly configured instance
+    # can unwrap, locking the tenant out. So before a write wraps anything
+    # with it, the root wrapper must unwrap what the database already holds.
+    # Every root key in the cache was unwrapped by the current root wrapper
+    # (the cache is emptied when it is replaced), so a cached one counts.
+
+    async def prove_scopes(self, scope_ids: list[str], conn: Any) -> None:
+        """Unwrap each scope's newest root key version with the root wrapper.
+
+        With ``conn`` (the caller's transaction) the rows are read there.
+
+        Raises:
+            WrapperError: it cannot: nothing may be written with it.
+        """
+        async with self._reading(conn) as reader:
+            owners = await repo.root_keys_of_scopes(reader, self._q, scope_ids)
+            latest = await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
+        for row in latest.values():
+            await self.unwrap_root(row.id, row.version, row.wrapped)
+        if latest:
+            self._proven_any = True
+
+    async def prove_any(self, conn: Any) -> None:
+        """Unwrap one of the database's root key versions (if it has any) with
+        the root wrapper, before it wraps the root keys of new scopes.
+
+        Raises:
+            WrapperError: it cannot: nothing may be written with it.
+        """
+        if self._proven_any:
+            return
+        async with self._reading(conn) as reader:
+            row = await repo.some_root_key_version(reader, self._q)
+        if row is not None:
+            await self.unwrap_root(row.id, row.version, row.wrapped)
+            self._proven_any = True
+
+    def _reading(self, conn: Any) -> AbstractAsyncContextManager[Connection]:
+        # Inside the caller's transaction when there is one: never a second
+        # connection from a pool the caller may be holding one of.
+        return self._db.read() if conn is None else self._db.transaction(conn)
 
     async def new_roots(self, count: int) -> list[tuple[VersionKey, bytes]]:
         """Make ``count`` root key versions, wrapped, several wrapper calls at a time.

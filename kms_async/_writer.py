@@ -1,8 +1,11 @@
 """Every key write: create, rotate, rewrap, reconcile and revoke.
 
 Each is one transaction: it all commits or none of it does, also when
-cancelled. Root wrapper calls (perhaps a remote key service) happen before
-the transaction opens wherever possible, so no lock is held while they run.
+cancelled. None wraps anything with a root wrapper before that wrapper has
+unwrapped what the database holds (proof of possession, see ``_keyring``):
+a wrong root key is refused, never written. Root wrapper calls (perhaps a
+remote key service) happen before the transaction opens wherever possible,
+so no lock is held while they run.
 
 Rotations with ``rewrap`` and rewraps follow one path, read top to bottom:
 
@@ -109,6 +112,7 @@ class Writer:
     # -- create ------------------------------------------------------------
 
     async def create(self, scopes: list[str], purposes: list[str], conn: Any) -> None:
+        await self._keyring.prove_any(conn)
         roots = await self._keyring.new_roots(len(scopes))
         prime = conn is None and len(scopes) <= PRIME_LIMIT
         new_roots = []
@@ -161,6 +165,7 @@ class Writer:
     # -- rotate and rewrap -------------------------------------------------
 
     async def rotate(self, scopes: list[str], *, rewrap: bool, conn: Any) -> None:
+        await self._keyring.prove_scopes(scopes, conn)
         roots = dict(zip(scopes, await self._keyring.new_roots(len(scopes)), strict=True))
         targets = {scope_id: root for scope_id, (root, _) in roots.items()}
         plans = await self._plan_outside(scopes, conn, targets) if rewrap else None
@@ -429,6 +434,8 @@ class Writer:
                     row.id, row.version, row.wrapped
                 )
             rootless = list(dict.fromkeys(m[0] for m in missing if m[2] is None))
+            if rootless:
+                await self._keyring.prove_any(None)
             new_roots: dict[str, repo.NewRootKey] = {}
             fresh: list[VersionKey] = []
             for scope_id, (root, wrapped) in zip(

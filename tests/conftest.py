@@ -64,16 +64,23 @@ class GatedWrapper(CountingWrapper):
     """A root wrapper whose decrypt waits until the test opens the gate.
 
     It stands for a slow root key service: a cold load that needs it stays in
-    flight for as long as the test wants. With ``fail`` it then raises.
+    flight for as long as the test wants. With ``fail`` it then raises. With
+    ``first_only`` only the first call waits: later ones (a rotation proving
+    possession of the root key, say) go through while it is parked.
     """
 
-    def __init__(self, inner: kms_async.AeadWrapper, *, fail: bool = False) -> None:
+    def __init__(
+        self, inner: kms_async.AeadWrapper, *, fail: bool = False, first_only: bool = False
+    ) -> None:
         super().__init__(inner)
         self.fail = fail
+        self.first_only = first_only
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
     async def decrypt(self, blob: kms_async.BlobInfo, *, aad: bytes | None = None) -> bytes:
+        if self.first_only and self.entered.is_set():
+            return await super().decrypt(blob, aad=aad)
         self.entered.set()
         await self.gate.wait()
         if self.fail:

@@ -254,7 +254,8 @@ async def test_a_load_started_before_a_rotation_does_not_install_the_old_keys(
     """Reference §3.5: a slow load that read the rows before a rotation must not
     overwrite what the rotation made current."""
     await kms.create_keys("org")
-    gated = GatedWrapper(root_wrapper)
+    # The load waits at the wrapper; a rotation's proof of possession passes.
+    gated = GatedWrapper(root_wrapper, first_only=True)
     slow = await open_kms(root_wrapper=gated)
     try:
         first = asyncio.ensure_future(slow.encrypt("org", "database", b"first"))

@@ -211,6 +211,11 @@ class Queries:
         self.root_key_by_scope = (
             f"select private_id, create_time from {p}_root_key where scope_id = $1"
         )
+        # One root key version, whichever is at hand: the proof that a root
+        # wrapper is this database's before it wraps a new scope's root key.
+        self.some_root_key_version = (
+            f"select private_id, version, key from {p}_root_key_version limit 1"
+        )
         self.root_key_versions = (
             f"select private_id, version, key, create_time from {p}_root_key_version"
             " where root_key_id = $1 order by version"

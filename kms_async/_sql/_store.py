@@ -245,6 +245,12 @@ async def require_root_key(conn: Connection, q: Queries, scope_id: str) -> tuple
     return found
 
 
+async def some_root_key_version(conn: Connection, q: Queries) -> RootKeyVersionRow | None:
+    """Any one root key version of the database, or None if it has none."""
+    row = await conn.fetchrow(q.some_root_key_version)
+    return None if row is None else RootKeyVersionRow(row[0], int(row[1]), bytes(row[2]), None)
+
+
 async def root_key_versions(
     conn: Connection, q: Queries, root_key_id: str
 ) -> list[RootKeyVersionRow]:

@@ -137,7 +137,7 @@ class KMS(AsyncResource):
         self._entries = self._cache.entries
         self._offload_threshold = sys.maxsize if offload_threshold is None else offload_threshold
         self._keyring = Keyring(database, self._cache, purposes)
-        self._writer = Writer(database, self._keyring, self._cache, purposes, revoke_grace)
+        self._writer = Writer(database, self._keyring, self._cache, revoke_grace)
         self._freshness = Freshness(database, self._cache, self._keyring.reload, max_staleness)
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -602,8 +602,8 @@ class KMS(AsyncResource):
         New data is encrypted with the new versions; old versions still
         decrypt. With ``rewrap=True`` every existing key version is also
         re-wrapped (root versions by the current root wrapper, data versions
-        by the new root version). Only purposes this KMS was opened with are
-        rotated.
+        by the new root version). Every data key the scope has is rotated,
+        also those of purposes this KMS was not opened with.
 
         Raises:
             KeyNotFoundError: the scope has no keys, or no root wrapper.

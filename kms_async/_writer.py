@@ -85,14 +85,12 @@ class Writer:
         database: Database,
         keyring: Keyring,
         cache: KeyCache,
-        purposes: tuple[str, ...],
         revoke_grace: float,
     ) -> None:
         self._db = database
         self._q = database.queries
         self._keyring = keyring
         self._cache = cache
-        self._purposes = purposes
         self.revoke_grace = revoke_grace
 
     @contextlib.asynccontextmanager
@@ -196,7 +194,9 @@ class Writer:
     ) -> None:
         """A new root key version per scope, and a new version of each data key under it.
 
-        Only the purposes this KMS was opened with get new versions.
+        Every data key the scope has gets a new version, whatever purposes this
+        KMS was opened with: a rotation after a compromise must not leave a key
+        behind because this process does not use it.
         """
         owners = await self._root_keys_of(tx, list(roots))
         await repo.insert_root_key_versions(
@@ -209,19 +209,18 @@ class Writer:
         for data_key_id, root_key_id, purpose in await repo.data_keys_of_roots(
             tx, self._q, list(new_root_of)
         ):
-            if purpose in self._purposes:
-                root = new_root_of[root_key_id]
-                new_versions.append(
-                    repo.NewDataKey(
-                        data_key_id,
-                        root_key_id,
-                        purpose,
-                        new_id(DATA_KEY_VERSION_PREFIX),
-                        root.id,
-                        wrap_key(root.aead, root.id, os.urandom(KEY_SIZE)),
-                        new_key=False,
-                    )
+            root = new_root_of[root_key_id]
+            new_versions.append(
+                repo.NewDataKey(
+                    data_key_id,
+                    root_key_id,
+                    purpose,
+                    new_id(DATA_KEY_VERSION_PREFIX),
+                    root.id,
+                    wrap_key(root.aead, root.id, os.urandom(KEY_SIZE)),
+                    new_key=False,
                 )
+            )
         await repo.insert_data_keys(tx, self._q, new_versions)
 
     async def _plan_outside(

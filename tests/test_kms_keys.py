@@ -525,17 +525,24 @@ async def test_rotating_a_scope_without_some_purposes_rotates_only_what_exists(
     assert rows.root_numbers() == [1, 2]
 
 
-async def test_a_kms_with_fewer_purposes_rotates_only_those(
+async def test_a_kms_with_fewer_purposes_still_rotates_every_data_key(
     kms: KMS, db: Any, open_kms: OpenKMS
 ) -> None:
+    """Issue 11: a rotation must not leave behind the keys of purposes this
+    process does not use (the Go package does)."""
     await kms.create_keys("s1")
+    old = await kms.encrypt("s1", "oidc", b"oidc secret")
     async with await open_kms(purposes=["database"]) as narrow:
         await narrow.rotate_keys("s1")
 
     rows = await scope_rows(db, "s1")
     assert rows.root_numbers() == [1, 2]
     assert rows.numbers("database") == [1, 2]
-    assert rows.numbers("oidc") == [1]
+    assert rows.numbers("oidc") == [1, 2]
+    await kms.refresh()
+    newest = next(k for k in await kms.list_keys("s1") if k.purpose == "oidc").versions[-1].id
+    assert BlobInfo.from_bytes(await kms.encrypt("s1", "oidc", b"x")).key_id == newest
+    assert await kms.decrypt("s1", "oidc", old) == b"oidc secret"
 
 
 async def test_rotating_an_unknown_scope_is_key_not_found(kms: KMS, db: Any) -> None:

@@ -65,6 +65,13 @@ class BlobInfo:
                 raise InvalidParameterError(f"BlobInfo.{name} must be bytes")
         if not isinstance(self.key_id, str) or not isinstance(self.hmac_key_id, str):
             raise InvalidParameterError("BlobInfo.key_id and hmac_key_id must be str")
+        try:
+            self.key_id.encode()
+            self.hmac_key_id.encode()
+        except UnicodeEncodeError:
+            raise InvalidParameterError(
+                "BlobInfo.key_id and hmac_key_id must be valid Unicode text"
+            ) from None
 
     def __repr__(self) -> str:
         return f"BlobInfo(key_id={self.key_id!r}, ciphertext=<{len(self.ciphertext)} bytes>)"

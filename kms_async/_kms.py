@@ -399,8 +399,11 @@ class KMS(AsyncResource):
                 return await anyio.to_thread.run_sync(
                     _seal_envelope, keys.aead, nonce, plaintext, aad, keys.suffix
                 )
-        except TypeError:
-            raise InvalidParameterError("plaintext and aad must be bytes") from None
+        except (TypeError, BufferError, OverflowError):
+            # Not bytes-like, not contiguous, or 2 GiB or more (AES-GCM's limit here).
+            raise InvalidParameterError(
+                "plaintext and aad must be contiguous bytes of less than 2 GiB"
+            ) from None
         # envelope_header(), inlined for the common sizes: one call less.
         size = len(sealed) + NONCE_SIZE
         header = ENVELOPE_HEADERS[size] if size < 0x4000 else None
@@ -465,8 +468,8 @@ class KMS(AsyncResource):
                             "decryption failed: wrong AAD, wrong scope or purpose, "
                             "or tampered ciphertext"
                         ) from None
-                    except TypeError:
-                        raise InvalidParameterError("aad must be bytes") from None
+                    except (TypeError, BufferError, OverflowError):
+                        raise InvalidParameterError("aad must be contiguous bytes") from None
         return await self._decrypt_blob(scope_id, purpose, keys, decode(ciphertext), aad)
 
     async def _decrypt_blob(
@@ -495,8 +498,8 @@ class KMS(AsyncResource):
             raise DecryptionError(
                 "decryption failed: wrong AAD, wrong scope or purpose, or tampered ciphertext"
             ) from None
-        except TypeError:
-            raise InvalidParameterError("aad must be bytes") from None
+        except (TypeError, BufferError, OverflowError):
+            raise InvalidParameterError("aad must be contiguous bytes") from None
 
     async def _missed(
         self, scope_id: str, purpose: str, *, decrypting: bool = False

@@ -87,8 +87,14 @@ def check_open_purposes(purposes: Iterable[str]) -> tuple[str, ...]:
         raise InvalidParameterError(
             "purposes must be a list of purposes, not one string; write purposes=[...]"
         )
+    try:
+        given = list(purposes)
+    except TypeError:
+        raise InvalidParameterError(
+            f"purposes must be a list of purposes, not {type(purposes).__name__}"
+        ) from None
     checked: list[str] = []
-    for purpose in purposes:
+    for purpose in given:
         _check_purpose_name(purpose)
         if purpose == ROOT_PURPOSE:
             raise InvalidParameterError(

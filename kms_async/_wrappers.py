@@ -148,6 +148,10 @@ class AeadWrapper:
             )
         if not isinstance(key_id, str) or not key_id:
             raise InvalidParameterError("AeadWrapper needs a non-empty key_id")
+        try:
+            key_id.encode()
+        except UnicodeEncodeError:
+            raise InvalidParameterError("AeadWrapper's key_id must be valid Unicode text") from None
         self._key = bytes(key)
         self._key_id = key_id
         self._aead = AESGCM(self._key)
@@ -202,6 +206,8 @@ class AeadWrapper:
                 f"key file {shown} does not exist; write the base64 of 32 random bytes to it, "
                 f"made with: {_MAKE_KEY}"
             ) from exc
+        except ValueError:  # a NUL in the path
+            raise InvalidParameterError(f"key file path {shown!r} is not a valid path") from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise InvalidParameterError(

@@ -56,6 +56,11 @@ def translate_errors() -> Iterator[None]:
         raise IntegrityError(
             f"database constraint failed: {exc}", kind, getattr(exc, "detail", "") or ""
         ) from exc
+    except asyncpg.ClientConfigurationError as exc:
+        # A bad option (sslmode=bogus, ...): a retry cannot help.
+        raise InvalidParameterError(
+            f"the PostgreSQL connection options are invalid: {exc}"
+        ) from exc
     except asyncpg.UndefinedTableError as exc:
         raise SchemaVersionError(
             f"kms tables are missing ({exc}); run kms_async.migrate() or apply sql/postgres/"
@@ -290,12 +295,21 @@ class PostgresDatabase:
     async def connect(
         cls, dsn: str, *, prefix: str, pool_timeout: float = DEFAULT_POOL_TIMEOUT
     ) -> PostgresDatabase:
-        with translate_errors():
-            # The default reset costs a round trip on every release; the KMS
-            # changes no session state, so only an open transaction needs undoing.
-            # No server_settings of its own: a pooler such as PgBouncer refuses
-            # startup parameters it does not know.
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, reset=_reset)
+        try:
+            with translate_errors():
+                # The default reset costs a round trip on every release; the KMS
+                # changes no session state, so only an open transaction needs
+                # undoing. No server_settings of its own: a pooler such as
+                # PgBouncer refuses startup parameters it does not know.
+                pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, reset=_reset)
+        except KMSError:
+            raise
+        except (ValueError, OverflowError) as exc:
+            # The DSN itself (its text may hold a password: not repeated here).
+            raise InvalidParameterError(
+                f"the PostgreSQL DSN is malformed ({exc}); write "
+                "postgresql://user[:password]@host[:port]/dbname[?options]"
+            ) from None
         return cls(pool, prefix=prefix, owns_pool=True, dsn=dsn, pool_timeout=pool_timeout)
 
     @property

@@ -49,13 +49,11 @@ HINT_SPACING = 0.005
 MAX_HINTED_SCOPES = 10_000
 #: After a failed check, the next one starts this soon (bounded by the interval).
 RETRY_DELAY = 0.1
+#: An instance encrypts under keys it could not confirm for at most this many
+#: times max_staleness (the hard limit; revoke_grace must exceed it).
+HARD_LIMIT_FACTOR = 4
 
 Reload = Callable[[str, str], Awaitable[PurposeKeys]]
-
-
-def hard_limit_for(max_staleness: float) -> float:
-    """Seconds an instance may encrypt under keys it could not confirm."""
-    return 4 * max_staleness
 
 
 class Freshness:
@@ -69,7 +67,7 @@ class Freshness:
         self._cache = cache
         self._reload = reload
         self.max_staleness = max_staleness
-        self.hard_limit = None if max_staleness is None else hard_limit_for(max_staleness)
+        self.hard_limit = None if max_staleness is None else HARD_LIMIT_FACTOR * max_staleness
         self._seen: int | None = None
         self._marker: object = None
         self._check_lock = asyncio.Lock()
@@ -148,9 +146,9 @@ class Freshness:
             cached = self._cache.entries.get(pair)
             if cached is not None and current.get(pair) != cached.ids():
                 stale.append(pair)
-        await self.reload_pairs(stale)
+        await self._reload_pairs(stale)
 
-    async def reload_pairs(self, pairs: list[CacheKey]) -> None:
+    async def _reload_pairs(self, pairs: list[CacheKey]) -> None:
         """Reload cached pairs; the hot path serves the old keys until each is replaced.
 
         A pair that fails to reload is dropped from the cache (its next use

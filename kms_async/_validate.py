@@ -148,19 +148,17 @@ def check_purpose_list(purposes: Iterable[str] | None, known: tuple[str, ...]) -
     return checked
 
 
-def check_key_version_id(
-    value: object, *, kinds: tuple[str, ...] = (ROOT_KEY_VERSION_PREFIX, DATA_KEY_VERSION_PREFIX)
-) -> Literal["root", "data"]:
+def check_key_version_id(value: object) -> Literal["root", "data"]:
     """Whether ``value`` is a root or a data key version id; InvalidParameterError if neither."""
     if not isinstance(value, str) or not value:
         raise InvalidParameterError("missing key version id")
-    for prefix in kinds:
-        if is_id(value, prefix):
-            return "root" if prefix == ROOT_KEY_VERSION_PREFIX else "data"
-    names = " or ".join(f"{p}_" for p in kinds)
+    if is_id(value, ROOT_KEY_VERSION_PREFIX):
+        return "root"
+    if is_id(value, DATA_KEY_VERSION_PREFIX):
+        return "data"
     raise InvalidParameterError(
-        f"{show(value)} is not a valid key version id: it must be {names} followed by "
-        f"{ID_LENGTH} letters and digits"
+        f"{show(value)} is not a valid key version id: it must be {ROOT_KEY_VERSION_PREFIX}_ "
+        f"or {DATA_KEY_VERSION_PREFIX}_ followed by {ID_LENGTH} letters and digits"
     )
 
 

@@ -145,14 +145,28 @@ class Keyring:
     async def prove_scopes(self, scope_ids: list[str], conn: Any) -> None:
         """Unwrap each scope's newest root key version with the root wrapper.
 
-        With ``conn`` (the caller's transaction) the rows are read there.
+        With ``conn`` (the caller's transaction) the rows are read there; the
+        connection goes back before the root wrapper is called.
 
         Raises:
             WrapperError: it cannot: nothing may be written with it.
         """
         async with self._reading(conn) as reader:
-            owners = await repo.root_keys_of_scopes(reader, self._q, scope_ids)
-            latest = await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
+            latest = await self._newest_roots(reader, scope_ids)
+        await self._prove(latest)
+
+    async def prove_scopes_in(self, tx: Connection, scope_ids: list[str]) -> None:
+        """:meth:`prove_scopes`, reading through a transaction already open (a bulk
+        write's later chunks, under its write lock)."""
+        await self._prove(await self._newest_roots(tx, scope_ids))
+
+    async def _newest_roots(
+        self, reader: Connection, scope_ids: list[str]
+    ) -> dict[str, repo.RootKeyVersionRow]:
+        owners = await repo.root_keys_of_scopes(reader, self._q, scope_ids)
+        return await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
+
+    async def _prove(self, latest: dict[str, repo.RootKeyVersionRow]) -> None:
         for row in latest.values():
             await self.unwrap_root(row.id, row.version, row.wrapped)
         if latest:

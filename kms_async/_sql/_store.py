@@ -151,16 +151,16 @@ PRUNE_EVERY = 100
 MAX_CHANGES_READ = 1000
 
 
-async def announce(conn: Connection, q: Queries, version: int, scope_ids: Iterable[str]) -> None:
+async def announce(conn: Connection, q: Queries, version: int, scope_ids: Sequence[str]) -> None:
     """Record which scopes this write changed (change log) and tell listeners.
 
     Both take effect only if this transaction commits.
     """
-    scopes = sorted(set(scope_ids))
+    # A bulk write over more scopes than a row lists is logged as "all"
+    # without sorting (or holding a second copy of) its scope list.
+    scopes = sorted(set(scope_ids)) if len(scope_ids) <= MAX_LOGGED_SCOPES else None
     if q.has_change_log:
-        listed = (
-            json.dumps(scopes, ensure_ascii=False) if len(scopes) <= MAX_LOGGED_SCOPES else None
-        )
+        listed = None if scopes is None else json.dumps(scopes, ensure_ascii=False)
         await conn.execute(q.insert_key_change, version, listed)
         if version % PRUNE_EVERY == 0:
             await conn.execute(q.prune_key_changes, version - KEEP_CHANGES)

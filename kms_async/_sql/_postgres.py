@@ -174,7 +174,15 @@ class PostgresQueries(Queries):
     def __init__(self, prefix: str) -> None:
         super().__init__(prefix)
         p = self.prefix
-        self.bump_collection_version += " returning version"
+        # The bump also marks the transaction as one kms_async logs itself:
+        # the triggers of schema file 04, which log and announce other
+        # writers' changes, then leave it alone (a transaction-local setting,
+        # so it works through PgBouncer).
+        self.bump_collection_version = (
+            f"update {p}_collection_version set version = version + 1"
+            f" from (select set_config('{p}_key_change.logged', 'on', true)) as logged"
+            " returning version"
+        )
         self.bump_returns_version = True
         # Delivered to listeners when (and only if) the transaction commits.
         # Made specific to one table at open (see channel_for): schemas of one

@@ -363,9 +363,10 @@ class Queries:
         """
         raise NotImplementedError
 
-    def insert_many(self, statement: str) -> str | None:
-        """The statement inserting many rows at once with column arrays, if the
-        dialect has one (PostgreSQL); ``None`` means one execution per row."""
+    def for_many_rows(self, statement: str) -> str | None:
+        """The statement that does what ``statement`` does for many rows at once,
+        bound as column arrays, if the dialect has one (PostgreSQL inserts and
+        re-wrapping updates); ``None`` means one execution per row."""
         return None
 
     #: Whether ``bump_collection_version`` returns the new version (PostgreSQL).

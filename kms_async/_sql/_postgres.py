@@ -225,7 +225,7 @@ class PostgresQueries(Queries):
         # One statement for any number of rows: each bound parameter is an
         # array holding a column. Far cheaper per row than executemany, which
         # runs the statement once per row.
-        self._insert_many = {
+        self._many_rows = {
             self.insert_root_key: (
                 f"insert into {p}_root_key (private_id, scope_id)"
                 " select * from unnest($1::text[], $2::text[])"
@@ -242,6 +242,20 @@ class PostgresQueries(Queries):
                 f"insert into {p}_data_key_version"
                 " (private_id, data_key_id, root_key_version_id, key)"
                 " select * from unnest($1::text[], $2::text[], $3::text[], $4::bytea[])"
+            ),
+            # Re-wrapping: each row is found by its primary key (a nested
+            # loop over the arrays) and left alone if its key changed.
+            self.update_root_key_version_key: (
+                f"update {p}_root_key_version t set key = u.new_key"
+                " from unnest($1::bytea[], $2::text[], $3::bytea[]) as u(new_key, id, old_key)"
+                " where t.private_id = u.id and t.key = u.old_key"
+            ),
+            self.update_data_key_version_key: (
+                f"update {p}_data_key_version t"
+                " set key = u.new_key, root_key_version_id = u.root_version_id"
+                " from unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[])"
+                " as u(new_key, root_version_id, id, old_key)"
+                " where t.private_id = u.id and t.key = u.old_key"
             ),
         }
         # The data key ids come from an array subquery (an InitPlan), so the
@@ -267,8 +281,8 @@ class PostgresQueries(Queries):
         self.lock_migrations = "select pg_advisory_xact_lock(hashtext($1))"
         self.table_exists = "select to_regclass($1) is not null"
 
-    def insert_many(self, statement: str) -> str | None:
-        return self._insert_many.get(statement)
+    def for_many_rows(self, statement: str) -> str | None:
+        return self._many_rows.get(statement)
 
     def every_version(self, alias: str) -> str:
         # Always true (versions are positive bigints), but it keeps the cold

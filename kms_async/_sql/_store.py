@@ -30,9 +30,9 @@ __all__ = [
     "collection_version",
     "data_keys",
     "data_keys_of_roots",
+    "each_row",
     "insert_data_keys",
     "insert_root_keys",
-    "insert_rows",
     "key_versions_of_roots",
     "latest_root_key_versions",
     "load_purpose",
@@ -283,13 +283,13 @@ async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str
     return PurposeRows(data, roots)
 
 
-async def insert_rows(
+async def each_row(
     conn: Connection, q: Queries, statement: str, rows: Sequence[Sequence[Any]]
 ) -> None:
-    """Run an insert statement for every row, in one statement where the dialect can."""
+    """Run a statement for every row, in one statement where the dialect can."""
     if not rows:
         return
-    many = q.insert_many(statement)
+    many = q.for_many_rows(statement)
     if many is None or len(rows) == 1:
         await conn.executemany(statement, rows)
     else:
@@ -300,7 +300,7 @@ async def insert_root_key_versions(
     conn: Connection, q: Queries, rows: Sequence[tuple[str, str, bytes]]
 ) -> None:
     """(version id, root key id, wrapped key) rows; the database numbers them."""
-    await insert_rows(conn, q, q.insert_root_key_version, rows)
+    await each_row(conn, q, q.insert_root_key_version, rows)
 
 
 async def update_wrapped_keys(
@@ -311,8 +311,8 @@ async def update_wrapped_keys(
 ) -> None:
     """Re-wrapped keys: (new, id, old) for root versions and (new, root version, id,
     old) for data versions; a row whose key is no longer ``old`` is left alone."""
-    await conn.executemany(q.update_root_key_version_key, root_updates)
-    await conn.executemany(q.update_data_key_version_key, data_updates)
+    await each_row(conn, q, q.update_root_key_version_key, root_updates)
+    await each_row(conn, q, q.update_data_key_version_key, data_updates)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -351,20 +351,20 @@ async def delete_key_version(conn: Connection, q: Queries, version_id: str, *, r
 
 
 async def insert_root_keys(conn: Connection, q: Queries, keys: Sequence[NewRootKey]) -> None:
-    await insert_rows(conn, q, q.insert_root_key, [(k.id, k.scope_id) for k in keys])
-    await insert_rows(
+    await each_row(conn, q, q.insert_root_key, [(k.id, k.scope_id) for k in keys])
+    await each_row(
         conn, q, q.insert_root_key_version, [(k.version_id, k.id, k.wrapped) for k in keys]
     )
 
 
 async def insert_data_keys(conn: Connection, q: Queries, keys: Sequence[NewDataKey]) -> None:
-    await insert_rows(
+    await each_row(
         conn,
         q,
         q.insert_data_key,
         [(k.key_id, k.root_key_id, k.purpose) for k in keys if k.new_key],
     )
-    await insert_rows(
+    await each_row(
         conn,
         q,
         q.insert_data_key_version,

@@ -1,6 +1,6 @@
 """Issue 12 at scale: bulk writes in bounded memory, cold loads, freshness at N cached pairs.
 
-    python benchmarks/scale.py --quick                  # smoke mode (2,000 scopes; CI)
+    python benchmarks/scale.py --quick                  # smoke mode (1,000 scopes; CI)
     python benchmarks/scale.py                          # 100,000 scopes (run.py's full run)
     python benchmarks/scale.py --scopes 1000000 --dialect postgres   # the once-off big run
 
@@ -324,7 +324,7 @@ def kms_async_queries() -> Any:
 
 
 async def _cold(bench: Bench, db: c.BenchDB, dialect: str, admin: Any, cpu: CPU, n: int) -> None:
-    count = bench.pick(200, 1_000)
+    count = bench.pick(100, 1_000)
     picked = random.Random(7).sample(range(n), 3 * count + 2)
     scopes = [f"scale-{i:07d}" for i in picked]
     if dialect == "postgres":
@@ -379,7 +379,7 @@ async def _freshness(
         )
         gc.collect()
         await asyncio.sleep(2.0)
-        quiet = bench.pick(3.0, 20.0)
+        quiet = bench.pick(2.0, 20.0)
         mark = await cpu.mark()
         thread0 = time.thread_time()
         checks0 = watcher._freshness.failed_checks
@@ -439,8 +439,8 @@ def cpu_dsn(db: c.BenchDB, cpu: CPU) -> str:
 
 async def run(bench: Bench) -> None:
     c.section("Issue 12 at scale: bulk writes, cold loads, freshness")
-    n = OPTIONS.scopes or bench.pick(2_000, 100_000)
-    n_loop = bench.pick(30, 200)
+    n = OPTIONS.scopes or bench.pick(1_000, 100_000)
+    n_loop = bench.pick(20, 200)
     parts = set((OPTIONS.only or "bulk,cold,freshness").split(","))
     dialects = [OPTIONS.dialect] if OPTIONS.dialect else bench.dialects
     for dialect in dialects:

@@ -45,8 +45,10 @@ from ._errors import (
     ForeignContextError,
     InvalidParameterError,
     KeyNotFoundError,
+    Remedy,
     SchemaVersionError,
     UnknownKeyVersionError,
+    advised,
 )
 from ._freshness import Freshness
 from ._ids import DATA_KEY_VERSION_PREFIX, ID_LENGTH
@@ -356,9 +358,11 @@ class KMS(AsyncResource):
         async with self._db.read() as conn:
             version = await repo.schema_version(conn, self._q)
         if version != SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"invalid schema version, expected version {SCHEMA_VERSION} and got {version}; "
+            raise advised(
+                SchemaVersionError,
+                f"invalid schema version, expected version {SCHEMA_VERSION} and got {version}",
                 "run kms_async.migrate() or apply the sql/ files with your migration tool",
+                Remedy("migrate"),
                 found=version,
             )
         return version

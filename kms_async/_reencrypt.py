@@ -32,9 +32,11 @@ from ._errors import (
     InvalidParameterError,
     KeyInUseError,
     KeyNotFoundError,
+    Remedy,
     RevokeTooSoonError,
     TransientStorageError,
     UnknownKeyVersionError,
+    advised,
 )
 from ._ids import DATA_KEY_VERSION_PREFIX, is_id
 from ._sql import Connection, Database, Row
@@ -470,9 +472,12 @@ async def _owner(kms: Session, q: ReencryptQueries, version_id: str) -> tuple[st
         raise KeyNotFoundError(f"no data key version {show(version_id)}")
     scope_id, purpose, newest = row
     if newest == version_id:
-        raise KeyInUseError(
+        raise advised(
+            KeyInUseError,
             f"{version_id} is the newest {purpose!r} key version of scope {show(scope_id)}, so "
-            f"its rows have nowhere to move; rotate_keys({show(scope_id)}) first"
+            "its rows have nowhere to move",
+            f"rotate_keys({show(scope_id)}) first",
+            Remedy("rotate_keys", scope_id=str(scope_id)),
         )
     return str(scope_id), str(purpose)
 
@@ -535,9 +540,12 @@ async def _rewrite(kms: Session, target: _Target, row: Row, version_id: str) -> 
         new = await kms.keys.encrypt(scope_id, spec.purpose, plaintext, aad=aad)
         new_version = BlobInfo.from_bytes(new).key_id
         if new_version == version_id:
-            raise KeyInUseError(
+            raise advised(
+                KeyInUseError,
                 f"{version_id} is still the newest {spec.purpose!r} key version of scope "
-                f"{show(scope_id)}; rotate_keys() first"
+                f"{show(scope_id)}",
+                "rotate_keys() first",
+                Remedy("rotate_keys", scope_id=scope_id),
             )
     pk = [row[i] for i in target.pk_positions]
     return (new, new_version, version_id, old, *pk)

@@ -7,6 +7,7 @@ and may do network I/O, so the protocol is asynchronous.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -118,9 +119,16 @@ def unwrap_key(aead: AESGCM, wrapping_id: str, version_id: str, wrapped: bytes) 
 
 
 def wrapper_error(message: str, cause: Exception) -> WrapperError:
-    """A WrapperError for a failed wrapper call, as retryable as its cause."""
+    """A WrapperError for a failed wrapper call, as retryable as its cause.
+
+    A wrapper's own KMSError says whether it is worth retrying (AWS KMS
+    throttling is, a wrong key never); a timeout or a dropped connection
+    from any other wrapper may pass.
+    """
     error = WrapperError(message)
-    if isinstance(cause, KMSError) and cause.retryable:
+    if isinstance(cause, KMSError):
+        error.retryable = cause.retryable
+    elif isinstance(cause, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
         error.retryable = True
     return error
 

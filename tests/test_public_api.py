@@ -58,6 +58,7 @@ EXPORTED = [
     "OutcomeUnknownError",
     "PooledWrapper",
     "ReencryptReport",
+    "Remedy",
     "RevokeTooSoonError",
     "SchemaVersionError",
     "Scope",
@@ -202,6 +203,7 @@ VALUES: dict[str, Any] = {
     "KeyVersion": VERSION,
     "BlobInfo": BlobInfo(b"sealed", "kdkv_AAAAAAAAAA"),
     "Migration": Migration(number=1, name="01_kms_core.up.sql", sql="select 1;"),
+    "Remedy": kms_async.Remedy("rewrap_keys", scope_id="s1"),
     "Scope": kms_async.Scope(
         id="s1", root_key_id="krk_AAAAAAAAAA", create_time=NOW, newest_root_version=VERSION
     ),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import socket
 import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -17,9 +18,12 @@ from .._errors import (
     InvalidParameterError,
     KMSError,
     OutcomeUnknownError,
+    Remedy,
     SchemaVersionError,
     StorageError,
     TransientStorageError,
+    advised,
+    reason,
 )
 from ._base import IntegrityError, Queries, Row, savepoint
 from ._reencrypt_sql import quote
@@ -29,6 +33,9 @@ __all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
 logger = logging.getLogger("kms_async")
 
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "55P03")
+#: Class 28, invalid authorization: a wrong password or a user pg_hba.conf
+#: refuses. Another try with the same credentials fails the same way.
+_AUTHORIZATION_SQLSTATE_CLASS = "28"
 
 #: Seconds to wait for a free pool connection before giving up.
 DEFAULT_POOL_TIMEOUT = 10.0
@@ -62,19 +69,39 @@ def translate_errors() -> Iterator[None]:
             f"the PostgreSQL connection options are invalid: {exc}"
         ) from exc
     except asyncpg.UndefinedTableError as exc:
-        raise SchemaVersionError(
-            f"kms tables are missing ({exc}); run kms_async.migrate() or apply sql/postgres/"
+        raise advised(
+            SchemaVersionError,
+            f"kms tables are missing ({reason(exc)})",
+            "run kms_async.migrate() or apply sql/postgres/",
+            Remedy("migrate"),
         ) from exc
     except asyncpg.PostgresError as exc:
         sqlstate = getattr(exc, "sqlstate", "") or ""
+        if sqlstate.startswith(_AUTHORIZATION_SQLSTATE_CLASS):
+            raise StorageError(
+                f"the database refused the connection ({reason(exc)}); check the user and "
+                "password in the DSN (or ~/.pgpass, PGPASSWORD) and the server's pg_hba.conf"
+            ) from exc
         if sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES):
-            raise TransientStorageError(f"database temporarily failed, retry: {exc}") from exc
-        raise StorageError(f"database error: {exc}") from exc
+            raise TransientStorageError(
+                f"database temporarily failed, retry: {reason(exc)}"
+            ) from exc
+        raise StorageError(f"database error: {reason(exc)}") from exc
     except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
         # Lost or closed connections surface here; the statement did not commit.
-        raise TransientStorageError(f"database connection failed, retry: {exc}") from exc
+        raise TransientStorageError(f"database connection failed, retry: {reason(exc)}") from exc
+    except socket.gaierror as exc:
+        # A host name that does not resolve is a typo or a missing DNS entry;
+        # only a resolver that could not answer now (EAI_AGAIN) may do better.
+        if exc.errno == socket.EAI_AGAIN:
+            raise TransientStorageError(
+                f"cannot resolve the database host name now, retry: {reason(exc)}"
+            ) from exc
+        raise StorageError(
+            f"cannot resolve the database host name ({reason(exc)}); check the host in the DSN"
+        ) from exc
     except (OSError, asyncio.TimeoutError) as exc:
-        raise TransientStorageError(f"cannot reach the database, retry: {exc}") from exc
+        raise TransientStorageError(f"cannot reach the database, retry: {reason(exc)}") from exc
 
 
 async def _commit(raw: Any) -> None:
@@ -82,15 +109,21 @@ async def _commit(raw: Any) -> None:
     try:
         await raw.execute("commit")
     except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
-        raise OutcomeUnknownError(
-            f"the database connection was lost while committing ({exc}); the write may or may "
-            "not have been applied: look (for example with list_keys()) before retrying"
+        raise advised(
+            OutcomeUnknownError,
+            f"the database connection was lost while committing ({reason(exc)}); the write "
+            "may or may not have been applied",
+            "look (for example with list_keys()) before retrying",
+            Remedy("list_keys"),
         ) from exc
     except asyncpg.PostgresError as exc:
         if (getattr(exc, "sqlstate", "") or "").startswith("08"):
-            raise OutcomeUnknownError(
-                f"the database connection failed while committing ({exc}); the write may or "
-                "may not have been applied: look (for example with list_keys()) before retrying"
+            raise advised(
+                OutcomeUnknownError,
+                f"the database connection failed while committing ({reason(exc)}); the write "
+                "may or may not have been applied",
+                "look (for example with list_keys()) before retrying",
+                Remedy("list_keys"),
             ) from exc
         raise
 

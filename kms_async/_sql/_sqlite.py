@@ -17,9 +17,11 @@ import aiosqlite
 from .._errors import (
     InvalidParameterError,
     KMSError,
+    Remedy,
     SchemaVersionError,
     StorageError,
     TransientStorageError,
+    advised,
 )
 from ._base import IntegrityError, Queries, Row, run_to_completion, savepoint
 
@@ -65,8 +67,11 @@ def translate_errors() -> Iterator[None]:
     except sqlite3.OperationalError as exc:
         text = str(exc)
         if "no such table" in text:
-            raise SchemaVersionError(
-                f"kms tables are missing ({text}); run kms_async.migrate() or apply sql/sqlite/"
+            raise advised(
+                SchemaVersionError,
+                f"kms tables are missing ({text})",
+                "run kms_async.migrate() or apply sql/sqlite/",
+                Remedy("migrate"),
             ) from exc
         if "locked" in text or "busy" in text:
             raise TransientStorageError(f"database is busy, retry: {text}") from exc

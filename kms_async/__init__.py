@@ -29,7 +29,7 @@ from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._root_wrapper import open_root_wrapper
-from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
+from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope, VersionReference
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
 __version__ = "0.1.0"
@@ -51,6 +51,7 @@ __all__ = [
     "KeyInUseError",
     "KeyNotFoundError",
     "KeyVersion",
+    "KeyVersionInfo",
     "Migration",
     "OutcomeUnknownError",
     "PooledWrapper",
@@ -62,6 +63,7 @@ __all__ = [
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",
+    "VersionReference",
     "VersionUsage",
     "Wrapper",
     "WrapperError",

@@ -58,7 +58,7 @@ from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._resource import AsyncResource
 from ._sql import DEFAULT_POOL_TIMEOUT, Database, open_database
 from ._sql import _store as repo
-from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
+from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
 from ._validate import (
     MAX_SCOPE_BYTES,
     check_data_purpose,
@@ -879,6 +879,26 @@ class KMS(AsyncResource):
         """
         return await _reencrypt.version_usage(
             self._session(), columns, key_version_id=key_version_id
+        )
+
+    async def describe_key_version(
+        self, key_version_id: str, *, scope_id: str | None = None
+    ) -> KeyVersionInfo:
+        """A key version and how many rows still reference it: what revoking it would delete.
+
+        For a data key version, the rows of every table with a foreign key
+        to the data key version table (as
+        :meth:`list_data_key_version_referencers` finds them) that name it,
+        counted per table and column; for a root key version, the data key
+        versions it wraps. With ``scope_id`` the version must belong to that
+        scope. A read: nothing is locked, so a revoke decides again.
+
+        Raises:
+            InvalidParameterError: not a key version id, or a bad scope id.
+            KeyNotFoundError: no such version (in that scope).
+        """
+        return await _reencrypt.describe_key_version(
+            self._session(), key_version_id, scope_id=scope_id
         )
 
     async def reencrypt_key_version(

@@ -41,7 +41,8 @@ from ._errors import (
 from ._ids import DATA_KEY_VERSION_PREFIX, is_id
 from ._sql import Connection, Database, Row
 from ._sql._reencrypt_sql import IDENTIFIER, ReencryptQueries, reencrypt_queries
-from ._validate import show
+from ._types import ROOT_PURPOSE, KeyVersionInfo, VersionReference
+from ._validate import check_key_version_id, check_scope, show
 
 __all__ = [
     "EncryptedColumn",
@@ -49,6 +50,7 @@ __all__ = [
     "ReencryptReport",
     "Session",
     "VersionUsage",
+    "describe_key_version",
     "destroy_key_version",
     "reencrypt_key_version",
     "version_usage",
@@ -450,6 +452,55 @@ async def version_usage(
                 key = (target.label, str(version))
                 counts[key] = counts.get(key, 0) + int(count)
     return [VersionUsage(t, v, n) for (t, v), n in sorted(counts.items())]
+
+
+async def describe_key_version(
+    kms: Session, key_version_id: str, *, scope_id: str | None = None
+) -> KeyVersionInfo:
+    """The version, and the rows that reference it: what a revoke would delete."""
+    kind = check_key_version_id(key_version_id)
+    if scope_id is not None:
+        check_scope(scope_id)
+    q = kms.queries
+    where = "" if scope_id is None else f" in scope {show(scope_id)}"
+    missing = KeyNotFoundError(f"no key version {show(key_version_id)}{where}")
+    references: list[VersionReference] = []
+    async with kms.db.read() as conn:
+        if kind == "root":
+            row = await conn.fetchrow(q.root_version_facts, key_version_id)
+            if row is None:
+                raise missing
+            owner, version, created, newest, wrapped = row
+            purpose = ROOT_PURPOSE
+            references.append(
+                VersionReference(q.data_key_version_table, "root_key_version_id", int(wrapped))
+            )
+        else:
+            row = await conn.fetchrow(q.data_version_facts, key_version_id)
+            if row is None:
+                raise missing
+            owner, purpose, version, created, newest = row
+            if scope_id is None or owner == scope_id:
+                for schema, table, column, visible in await conn.fetch(
+                    q.referencing_columns, q.data_key_version_table
+                ):
+                    qualified = q.table(str(schema) if q.schemas else None, str(table))
+                    rows = await conn.fetchval(
+                        q.count_version(qualified, str(column)), key_version_id
+                    )
+                    name = str(table) if visible or not q.schemas else f"{schema}.{table}"
+                    references.append(VersionReference(name, str(column), int(rows)))
+    if scope_id is not None and owner != scope_id:
+        raise missing
+    return KeyVersionInfo(
+        id=key_version_id,
+        scope=str(owner),
+        purpose=str(purpose),
+        version=int(version),
+        create_time=kms.db.to_datetime(created),
+        newest=bool(newest),
+        references=tuple(references),
+    )
 
 
 def _check_batch(batch_size: object, progress: object) -> int:

@@ -263,7 +263,7 @@ async def test_commands_without_keys_work_without_a_root_key(
     assert listed.code == 0, listed.err
     old_root = listed.json()["keys"][0]["versions"][0]["id"]
     assert (await cli("status")).code == 0
-    revoked = await cli("revoke", old_root, "--grace", "0")
+    revoked = await cli("revoke", old_root, "--grace", "0", "--yes")
     assert revoked.code == 4  # still wraps the old data key version
     assert "rewrap" in revoked.err
 
@@ -278,13 +278,14 @@ async def test_revoke_waits_out_the_grace_only_when_asked(
     listed = await cli("list", "acme", "--json")
     old = next(k for k in listed.json()["keys"] if k["purpose"] == "database")["versions"][0]["id"]
 
-    refused = await cli("revoke", old)  # the default grace: 60 s
+    refused = await cli("revoke", old, "--yes")  # the default grace: 60 s
     assert refused.code == 4
-    assert "retry in" in refused.err and "revoke_grace" in refused.err
-    refused = await cli("revoke", old, "--grace", "1m", "--json")
+    assert "retry in" in refused.err and "--wait" in refused.err and "--grace" in refused.err
+    assert "revoke_grace" not in refused.err
+    refused = await cli("revoke", old, "--grace", "1m", "--json", "--yes")
     assert refused.code == 4
 
-    waited = await cli("revoke", old, "--grace", "1", "--wait")
+    waited = await cli("revoke", old, "--grace", "1", "--wait", "--yes")
     assert waited.code == 0, waited.err
     assert f"revoked {old}" in waited.out
     assert (await cli("revoke", old, "--grace", "0")).code == 3  # gone
@@ -294,6 +295,7 @@ async def test_revoke_waits_out_the_grace_only_when_asked(
 def test_two_root_key_sources_exit_2(
     capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    (tmp_path / "x.db").touch()
     monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
     result = run_sync(capsys, "create", "acme", "--root-key-file", "k", "--aws-kms-key-id", "a")
     assert result.code == 2
@@ -303,6 +305,7 @@ def test_two_root_key_sources_exit_2(
 def test_pkcs11_pin_only_from_the_environment(
     capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    (tmp_path / "x.db").touch()
     monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
     result = run_sync(
         capsys,
@@ -414,17 +417,18 @@ async def test_lifecycle(env: TestDB, cli: Cli) -> None:
     assert all(line.startswith("globex") for line in status_text.out.splitlines()[1:])
 
     newest_oidc = scopes["acme"]["keys"][3]["versions"][-1]["id"]
-    refused = await cli("revoke", newest_oidc, "--json")
+    refused = await cli("revoke", newest_oidc, "--json", "--yes")
     assert refused.code == 4
     assert refused.error()["type"] == "KeyInUseError"
     assert "newest" in refused.error()["message"]
     wrong_scope = await cli("revoke", old_oidc, "--scope", "globex")
     assert wrong_scope.code == 3
-    assert (await cli("revoke", old_oidc, "--scope", "acme", "--grace", "0")).code == 0
+    assert (await cli("revoke", old_oidc, "--scope", "acme", "--grace", "0", "--yes")).code == 0
     # The rewrap moved every data key version to root version 2.
-    revoked = await cli("revoke", old_root, "--json", "--grace", "0")
+    revoked = await cli("revoke", old_root, "--json", "--grace", "0", "--yes")
     assert revoked.code == 0, revoked.err
-    assert revoked.json() == {"revoked": old_root}
+    assert revoked.json()["revoked"] == old_root
+    assert revoked.json()["version"]["purpose"] == "rootKey"
     assert await root_versions(db) == {"acme": [2], "globex": [1]}
     assert (await data_versions(db))[("acme", "oidc")] == [2]
 
@@ -574,10 +578,13 @@ async def test_replacing_the_root_key(
 async def test_schema_missing_exits_5(
     cli: Cli, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "empty.db")):
+        pass
     monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/empty.db")
     result = await cli("list", "acme")
     assert result.code == 5
-    assert "migrate" in result.err
+    assert "`kms-async migrate`" in result.err
+    assert "kms_async.migrate()" not in result.err
 
 
 async def test_unreachable_database_exits_6(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -661,7 +668,7 @@ async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> No
     assert "rotate" in newest.err
 
     assert (await cli("rotate", "--all-scopes")).code == 0
-    in_use = await cli("revoke", acme_v1)
+    in_use = await cli("revoke", acme_v1, "--yes")
     assert in_use.code == 4
     assert "re-encrypt" in in_use.err
 

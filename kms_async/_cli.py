@@ -141,6 +141,10 @@ class _Parser(argparse.ArgumentParser):
             raise SystemExit(EXIT_USAGE)
         super().error(message)
 
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # Arguments may hold lone surrogates (undecodable bytes in argv).
+        super()._print_message(_printable(message) if message else message, file)
+
 
 def _prog() -> str:
     if os.path.basename(sys.argv[0]) == "__main__.py":
@@ -1015,11 +1019,26 @@ def _progress(args: argparse.Namespace, label: str, total: int | None, unit: str
 
 def _out(args: argparse.Namespace, data: object, text: str | Sequence[str]) -> None:
     if args.json:
-        print(json.dumps(data, default=_json_default, ensure_ascii=False))
+        print(_dumps(data))
         return
     lines = [text] if isinstance(text, str) else text
     for line in lines:
         print(line)
+
+
+def _dumps(data: object) -> str:
+    """JSON text, UTF-8 where it can be: text with lone surrogates (from argv) is escaped."""
+    text = json.dumps(data, default=_json_default, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, default=_json_default)
+    return text
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (from argv) written as escapes, so any stream takes it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _json_default(value: object) -> object:
@@ -1523,7 +1542,7 @@ def exit_code(exc: BaseException) -> int:
 
 def _print_json_error(kind: str, message: str, code: int, **extra: object) -> None:
     error = {"type": kind, "message": message, "exit_code": code, **extra}
-    print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
+    print(_dumps({"error": error}), file=sys.stderr)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -1650,7 +1669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if exc.retryable:
                 message += " (a temporary failure: run the same command again)"
-            print(f"error: {message}", file=sys.stderr)
+            print(_printable(f"error: {message}"), file=sys.stderr)
         return code
     except (_Interrupted, KeyboardInterrupt) as exc:
         terminated = isinstance(exc, _Interrupted) and exc.signum == signal.SIGTERM

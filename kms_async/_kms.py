@@ -64,6 +64,7 @@ from ._validate import (
     check_data_purpose,
     check_key_version_id,
     check_known_purpose,
+    check_list,
     check_open_purposes,
     check_page_size,
     check_purpose_list,
@@ -820,11 +821,8 @@ class KMS(AsyncResource):
                 invalid scope id.
         """
         self._check_open()
-        if isinstance(scope_ids, (str, bytes)):
-            raise InvalidParameterError(
-                "scope_ids must be a list of scope ids, not one string; write [scope_id]"
-            )
-        wanted = list(dict.fromkeys(check_scope(scope_id) for scope_id in scope_ids))
+        given = check_list("scope_ids", scope_ids, "scope id")
+        wanted = list(dict.fromkeys(check_scope(scope_id) for scope_id in given))
         async with self._db.read() as conn:
             return await repo.scopes_by_id(conn, self._q, wanted, self._db.to_datetime)
 

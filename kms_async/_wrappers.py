@@ -185,7 +185,12 @@ class AeadWrapper:
         """
         if not isinstance(name, str) or not name:
             raise InvalidParameterError("name must be the name of an environment variable")
-        value = os.environ.get(name, "")
+        try:
+            value = os.environ.get(name, "")
+        except (UnicodeEncodeError, ValueError):
+            raise InvalidParameterError(
+                f"{name!r} cannot be the name of an environment variable"
+            ) from None
         if not value.strip():
             state = "is empty" if name in os.environ else "is not set"
             raise InvalidParameterError(

@@ -65,6 +65,7 @@ from ._root_wrapper import (
     ROOT_KEY_ID_ENV,
     open_root_wrapper,
 )
+from ._sql import prepare_dsn
 from ._types import ROOT_PURPOSE, Key, KeyVersionInfo, Scope
 from ._wrappers import PooledWrapper, Wrapper
 
@@ -810,60 +811,18 @@ def _env(name: str) -> str | None:
     return value or None
 
 
-_SQLITE = "sqlite:///"
-
-
-def _dsn(args: argparse.Namespace, *, creates: bool = False) -> str:
-    """The database URL, checked for what this command line can use.
-
-    A SQLite file must exist unless the command creates databases
-    (``creates``): a mistyped path would otherwise become a new, empty
-    database. An in-memory database is refused: it would last one command.
-    PostgreSQL URLs get ``--connect-timeout`` as libpq's ``connect_timeout``.
-    """
+def _dsn(args: argparse.Namespace) -> str:
+    """The database URL, checked for a command line: every run opens the database anew,
+    so an in-memory one is refused, and --connect-timeout applies where it can."""
     dsn = args.db or _env(DSN_ENV)
     if not dsn:
         raise InvalidParameterError(
             f"no database given: pass --db postgresql://... or --db sqlite:///FILE, "
             f"or set {DSN_ENV}"
         )
-    dsn = str(dsn)
-    if "\x00" in dsn:
-        raise InvalidParameterError("the database URL contains a NUL character")
-    if dsn.startswith(("postgresql://", "postgres://")):
-        if "connect_timeout=" in dsn:
-            return dsn  # the URL's own choice wins
-        joiner = "&" if "?" in dsn else "?"
-        args.added_connect_timeout = True
-        return f"{dsn}{joiner}connect_timeout={args.connect_timeout:g}"
-    if dsn.startswith(_SQLITE) and len(dsn) > len(_SQLITE):
-        path = dsn[len(_SQLITE) :]
-        if path == ":memory:" or path.startswith("file::memory:") or "mode=memory" in path:
-            raise InvalidParameterError(
-                "an in-memory SQLite database would last for this one command; give a file: "
-                "--db sqlite:///app.db"
-            )
-        if os.path.isdir(path):
-            raise InvalidParameterError(f"{path} is a directory, not a SQLite database file")
-        if not os.path.exists(path):
-            if not creates:
-                raise InvalidParameterError(
-                    f"there is no SQLite database at {path}; check the path (sqlite:///FILE is "
-                    "relative to the current directory, sqlite:////FILE absolute), or create "
-                    f"one with `{_prog()} migrate --db {shlex.quote(dsn)}`"
-                )
-            parent = os.path.dirname(path) or "."
-            if not os.path.isdir(parent):
-                raise InvalidParameterError(
-                    f"cannot create the SQLite database {path}: directory {parent} does not exist"
-                )
-        return dsn
-    scheme = dsn.split(":", 1)[0] if ":" in dsn else ""
-    raise InvalidParameterError(
-        f"--db must be postgresql://user@host/dbname or sqlite:///FILE"
-        f"{f', not {scheme}:...' if scheme and scheme.isalnum() else ''} "
-        "(sqlite:///app.db is relative to the current directory, sqlite:////srv/app.db absolute)"
-    )
+    prepared = prepare_dsn(str(dsn), connect_timeout=args.connect_timeout, in_memory=False)
+    args.added_connect_timeout = prepared != dsn
+    return prepared
 
 
 def _prefix(args: argparse.Namespace) -> str:
@@ -1086,7 +1045,7 @@ async def _scopes(args: argparse.Namespace, kms: KMS) -> list[str]:
 
 
 async def _run_migrate(args: argparse.Namespace) -> int:
-    applied = await migrate(_dsn(args, creates=True), table_prefix=_prefix(args))
+    applied = await migrate(_dsn(args), table_prefix=_prefix(args))
     text = (
         f"applied {', '.join(applied)}; schema at {SCHEMA_VERSION}"
         if applied

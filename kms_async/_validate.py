@@ -70,9 +70,7 @@ def check_list(name: str, values: object, one: str) -> list[object]:
             f"{name} must be a list of {one}s, not one string; write [{one.replace(' ', '_')}]"
         )
     if not isinstance(values, Iterable):
-        raise InvalidParameterError(
-            f"{name} must be a list of {one}s, not {type(values).__name__}"
-        )
+        raise InvalidParameterError(f"{name} must be a list of {one}s, not {type(values).__name__}")
     try:
         return list(values)
     except TypeError:

@@ -925,7 +925,7 @@ async def test_a_sqlite_path_must_exist_unless_the_command_creates_it(
         result = await cli(*argv, "--db", f"sqlite:///{path}")
         assert result.code == 2, argv
         assert f"no SQLite database at {path}" in result.err
-        assert "migrate --db" in result.err
+        assert "run `kms-async migrate`" in result.err
         assert not path.exists()
     nowhere = await cli("migrate", "--db", f"sqlite:///{tmp_path}/no/such/dir/app.db")
     assert nowhere.code == 2

@@ -11,7 +11,10 @@ timed out (item 7). No reason in a message is ever empty.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import pathlib
 import socket
+import sqlite3
 from typing import Any
 
 import asyncpg
@@ -23,6 +26,7 @@ import kms_async
 from kms_async import (
     KMS,
     AeadWrapper,
+    InvalidParameterError,
     KeyInUseError,
     KeyNotFoundError,
     Remedy,
@@ -57,13 +61,33 @@ async def test_errors_carry_their_fix_as_data(db: TestDB, kms: KMS) -> None:
 
 
 async def test_missing_tables_advise_migrate(db: TestDB, tmp_path: Any) -> None:
-    dsn = db.dsn if db.dialect == "postgres" else f"sqlite:///{tmp_path}/empty.db"
+    dsn = db.dsn
     if db.dialect == "postgres":
         await db.execute("drop table kms_schema_version cascade")
+    else:
+        with contextlib.closing(sqlite3.connect(tmp_path / "empty.db")):
+            pass
+        dsn = f"sqlite:///{tmp_path}/empty.db"
     with pytest.raises(SchemaVersionError) as missing:
         await KMS.open(dsn, purposes=["database"])
     assert missing.value.remedy == Remedy("migrate")
     assert missing.value.problem and "migrate" not in missing.value.problem
+
+
+async def test_opening_a_sqlite_file_that_is_not_there_creates_nothing(
+    tmp_path: pathlib.Path,
+) -> None:
+    # A mistyped path used to become a new, empty database file.
+    path = tmp_path / "tpyo.db"
+    with pytest.raises(InvalidParameterError, match="no SQLite database at") as missing:
+        await KMS.open(f"sqlite:///{path}", purposes=["database"])
+    assert missing.value.remedy == Remedy("migrate")
+    assert not path.exists()
+    with pytest.raises(InvalidParameterError, match=r"directory .* does not exist"):
+        await kms_async.migrate(f"sqlite:///{tmp_path}/no/such/dir/app.db")
+    assert await kms_async.migrate(f"sqlite:///{path}")  # migrate creates it
+    kms = await KMS.open(f"sqlite:///{path}", purposes=["database"])
+    await kms.aclose()
 
 
 @pytest.mark.parametrize(

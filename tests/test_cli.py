@@ -37,6 +37,8 @@ COMMANDS = [
     "rotate",
     "rewrap",
     "reconcile",
+    "suspend",
+    "resume",
     "revoke",
     "reencrypt",
     "destroy",

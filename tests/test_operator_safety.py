@@ -279,3 +279,4 @@ async def test_suspension_needs_its_table(db: TestDB, kms: KMS, open_kms: OpenKM
         assert not any(v.suspended for v in versions(await without.list_keys("acme"), "database"))
         made = await without.encrypt("acme", "database", b"x")
         assert await without.decrypt("acme", "database", made) == b"x"
+        await without.revoke_key_version(old)

@@ -198,7 +198,9 @@ async def suspended_versions(conn: Connection, q: Queries, scope_id: str) -> set
 async def set_suspended(
     conn: Connection, q: Queries, key_version_id: str, scope_id: str, suspended: bool
 ) -> bool:
-    """Record or clear a suspension; whether anything changed."""
+    """Record or clear a suspension; whether anything changed (nothing without the table)."""
+    if not q.has_suspensions:
+        return False
     already = bool(await conn.fetchval(q.is_suspended, key_version_id))
     if already == suspended:
         return False

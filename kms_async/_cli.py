@@ -66,7 +66,7 @@ from ._root_wrapper import (
     open_root_wrapper,
 )
 from ._sql import prepare_dsn
-from ._types import ROOT_PURPOSE, Key, KeyVersionInfo, Scope
+from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
 from ._wrappers import PooledWrapper, Wrapper
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
@@ -554,7 +554,11 @@ def _add_rotate(adder: _Adder) -> None:
             "rotated recently, which also makes an interrupted run resumable."
         ),
         epilog=(
-            "example:\n  %(prog)s acme globex --rewrap\n  %(prog)s --all-scopes --older-than 90d"
+            "example:\n"
+            "  %(prog)s acme globex --rewrap\n"
+            "  %(prog)s --all-scopes --older-than 90d\n"
+            "  %(prog)s acme --replace-unusable  # past versions under another root key\n\n"
+            "Every data key of each scope is rotated, whatever --purposes says."
         ),
         root_key=True,
     )
@@ -563,6 +567,15 @@ def _add_rotate(adder: _Adder) -> None:
         "--rewrap",
         action="store_true",
         help="also re-wrap every existing version under the new root key version",
+    )
+    parser.add_argument(
+        "--replace-unusable",
+        action="store_true",
+        help=(
+            "when a scope's newest root key version was written under another root key "
+            "(status shows it UNUSABLE), rotate past it if this root key unwraps an older "
+            "version; then revoke the unusable versions"
+        ),
     )
     parser.add_argument(
         "--older-than",
@@ -660,6 +673,47 @@ def _add_revoke(adder: _Adder) -> None:
     parser.set_defaults(run=_run_revoke)
 
 
+def _add_suspend(adder: _Adder) -> None:
+    for name, verb, description in (
+        (
+            "suspend",
+            "refuse decryption under a data key version, reversibly",
+            "Suspend a data key version (kdkv_...): every instance refuses to decrypt under "
+            "it within its max_staleness, until it is resumed. Suspend a version before "
+            "revoking it, and watch for errors: whatever still needs it fails in a way "
+            "'resume' undoes. The newest version of a key cannot be suspended (rotate first). "
+            "The Go package ignores suspension.",
+        ),
+        (
+            "resume",
+            "undo suspend: decrypt under the version again",
+            "Resume a suspended data key version (kdkv_...): instances decrypt under it "
+            "again within their max_staleness.",
+        ),
+    ):
+        parser = adder.add(
+            name,
+            help=verb,
+            description=description,
+            epilog="example:\n  %(prog)s kdkv_3kTmZ8vQ1a --scope acme",
+            root_key=False,
+        )
+        parser.add_argument("version_id", metavar="VERSION_ID", help="the data key version id")
+        parser.add_argument("--scope", metavar="SCOPE", help="refuse unless it belongs to SCOPE")
+        parser.set_defaults(run=_run_suspend, suspend=name == "suspend")
+
+
+async def _run_suspend(args: argparse.Namespace) -> int:
+    async with _open_kms(args, root_key=False) as kms:
+        if args.suspend:
+            await kms.suspend_key_version(args.version_id, scope_id=args.scope)
+        else:
+            await kms.resume_key_version(args.version_id, scope_id=args.scope)
+    done = "suspended" if args.suspend else "resumed"
+    _out(args, {done: args.version_id}, f"{done} {args.version_id}")
+    return EXIT_OK
+
+
 def _grace_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace",
@@ -741,15 +795,17 @@ def _add_status(adder: _Adder) -> None:
         "status",
         help="key versions per scope, and the rows each still protects",
         description=(
-            "Print every key version of the scopes (default: every scope). With --columns, "
-            "also the rows of each table that each data key version still protects."
+            "Print every key version of the scopes (default: every scope) with its state: "
+            "active, suspended, or UNUSABLE when the root key given (if any) cannot unwrap "
+            "it. With --columns, also the rows of each table that each data key version "
+            "still protects."
         ),
         epilog=(
             "example:\n"
             "  %(prog)s acme\n"
             "  %(prog)s --columns columns.json --json\n\n" + _COLUMNS_EXAMPLE
         ),
-        root_key=False,
+        root_key=True,
     )
     parser.add_argument("scopes", nargs="*", metavar="SCOPE", help="scope ids (default: all)")
     _columns_argument(parser, required=False)
@@ -796,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rotate(adder)
     _add_rewrap(adder)
     _add_reconcile(adder)
+    _add_suspend(adder)
     _add_revoke(adder)
     _add_reencrypt(adder)
     _add_destroy(adder)
@@ -847,6 +904,13 @@ _ROOT_KEY_FLAGS = {
     "--root-key-file": "root_key_file",
     "--root-key-env": "root_key_env",
 }
+
+
+def _root_key_given(args: argparse.Namespace) -> bool:
+    """Whether the options or the environment name a root key (where it is optional)."""
+    return any(getattr(args, name) for name in _ROOT_KEY_FLAGS.values()) or any(
+        _env(name) for name in (ROOT_KEY_ENV, ROOT_KEY_FILE_ENV, AWS_KEY_ENV, PKCS11_LIB_ENV)
+    )
 
 
 def _root_wrapper(args: argparse.Namespace) -> AbstractAsyncContextManager[Wrapper]:
@@ -1073,7 +1137,13 @@ async def _run_create(args: argparse.Namespace) -> int:
 def _key_json(key: Key, usage: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
     versions = []
     for v in key.versions:
-        entry: dict[str, Any] = {"id": v.id, "version": v.version, "create_time": v.create_time}
+        entry: dict[str, Any] = {
+            "id": v.id,
+            "version": v.version,
+            "create_time": v.create_time,
+            "suspended": v.suspended,
+            "unusable": v.unusable,
+        }
         if usage is not None and key.type == "dek":
             tables = usage.get(v.id, {})
             entry["rows"] = sum(tables.values())
@@ -1095,7 +1165,7 @@ def _key_rows(
     for key in keys:
         for v in key.versions:
             row: list[object] = [] if scope is None else [scope]
-            row += [key.purpose, key.type, key.id, v.version, v.id, _when(v.create_time)]
+            row += [key.purpose, key.type, key.id, v.version, v.id, _when(v.create_time), _state(v)]
             if usage is not None:
                 if key.type == "dek":
                     tables = usage.get(v.id, {})
@@ -1107,7 +1177,30 @@ def _key_rows(
     return rows
 
 
-_KEY_HEADERS = ["PURPOSE", "TYPE", "KEY", "VERSION", "VERSION ID", "CREATED"]
+_KEY_HEADERS = ["PURPOSE", "TYPE", "KEY", "VERSION", "VERSION ID", "CREATED", "STATE"]
+
+
+def _state(version: KeyVersion) -> str:
+    states = ["suspended"] if version.suspended else []
+    if version.unusable is not None:
+        states.append("UNUSABLE")
+    return ",".join(states) or "active"
+
+
+def _unusable_lines(keys: Iterable[tuple[str, Sequence[Key]]]) -> list[str]:
+    """Why each unusable version is unusable, and the way out."""
+    lines = []
+    for scope, scope_keys in keys:
+        for key in scope_keys:
+            for v in key.versions:
+                if v.unusable is not None:
+                    lines.append(f"{v.id} ({scope}, {key.purpose}) is UNUSABLE: {v.unusable}")
+    if lines:
+        lines.append(
+            f"if the root key given here is the right one: {_prog()} rotate SCOPE "
+            f"--replace-unusable, then {_prog()} revoke each unusable version"
+        )
+    return lines
 
 
 def _scope_json(scope: Scope) -> dict[str, Any]:
@@ -1167,7 +1260,11 @@ async def _run_list(args: argparse.Namespace) -> int:
     _out(
         args,
         {"scope": args.scope, "keys": [_key_json(k) for k in keys]},
-        [f"scope {args.scope}", *_table(_KEY_HEADERS, _key_rows(keys))],
+        [
+            f"scope {args.scope}",
+            *_table(_KEY_HEADERS, _key_rows(keys)),
+            *_unusable_lines([(args.scope, keys)]),
+        ],
     )
     return EXIT_OK
 
@@ -1210,7 +1307,9 @@ async def _run_rotate(args: argparse.Namespace) -> int:
             scopes = kept
 
         async def step(batch: Sequence[str]) -> None:
-            await kms.rotate_keys_many(batch, rewrap=args.rewrap)
+            await kms.rotate_keys_many(
+                batch, rewrap=args.rewrap, replace_unusable=args.replace_unusable
+            )
 
         try:
             batches = await _in_batches(args, scopes, "rotating", step) if scopes else 0
@@ -1403,7 +1502,7 @@ async def _run_status(args: argparse.Namespace) -> int:
     columns = _load_columns(args.columns) if args.columns else None
     purposes = _column_purposes(columns) if columns else []
     report = []
-    async with _open_kms(args, root_key=False, purposes=purposes) as kms:
+    async with _open_kms(args, root_key=_root_key_given(args), purposes=purposes) as kms:
         scopes = list(dict.fromkeys(args.scopes)) or [s.id async for s in kms.iter_scopes()]
         usage = _usage_map(await kms.version_usage(columns)) if columns else None
         progress = _progress(args, "reading", len(scopes), "scopes")
@@ -1420,7 +1519,8 @@ async def _run_status(args: argparse.Namespace) -> int:
             {"scope": scope, "keys": [_key_json(k, usage) for k in keys]} for scope, keys in report
         ]
     }
-    _out(args, data, _table(headers, rows) if rows else ["no scopes have keys"])
+    text = [*_table(headers, rows), *_unusable_lines(report)] if rows else ["no scopes have keys"]
+    _out(args, data, text)
     return EXIT_OK
 
 

@@ -11,8 +11,11 @@ the layer that called them, with the original kept as ``__cause__``::
     ├── KeyInUseError                        revoke refused; something still uses the version
     │   └── RevokeTooSoonError               superseded too recently; other instances may use it
     ├── DecryptionError                      bad tag, bad format, wrong AAD or wrong key
-    │   └── UnknownKeyVersionError           ciphertext names a version this scope and purpose lack
+    │   ├── UnknownKeyVersionError           ciphertext names a version this scope and purpose lack
+    │   └── KeySuspendedError                the version is suspended; resume it to decrypt
     ├── WrapperError                         a wrapper (root key service, HSM) failed
+    │   └── KeyUnusableError                 a stored version the root wrapper cannot unwrap
+    │                                        (also a DecryptionError)
     ├── SchemaVersionError                   database schema missing or at another version
     ├── StorageError                         the database failed
     │   ├── TransientStorageError            lost connection, lock timeout, serialization failure
@@ -49,6 +52,8 @@ __all__ = [
     "KeyExistsError",
     "KeyInUseError",
     "KeyNotFoundError",
+    "KeySuspendedError",
+    "KeyUnusableError",
     "OutcomeUnknownError",
     "Remedy",
     "RevokeTooSoonError",
@@ -167,8 +172,36 @@ class UnknownKeyVersionError(DecryptionError, KeyNotFoundError):
     """
 
 
+class KeySuspendedError(DecryptionError):
+    """The ciphertext's key version is suspended: decryption under it is refused.
+
+    Suspension is reversible (:meth:`KMS.resume_key_version`, or
+    ``kms-async resume``); ``key_version_id`` names the version.
+    """
+
+    def __init__(self, message: str, *, key_version_id: str = "") -> None:
+        super().__init__(message)
+        self.key_version_id = key_version_id
+
+
 class WrapperError(KMSError):
     """A wrapper failed to encrypt or decrypt a key (for example a root key service)."""
+
+
+class KeyUnusableError(WrapperError, DecryptionError):
+    """A stored key version cannot be unwrapped with this KMS's root wrapper.
+
+    It was written under another root key (by another tool, a misconfigured
+    instance or a restored backup). The scope's other versions keep working;
+    encrypting is refused while the newest version is unusable. The message
+    names the recovery; ``key_version_id`` names the version. It is also a
+    :class:`DecryptionError`, since a ciphertext under such a version cannot
+    be decrypted.
+    """
+
+    def __init__(self, message: str, *, key_version_id: str = "") -> None:
+        super().__init__(message)
+        self.key_version_id = key_version_id
 
 
 class SchemaVersionError(KMSError):

@@ -14,11 +14,20 @@ ROOT_PURPOSE = "rootKey"
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class KeyVersion:
-    """One version of a key: its id, its number (1, 2, ...) and when it was made."""
+    """One version of a key: its id, its number (1, 2, ...) and when it was made.
+
+    ``suspended``: decryption under this data key version is refused until it
+    is resumed (see :meth:`KMS.suspend_key_version`). ``unusable``: why this
+    KMS's root wrapper cannot unwrap the version (it was written under another
+    root key), or ``None`` when it can or was not asked (``list_keys(...,
+    verify=False)``).
+    """
 
     id: str
     version: int
     create_time: datetime.datetime
+    suspended: bool = False
+    unusable: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

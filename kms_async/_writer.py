@@ -37,6 +37,7 @@ from ._errors import (
     KeyNotFoundError,
     Remedy,
     RevokeTooSoonError,
+    SchemaVersionError,
     StorageError,
     TransientStorageError,
     advised,
@@ -130,7 +131,7 @@ class Writer:
                     purpose,
                     version_id,
                     root.id,
-                    wrap_key(root.aead, root.id, key),
+                    wrap_key(root.cipher, root.id, key),
                 )
                 rows.append((scope_id, row))
                 if prime:
@@ -166,8 +167,10 @@ class Writer:
 
     # -- rotate and rewrap -------------------------------------------------
 
-    async def rotate(self, scopes: list[str], *, rewrap: bool, conn: Any) -> None:
-        await self._keyring.prove_scopes(scopes, conn)
+    async def rotate(
+        self, scopes: list[str], *, rewrap: bool, conn: Any, replace_unusable: bool = False
+    ) -> None:
+        await self._keyring.prove_scopes(scopes, conn, replace_unusable=replace_unusable)
         roots = dict(zip(scopes, await self._keyring.new_roots(len(scopes)), strict=True))
         targets = {scope_id: root for scope_id, (root, _) in roots.items()}
         plans = await self._plan_outside(scopes, conn, targets) if rewrap else None
@@ -221,7 +224,7 @@ class Writer:
                     purpose,
                     new_id(DATA_KEY_VERSION_PREFIX),
                     root.id,
-                    wrap_key(root.aead, root.id, os.urandom(KEY_SIZE)),
+                    wrap_key(root.cipher, root.id, os.urandom(KEY_SIZE)),
                     new_key=False,
                 )
             )
@@ -318,8 +321,8 @@ class Writer:
                         "of its scope's); the key tables were changed outside kms_async"
                     )
                 raise _StraddledCommit
-            key = unwrap_key(parent.aead, parent.id, d.id, d.wrapped)
-            data_updates.append((wrap_key(goal.aead, goal.id, key), goal.id, d.id, d.wrapped))
+            key = unwrap_key(parent.cipher, parent.id, d.id, d.wrapped)
+            data_updates.append((wrap_key(goal.cipher, goal.id, key), goal.id, d.id, d.wrapped))
         return _RewrapPlan(root_key_id, root_updates, data_updates)
 
     async def _snapshots(self, conn: Connection, scopes: list[str]) -> dict[str, Snapshot]:
@@ -380,6 +383,8 @@ class Writer:
                     await self._refuse_if_referenced(tx, key_version_id)
                 self._check_grace(key_version_id, found.superseded_for)
                 await repo.delete_key_version(tx, self._q, key_version_id, root=is_root)
+                if not is_root:
+                    await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, False)
                 await repo.announce(tx, self._q, changed, owners)
         except IntegrityError as exc:
             # A row that appeared since the check, under a restrict foreign
@@ -396,6 +401,43 @@ class Writer:
         if is_root:
             self._cache.roots.pop(key_version_id, None)
         logger.debug("kms_async: revoked key version %s of scope %s", key_version_id, owners)
+
+    # -- suspend and resume ------------------------------------------------
+
+    async def set_suspended(
+        self, key_version_id: str, *, suspend: bool, scope_id: str | None, conn: Any
+    ) -> None:
+        if not self._q.has_suspensions:
+            async with self._keyring.reading(conn) as reader:
+                await repo.find_suspensions(reader, self._q)
+            if not self._q.has_suspensions:
+                raise SchemaVersionError(
+                    "the database has no table for suspended key versions "
+                    f"({self._q.suspension_table}); run kms_async.migrate() or apply "
+                    "sql/<dialect>/04_kms_key_version_suspension.up.sql with your migration tool"
+                )
+        owners: list[str] = []
+        async with self._invalidating(owners), self._db.transaction(conn) as tx:
+            changed = await repo.bump_collection_version(tx, self._q)
+            found = await repo.version_for_revoke(tx, self._q, key_version_id, root=False)
+            if found is None or (scope_id is not None and found.scope_id != scope_id):
+                where = "" if scope_id is None else f" in scope {show(scope_id)}"
+                raise KeyNotFoundError(f"no data key version {show(key_version_id)}{where}")
+            owners.append(found.scope_id)
+            if suspend and found.newest:
+                raise KeyInUseError(
+                    f"{key_version_id} is the newest {found.purpose!r} key version of scope "
+                    f"{show(found.scope_id)}, which new data is encrypted under; rotate_keys() "
+                    "first, then suspend it"
+                )
+            await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, suspend)
+            await repo.announce(tx, self._q, changed, owners)
+        logger.info(
+            "kms_async: %s key version %s of scope %s",
+            "suspended" if suspend else "resumed",
+            key_version_id,
+            show(owners[0]),
+        )
 
     def _check_grace(self, key_version_id: str, superseded_for: float) -> None:
         """Refuse to revoke what other instances may still be encrypting under."""
@@ -479,7 +521,7 @@ class Writer:
                         purpose,
                         new_id(DATA_KEY_VERSION_PREFIX),
                         root.id,
-                        wrap_key(root.aead, root.id, os.urandom(KEY_SIZE)),
+                        wrap_key(root.cipher, root.id, os.urandom(KEY_SIZE)),
                     )
                 )
             else:

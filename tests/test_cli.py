@@ -37,6 +37,8 @@ COMMANDS = [
     "rotate",
     "rewrap",
     "reconcile",
+    "suspend",
+    "resume",
     "revoke",
     "reencrypt",
     "destroy",
@@ -375,7 +377,9 @@ async def test_lifecycle(env: TestDB, cli: Cli) -> None:
     assert table.code == 0
     lines = table.out.splitlines()
     assert lines[0] == "scope acme"
-    assert lines[1].split() == ["PURPOSE", "TYPE", "KEY", "VERSION", "VERSION", "ID", "CREATED"]
+    assert lines[1].split() == [
+        *("PURPOSE", "TYPE", "KEY", "VERSION", "VERSION", "ID", "CREATED", "STATE")
+    ]
     assert [line.split()[0] for line in lines[2:]] == ["rootKey", "database", "oidc"]
     listed = (await cli("list", "acme", "--json")).json()
     assert listed["scope"] == "acme"

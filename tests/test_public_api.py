@@ -22,6 +22,8 @@ from kms_async import (
     KeyExistsError,
     KeyInUseError,
     KeyNotFoundError,
+    KeySuspendedError,
+    KeyUnusableError,
     KeyVersion,
     KMSError,
     Migration,
@@ -53,6 +55,8 @@ EXPORTED = [
     "KeyExistsError",
     "KeyInUseError",
     "KeyNotFoundError",
+    "KeySuspendedError",
+    "KeyUnusableError",
     "KeyVersion",
     "KeyVersionInfo",
     "Migration",
@@ -122,6 +126,8 @@ ERRORS = [
     KeyExistsError,
     KeyInUseError,
     KeyNotFoundError,
+    KeySuspendedError,
+    KeyUnusableError,
     OutcomeUnknownError,
     RevokeTooSoonError,
     SchemaVersionError,
@@ -154,6 +160,13 @@ def test_invalid_parameter_error_is_a_value_error() -> None:
 
 def test_key_not_found_error_is_a_lookup_error() -> None:
     assert issubclass(KeyNotFoundError, LookupError)
+
+
+def test_refusals_are_decryption_errors() -> None:
+    # Callers that treat every failed decryption alike keep doing so.
+    assert issubclass(KeySuspendedError, DecryptionError)
+    assert issubclass(KeyUnusableError, DecryptionError)
+    assert issubclass(KeyUnusableError, WrapperError)
 
 
 def test_unknown_key_version_error_is_a_decryption_error_and_a_key_not_found_error() -> None:

@@ -285,15 +285,19 @@ class PostgresQueries(Queries):
             "  where root_key_id = any($1::text[])))"
             " order by v.data_key_id, v.version"
         )
-        self.version_ids_of_pairs = (
-            "select c.scope_id, c.purpose, v.private_id"
+        self.lock_migrations = "select pg_advisory_xact_lock(hashtext($1))"
+        self.table_exists = "select to_regclass($1) is not null"
+        self.use_suspensions(False)
+
+    def _version_ids_of_pairs(self, suspended: str) -> str:
+        p = self.prefix
+        return (
+            f"select c.scope_id, c.purpose, v.private_id, {suspended}"
             " from unnest($1::text[], $2::text[]) as c(scope_id, purpose)"
             f" join {p}_root_key r on r.scope_id = c.scope_id"
             f" join {p}_data_key k on k.root_key_id = r.private_id and k.purpose = c.purpose"
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
         )
-        self.lock_migrations = "select pg_advisory_xact_lock(hashtext($1))"
-        self.table_exists = "select to_regclass($1) is not null"
 
     def insert_many(self, statement: str) -> str | None:
         return self._insert_many.get(statement)

@@ -178,15 +178,19 @@ class SqliteQueries(Queries):
             " and lower(m.name) <> lower($1)"
             ' and (f."to" is null or lower(f."to") = \'private_id\') order by 1, 2'
         )
-        self.version_ids_of_pairs = (
-            "select r.scope_id, k.purpose, v.private_id from json_each($1) c"
+        self.table_exists = (
+            "select count(*) > 0 from sqlite_master where type = 'table' and name = $1"
+        )
+        self.use_suspensions(False)
+
+    def _version_ids_of_pairs(self, suspended: str) -> str:
+        p = self.prefix
+        return (
+            f"select r.scope_id, k.purpose, v.private_id, {suspended} from json_each($1) c"
             f" join {p}_root_key r on r.scope_id = json_extract(c.value, '$[0]')"
             f" join {p}_data_key k on k.root_key_id = r.private_id"
             "  and k.purpose = json_extract(c.value, '$[1]')"
             f" join {p}_data_key_version v on v.data_key_id = k.private_id"
-        )
-        self.table_exists = (
-            "select count(*) > 0 from sqlite_master where type = 'table' and name = $1"
         )
 
     def array(self, values: Sequence[Any]) -> Any:

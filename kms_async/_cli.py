@@ -1675,6 +1675,15 @@ def _advice(exc: KMSError, remedy: Remedy, args: argparse.Namespace) -> str | No
         )
     if remedy.action == "previous_root_key":
         return _previous_root_advice(remedy, args)
+    if remedy.action == "replace_unusable":
+        return (
+            f"if the root key given here is the right one, run "
+            f"`{_command('rotate', scope)} --replace-unusable` (without --rewrap), then "
+            f"revoke each version `{_command('status', scope)}` marks UNUSABLE with "
+            f"`{_prog()} revoke VERSION_ID`; if it is the wrong one, fix the root key"
+        )
+    if remedy.action == "resume_key_version" and version:
+        return f"run `{_command('resume', version)}` if the data under it is still needed"
     return None
 
 

@@ -78,6 +78,8 @@ Action = Literal[
     "list_keys",
     "previous_root_key",
     "wait_revoke_grace",
+    "replace_unusable",
+    "resume_key_version",
 ]
 
 

@@ -182,20 +182,49 @@ class Keyring:
         async with self.reading(conn) as reader:
             owners = await repo.root_keys_of_scopes(reader, self._q, scope_ids)
             latest = await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
+        scope_of = {root_key_id: scope_id for scope_id, root_key_id in owners.items()}
         for root_key_id, row in latest.items():
             try:
                 await self.unwrap_root(row.id, row.version, row.wrapped)
             except WrapperError as exc:
-                if exc.retryable or not replace_unusable:
+                if exc.retryable:
                     raise
-                await self._prove_older(root_key_id, row.id, conn, exc)
+                older = await self._older_unwraps(root_key_id, row.id, conn)
+                if older is None:
+                    if replace_unusable:
+                        raise KeyUnusableError(
+                            f"{exc}; replace_unusable needs a root wrapper that unwraps at "
+                            "least one of the scope's older root key versions, and this one "
+                            "unwraps none: it is the wrong root key",
+                            key_version_id=row.id,
+                        ) from exc
+                    raise
+                scope_id = scope_of[root_key_id]
+                if not replace_unusable:
+                    # The right key, and a newest version written under another one.
+                    raise advised(
+                        KeyUnusableError,
+                        f"the newest root key version {row.id} of scope {show(scope_id)} cannot "
+                        f"be unwrapped with this root wrapper ({exc.problem or exc}), which "
+                        f"unwraps the older version {older}: the newest was written under "
+                        "another root key",
+                        f"if this root key is the right one, run rotate_keys({show(scope_id)}, "
+                        "replace_unusable=True), then revoke the unusable versions",
+                        Remedy("replace_unusable", scope_id=scope_id, key_version_id=row.id),
+                        key_version_id=row.id,
+                    ) from exc
+                logger.warning(
+                    "kms_async: replacing unusable root key version %s of scope %s: the root "
+                    "wrapper unwraps the older version %s",
+                    row.id,
+                    show(scope_id),
+                    older,
+                )
         if latest:
             self._proven_any = True
 
-    async def _prove_older(
-        self, root_key_id: str, newest_id: str, conn: Any, failure: WrapperError
-    ) -> None:
-        """Unwrap any root key version of the root key but the newest, or re-raise ``failure``."""
+    async def _older_unwraps(self, root_key_id: str, newest_id: str, conn: Any) -> str | None:
+        """The id of an older root key version the root wrapper unwraps, if any."""
         async with self.reading(conn) as reader:
             rows = await repo.root_key_versions(reader, self._q, root_key_id)
         for row in sorted(rows, key=lambda r: r.version, reverse=True):
@@ -207,18 +236,8 @@ class Keyring:
                 if exc.retryable:
                     raise
                 continue
-            logger.warning(
-                "kms_async: replacing unusable root key version %s: the root wrapper unwraps "
-                "the older version %s",
-                newest_id,
-                row.id,
-            )
-            return
-        raise KeyUnusableError(
-            f"{failure}; replace_unusable needs a root wrapper that unwraps at least one of the "
-            "scope's older root key versions, and this one unwraps none: it is the wrong root key",
-            key_version_id=newest_id,
-        ) from failure
+            return row.id
+        return None
 
     async def prove_any(self, conn: Any, *, at_open: bool = False) -> None:
         """Unwrap one of a few of the database's root key versions (if it has
@@ -369,14 +388,11 @@ class Keyring:
                 key = unwrap_key(root.cipher, root_version_id, version_id, wrapped)
             except (WrapperError, DecryptionError) as exc:
                 failure = exc
-                why = _unusable_message(scope_id, purpose, version_id, version == newest, exc)
-                refusal = Refusal(KeyUnusableError, version_id, why)
+                refusal = _unusable(scope_id, purpose, version_id, version == newest, exc)
                 versions.append(VersionKey(version_id, version, refusal, b"", suspended))
                 continue
             if suspended:
-                refusal = Refusal(
-                    KeySuspendedError, version_id, _suspended_message(scope_id, purpose, version_id)
-                )
+                refusal = _suspended(scope_id, purpose, version_id)
                 versions.append(VersionKey(version_id, version, refusal, b"", True))
             else:
                 versions.append(VersionKey(version_id, version, AESGCM(key), key))
@@ -438,28 +454,34 @@ class Keyring:
         )
 
 
-def _unusable_message(
+def _unusable(
     scope_id: str, purpose: str, version_id: str, newest: bool, cause: Exception
-) -> str:
+) -> Refusal:
     which = "newest " if newest else ""
-    fix = (
+    problem = (
+        f"the {which}{purpose!r} key version {version_id} of scope {show(scope_id)} cannot be "
+        f"unwrapped with this KMS's root wrapper ({cause}); it was written under another root "
+        "key, and the pair's other versions still work"
+    )
+    if not newest:
+        advice = "data under it can be read only with the root key that wrapped it"
+        return Refusal(KeyUnusableError, version_id, problem, advice, None)
+    advice = (
         f"if this instance's root key is the right one, run rotate_keys({show(scope_id)}, "
         "replace_unusable=True) so that new data goes under keys it can unwrap, then revoke "
         "the unusable versions once nothing needs them; if it is the wrong one, fix its "
         "configuration"
-        if newest
-        else "data under it can be read only with the root key that wrapped it"
     )
-    return (
-        f"the {which}{purpose!r} key version {version_id} of scope {show(scope_id)} cannot be "
-        f"unwrapped with this KMS's root wrapper ({cause}); it was written under another root "
-        f"key. The pair's other versions still work; {fix}"
-    )
+    remedy = Remedy("replace_unusable", scope_id=scope_id, key_version_id=version_id)
+    return Refusal(KeyUnusableError, version_id, problem, advice, remedy)
 
 
-def _suspended_message(scope_id: str, purpose: str, version_id: str) -> str:
-    return (
+def _suspended(scope_id: str, purpose: str, version_id: str) -> Refusal:
+    return Refusal(
+        KeySuspendedError,
+        version_id,
         f"{purpose!r} key version {version_id} of scope {show(scope_id)} is suspended: "
-        f"decryption under it is refused; resume_key_version({version_id!r}) if the data "
-        "under it is still needed"
+        "decryption under it is refused",
+        f"resume_key_version({version_id!r}) if the data under it is still needed",
+        Remedy("resume_key_version", scope_id=scope_id, key_version_id=version_id),
     )

@@ -670,9 +670,11 @@ class KMS(AsyncResource):
         self._check_open()
         scopes = list(dict.fromkeys(check_scope_list(scope_ids)))
         if rewrap and replace_unusable:
-            raise InvalidParameterError(
-                "replace_unusable cannot rewrap: the unusable versions cannot be unwrapped; "
-                "rotate with replace_unusable=True, revoke the unusable versions, then rewrap"
+            raise advised(
+                InvalidParameterError,
+                "replace_unusable cannot rewrap: the unusable versions cannot be unwrapped",
+                "rotate with replace_unusable=True, revoke the unusable versions, then rewrap",
+                Remedy("replace_unusable", scope_id=scopes[0] if len(scopes) == 1 else None),
             )
         self.get_external_root_wrapper()
         await self._writer.rotate(

@@ -4,14 +4,13 @@ Each page runs top to bottom in a temporary directory of its own, once per
 database the page names (``<!-- docs-test: databases=sqlite,postgres -->``,
 the default; ``none`` runs it once without one). ``DATABASE_URL`` and
 ``KMS_DATABASE_URL`` point at an empty database: a new SQLite file, or a new
-PostgreSQL schema on ``KMS_TEST_POSTGRES_DSN``; ``KMS_ROOT_KEY`` holds a
+PostgreSQL database on ``KMS_TEST_POSTGRES_DSN``'s server; ``KMS_ROOT_KEY`` holds a
 random key.
 
 - ``python`` blocks run in one namespace per page, in this process; a
   top-level ``await`` works as in ``python -m asyncio``.
-- ``bash``/``sh`` blocks run in bash with ``set -euo pipefail``; exported
-  variables and the working directory carry over to the next block, of
-  either kind.
+- ``bash``/``sh`` blocks run in bash with ``set -euo pipefail``; variables
+  and the working directory carry over to the next block, of either kind.
 - ``console`` blocks hold ``$ command`` lines, each followed by the output it
   must print; ``...`` in an expected line matches any text.
 - Other languages (``text``, ``sql``, ``json``, ...) are not run; a block
@@ -20,6 +19,8 @@ random key.
 A comment right before a block changes what happens to it:
 
 - ``<!-- docs-test: skip REASON -->``: not run; the reason is required.
+- ``<!-- docs-test: only postgres -->`` (or ``sqlite``): run in that
+  database's run of the page only.
 - ``<!-- docs-test: file NAME -->``: appended to ``NAME`` in the page's
   directory instead of being run (a later block runs the file).
 - ``<!-- docs-test: background port=8000 -->``: a shell block that starts a
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import fnmatch
@@ -168,28 +170,61 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> No
     raise AssertionError(f"{what} did not listen on port {port} within {_SERVER_START} s")
 
 
-@contextlib.contextmanager
-def _postgres_database() -> Iterator[str]:
-    """An empty schema on the test server, and a DSN whose search_path is it."""
-    if not POSTGRES_DSN:
-        if os.environ.get("CI"):
-            pytest.fail("KMS_TEST_POSTGRES_DSN is not set; CI must run the PostgreSQL cases")
-        pytest.skip("set KMS_TEST_POSTGRES_DSN=postgresql://... to run the PostgreSQL cases")
-    import psycopg2
+class _Databases:
+    """New, empty PostgreSQL databases on the test server; dropped on a thread.
 
-    schema = "docs_" + secrets.token_hex(6)
-    admin = psycopg2.connect(POSTGRES_DSN)
-    admin.autocommit = True
+    A whole database rather than a schema: the pages' DSNs then work unchanged
+    with every client they use (asyncpg, psycopg2, SQLAlchemy, yoyo, dbmate).
+    Dropping one takes a checkpoint (about 0.3 s), so the drops run on a
+    thread while the next pages run.
+    """
+
+    def __init__(self) -> None:
+        self._drops = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="docs-drop")
+        self._pending: list[concurrent.futures.Future[None]] = []
+
+    def _admin(self) -> Any:
+        import psycopg2
+
+        admin = psycopg2.connect(POSTGRES_DSN)
+        admin.autocommit = True
+        return admin
+
+    def _run(self, sql: str) -> None:
+        admin = self._admin()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(sql)
+        finally:
+            admin.close()
+
+    @contextlib.contextmanager
+    def new(self) -> Iterator[str]:
+        if not POSTGRES_DSN:
+            if os.environ.get("CI"):
+                pytest.fail("KMS_TEST_POSTGRES_DSN is not set; CI must run the PostgreSQL cases")
+            pytest.skip("set KMS_TEST_POSTGRES_DSN=postgresql://... to run the PostgreSQL cases")
+        name = "kms_docs_" + secrets.token_hex(6)
+        self._run(f"create database {name}")
+        try:
+            yield urllib.parse.urlunsplit(urllib.parse.urlsplit(POSTGRES_DSN)._replace(path=name))
+        finally:
+            drop = f"drop database if exists {name} with (force)"
+            self._pending.append(self._drops.submit(self._run, drop))
+
+    def close(self) -> None:
+        self._drops.shutdown(wait=True)
+        for done in self._pending:
+            done.result()
+
+
+@pytest.fixture(scope="module")
+def databases() -> Iterator[_Databases]:
+    made = _Databases()
     try:
-        with admin.cursor() as cursor:
-            cursor.execute(f"create schema {schema}")
-        parts = urllib.parse.urlsplit(POSTGRES_DSN)
-        query = [*urllib.parse.parse_qsl(parts.query), ("search_path", schema)]
-        yield urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+        yield made
     finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"drop schema if exists {schema} cascade")
-        admin.close()
+        made.close()
 
 
 @contextlib.contextmanager
@@ -385,12 +420,18 @@ def _matches(got: list[str], want: list[str]) -> bool:
 
 
 @pytest.mark.parametrize(("path", "database"), list(_page_params()))
-def test_page_runs(path: pathlib.Path, database: str, tmp_path: pathlib.Path) -> None:
+def test_page_runs(
+    path: pathlib.Path, database: str, tmp_path: pathlib.Path, databases: _Databases
+) -> None:
     page = parse(path)
-    runnable = [b for b in page.blocks if b.marker("skip") is None]
+    runnable = [
+        b
+        for b in page.blocks
+        if b.marker("skip") is None and b.marker("only") in (None, database)
+    ]
     with contextlib.ExitStack() as stack:
         if database == "postgres":
-            dsn = stack.enter_context(_postgres_database())
+            dsn = stack.enter_context(databases.new())
         else:
             dsn = f"sqlite:///{tmp_path}/app.db"
         env = {

@@ -244,39 +244,36 @@ def _softhsm(env: dict[str, str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _moto(env: dict[str, str]) -> Iterator[None]:
-    """moto's server as AWS KMS, holding the key ``alias/kms-root``."""
+    """The AWS tests' moto server (one per process), holding a key ``alias/kms-root``."""
     import boto3
+    from test_root_aws import moto_endpoint
 
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    endpoint = moto_endpoint()
+    aws = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        # Nothing beyond loopback: no instance metadata, no profile of the machine's.
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+    }
+    client = boto3.client(
+        "kms",
+        region_name="eu-west-1",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
+    key = client.create_key()["KeyMetadata"]["KeyId"]
+    client.create_alias(AliasName="alias/kms-root", TargetKeyId=key)
+    env.update(aws)
     try:
-        _wait_for_port(port, server, "moto's server")
-        endpoint = f"http://127.0.0.1:{port}"
-        aws = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "eu-west-1",
-            "AWS_ENDPOINT_URL": endpoint,
-        }
-        client = boto3.client(
-            "kms",
-            region_name="eu-west-1",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        key = client.create_key()["KeyMetadata"]["KeyId"]
-        client.create_alias(AliasName="alias/kms-root", TargetKeyId=key)
-        env.update(aws)
         yield
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait()
+        client.delete_alias(AliasName="alias/kms-root")
+        client.close()
 
 
 # -- running a page -----------------------------------------------------------------

@@ -12,7 +12,8 @@ random key.
 - ``bash``/``sh`` blocks run in bash with ``set -euo pipefail``; variables
   and the working directory carry over to the next block, of either kind.
 - ``console`` blocks hold ``$ command`` lines, each followed by the output it
-  must print; ``...`` in an expected line matches any text.
+  must print; ``...`` matches any text within a line, or any lines when it
+  stands alone on one.
 - Other languages (``text``, ``sql``, ``json``, ...) are not run; a block
   without a language fails ``test_every_block_names_its_language``.
 
@@ -41,7 +42,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import fnmatch
 import os
 import pathlib
 import re
@@ -407,13 +407,14 @@ class Session:
 
 
 def _matches(got: list[str], want: list[str]) -> bool:
-    if len(got) != len(want):
-        return False
-    for line, pattern in zip(got, want, strict=True):
-        glob = pattern.replace("[", "[[]").replace("...", "*")
-        if line != pattern and not fnmatch.fnmatchcase(line, glob):
-            return False
-    return True
+    """``...`` matches any text within a line, or any lines when it stands alone."""
+    pattern = []
+    for line in want:
+        if line.strip() == "...":
+            pattern.append(r"(?:[^\n]*\n)*?[^\n]*")
+        else:
+            pattern.append(r"[^\n]*".join(re.escape(part) for part in line.split("...")))
+    return re.fullmatch("\n".join(pattern), "\n".join(got)) is not None
 
 
 @pytest.mark.parametrize(("path", "database"), list(_page_params()))

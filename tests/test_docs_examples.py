@@ -143,7 +143,8 @@ def parse(path: pathlib.Path) -> Page:
 def _page_params() -> Iterator[Any]:
     for path in PAGES:
         page = parse(path)
-        if not any(b.lang in PYTHON | SHELL | CONSOLE for b in page.blocks):
+        runs = PYTHON | SHELL | CONSOLE
+        if not any(b.lang in runs and b.marker("skip") is None for b in page.blocks):
             continue
         name = str(path.relative_to(ROOT))
         for database in page.databases or ["none"]:

@@ -424,9 +424,7 @@ def test_page_runs(
 ) -> None:
     page = parse(path)
     runnable = [
-        b
-        for b in page.blocks
-        if b.marker("skip") is None and b.marker("only") in (None, database)
+        b for b in page.blocks if b.marker("skip") is None and b.marker("only") in (None, database)
     ]
     with contextlib.ExitStack() as stack:
         if database == "postgres":
@@ -484,3 +482,29 @@ def test_every_block_names_its_language() -> None:
 def test_every_skip_says_why() -> None:
     bare = [b.where for p in PAGES for b in parse(p).blocks if b.marker("skip") == ""]
     assert not bare, f"docs-test: skip without a reason at {bare}"
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+    """The ids MkDocs gives the page's headings."""
+    anchors = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            title = re.sub(r"[`*]", "", line.lstrip("#").strip()).lower()
+            anchors.add(re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", title)).strip("-"))
+    return anchors
+
+
+def test_the_readme_is_a_front_page_whose_links_resolve() -> None:
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) < 200, (
+        "the README is a front page: move detail to docs/"
+    )
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", readme.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = ROOT / path
+        if not file.exists() or (anchor and anchor not in _anchors(file)):
+            broken.append(target)
+    assert not broken, f"README.md links to what does not exist: {broken}"

@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import os
 import pathlib
+import sys
 import tempfile
 from typing import Any
 
@@ -25,6 +26,9 @@ CLI_MARKER = "<!-- generated: cli-reference -->"
 
 
 def _cli_reference() -> str:
+    # The parser of this checkout, whatever copy of the package is installed.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from kms_async._cli import build_parser
 
     # argparse wraps help to the terminal's width: fix it for the same page everywhere.

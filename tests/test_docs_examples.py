@@ -29,10 +29,11 @@ A comment right before a block changes what happens to it:
   on once the port accepts connections. The harness picks a free port and
   writes it for every ``8000`` in the page's shell blocks.
 - ``<!-- docs-test: needs softhsm -->`` / ``needs moto``: the page needs
-  SoftHSM2 (the PKCS#11 tests' token, named by ``HSM_TOKEN`` and ``HSM_PIN``,
-  holding the AES key ``kms-root``) or an AWS KMS stand-in (moto's server,
-  holding ``alias/kms-root``, reached through ``AWS_ENDPOINT_URL``). Without
-  SoftHSM2 the page skips locally and fails under CI.
+  SoftHSM2 (the PKCS#11 tests' token, named by ``HSM_TOKEN`` and ``HSM_PIN``;
+  a page that adds keys to it must use labels the tests do not use) or an
+  AWS KMS stand-in (moto's server, holding ``alias/kms-root``, reached
+  through ``AWS_ENDPOINT_URL``). Without SoftHSM2 the page skips locally and
+  fails under CI.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def _wait(browser: Any, condition: Any, what: str) -> Any:
     return WebDriverWait(browser, _WAIT).until(condition, message=what)
 
 
-def test_home_page(browser: Any, site: pathlib.Path, base_url: str) -> None:
+def _home_page(browser: Any, site: pathlib.Path, base_url: str) -> None:
     from selenium.webdriver.common.by import By
 
     with _page(browser, site, base_url, "home"):
@@ -147,9 +147,7 @@ def test_home_page(browser: Any, site: pathlib.Path, base_url: str) -> None:
         assert any("KMS.open" in c for c in code), code
 
 
-def test_api_reference_lists_every_public_name(
-    browser: Any, site: pathlib.Path, base_url: str
-) -> None:
+def _api_reference_lists_every_public_name(browser: Any, site: pathlib.Path, base_url: str) -> None:
     from selenium.webdriver.common.by import By
 
     with _page(browser, site, base_url + "reference/api/", "api-reference"):
@@ -168,7 +166,7 @@ def test_api_reference_lists_every_public_name(
         assert "aad" in section.text
 
 
-def test_search_finds_the_api(browser: Any, site: pathlib.Path, base_url: str) -> None:
+def _search_finds_the_api(browser: Any, site: pathlib.Path, base_url: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
 
@@ -189,9 +187,7 @@ def test_search_finds_the_api(browser: Any, site: pathlib.Path, base_url: str) -
         assert any("reference/api/" in t for t in targets), targets
 
 
-def test_figures_and_generated_pages_render(
-    browser: Any, site: pathlib.Path, base_url: str
-) -> None:
+def _figures_and_generated_pages_render(browser: Any, site: pathlib.Path, base_url: str) -> None:
     from selenium.webdriver.common.by import By
 
     def loaded(selector: str) -> bool:
@@ -209,3 +205,11 @@ def test_figures_and_generated_pages_render(
     with _page(browser, site, base_url + "reference/cli/", "cli-reference"):
         headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "article h2")]
         assert "kms-async rotate" in " ".join(headings)
+
+
+def test_the_site_as_a_reader_sees_it(browser: Any, site: pathlib.Path, base_url: str) -> None:
+    """One test, so one worker builds the site and one browser visits it."""
+    _home_page(browser, site, base_url)
+    _api_reference_lists_every_public_name(browser, site, base_url)
+    _search_finds_the_api(browser, site, base_url)
+    _figures_and_generated_pages_render(browser, site, base_url)

@@ -85,8 +85,9 @@ def _sqlite(sql: str, args: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
 
 
 def root_wrapper(root_key: bytes) -> kms_async.AeadWrapper:
-    """The root of trust; keep key_id stable, it is written into every wrapped root key."""
-    return kms_async.AeadWrapper(root_key, key_id=os.environ.get("KMS_ROOT_KEY_ID", "root-1"))
+    """The root of trust; its key id (written into every wrapped root key) is
+    KMS_ROOT_KEY_ID if set, else the key's fingerprint, as for the command line."""
+    return kms_async.AeadWrapper(root_key, key_id=os.environ.get("KMS_ROOT_KEY_ID") or None)
 
 
 class Tx:

@@ -27,10 +27,13 @@ from ._errors import (
     KeySuspendedError,
     KeyUnusableError,
     KMSError,
+    Remedy,
     StorageError,
     TransientStorageError,
     UnknownKeyVersionError,
     WrapperError,
+    advised,
+    reason,
 )
 from ._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, is_id, new_id
 from ._sql import Connection, Database
@@ -108,7 +111,9 @@ class Keyring:
         try:
             blob = await wrapper.encrypt(key)
         except Exception as exc:
-            raise wrapper_error(f"the root wrapper failed to wrap a root key: {exc}", exc) from exc
+            raise wrapper_error(
+                f"the root wrapper failed to wrap a root key: {reason(exc)}", exc
+            ) from exc
         if not isinstance(blob, BlobInfo):
             raise WrapperError(
                 f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
@@ -129,12 +134,23 @@ class Keyring:
         try:
             key = await wrapper.decrypt(blob)
         except Exception as exc:
-            raise wrapper_error(
+            problem = (
                 f"the root wrapper cannot unwrap root key version {version_id} (wrapped under "
-                f"key id {show(blob.key_id)}): {exc}; if the root key was replaced, register "
-                "PooledWrapper(new, old) until rewrap_keys() has run for every scope",
-                exc,
-            ) from exc
+                f"key id {show(blob.key_id)}): {reason(exc)}"
+            )
+            error = wrapper_error(problem, exc)
+            if not error.retryable:
+                # Not a passing failure: the wrapper lacks that key.
+                error = advised(
+                    WrapperError,
+                    problem,
+                    "if the root key was replaced, register PooledWrapper(new, old) until "
+                    "rewrap_keys() has run for every scope",
+                    Remedy(
+                        "previous_root_key", key_version_id=version_id, key_id=blob.key_id or None
+                    ),
+                )
+            raise error from exc
         if not isinstance(key, bytes) or len(key) != KEY_SIZE:
             raise WrapperError(f"root key version {version_id} did not unwrap to a 32-byte key")
         unwrapped = VersionKey(version_id, version, AESGCM(key), key)
@@ -234,11 +250,15 @@ class Keyring:
                 if at_open
                 else ""
             )
-            raise WrapperError(
+            problem = (
                 f"the root wrapper unwraps none of the {len(rows)} root key version(s) of this "
                 f"database it was tried on, so it holds another root key than the database's "
-                f"({failure}); fix the root key configuration{skip}"
-            ) from failure
+                f"({failure.problem or failure})"
+            )
+            advice = f"fix the root key configuration{skip}"
+            if failure.remedy is None:
+                raise WrapperError(f"{problem}; {advice}") from failure
+            raise advised(WrapperError, problem, advice, failure.remedy) from failure
 
     def reading(self, conn: Any) -> AbstractAsyncContextManager[Connection]:
         # Inside the caller's transaction when there is one: never a second

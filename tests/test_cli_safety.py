@@ -69,8 +69,8 @@ async def test_status_marks_unusable_versions_and_rotate_replaces_them(
     assert plain.code != 0
     fixed = await cli("rotate", "acme", "--replace-unusable")
     assert fixed.code == 0, fixed.err
-    assert (await cli("revoke", bad_data, "--grace", "0")).code == 0
-    assert (await cli("revoke", bad_root, "--grace", "0")).code == 0
+    assert (await cli("revoke", bad_data, "--grace", "0", "--yes")).code == 0
+    assert (await cli("revoke", bad_root, "--grace", "0", "--yes")).code == 0
     clean = await cli("status", "acme")
     assert "UNUSABLE" not in clean.out
 

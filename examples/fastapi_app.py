@@ -19,9 +19,9 @@ Database access:
 * SQLite: the app keeps one aiosqlite connection of its own, guarded by a lock
   so that requests never interleave statements inside each other's
   transactions, and gives the KMS the DSN so it opens its own writer and
-  reader (what the main README recommends for a busy service: a shared SQLite
-  connection makes key writes of other tasks fail while a transaction is
-  open on it). ``create_keys(conn=conn)`` still joins the app's transaction
+  reader (what docs/how-to/sharing-a-pool.md recommends for a busy service:
+  a shared SQLite connection makes key writes of other tasks fail while a
+  transaction is open on it). ``create_keys(conn=conn)`` still joins the app's transaction
   on the app's connection.
 """
 

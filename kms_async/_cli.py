@@ -83,7 +83,7 @@ EXIT_STORAGE = 6
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
-#: Exit status -> what it means; the ``--help`` epilog and the README print it.
+#: Exit status -> what it means; the ``--help`` epilog and the docs print it.
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_ERROR: "any other error (a wrapper or decryption failure, ...)",

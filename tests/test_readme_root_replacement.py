@@ -1,12 +1,16 @@
-"""The README's "Replacing a local root key", run as written (issue 11, item 3).
+"""The docs' "Replacing a local root key", run as written (issue 11, item 3).
 
-The shell block and the Python block are read out of README.md, not copied
-here, so this test fails as soon as the README's procedure stops working.
-The database it starts from holds root keys written both ways the README
-shows: by the library (``AeadWrapper(key)``, as in the quick start) and by
-the command line (``--root-key-file``), from the same old key; the two give
-the key the same id, which is what lets one ``--previous-root-key-file``
-unwrap all of them.
+The section lives in docs/how-to/replace-root-key.md (it was the README's
+until the README became a front page). Its shell block and its Python block
+are read out of that page, not copied here, so this test fails as soon as
+the documented procedure stops working. The docs example harness
+(test_docs_examples.py) skips the two blocks, each marked as run here: they
+need a database whose keys were written by both the library and the command
+line, which this test builds. The database it starts from holds root keys
+written both ways the docs show: by the library (``AeadWrapper(key)``, as in
+the quick start) and by the command line (``--root-key-file``), from the
+same old key; the two give the key the same id, which is what lets one
+``--previous-root-key-file`` unwrap all of them.
 """
 
 from __future__ import annotations
@@ -28,24 +32,31 @@ from kms_async import KMS, AeadWrapper, BlobInfo, WrapperError
 from kms_async._wrappers import key_fingerprint
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SECTION = "### Replacing a local root key"
+PAGE = REPO / "docs" / "how-to" / "replace-root-key.md"
+SECTION = "\n## Replacing a local root key\n"
+# What the docs harness reads before each block: skip it, this test runs it.
+RUN_HERE = re.compile(r"<!-- docs-test: skip tests/test_readme_root_replacement\.py runs [^>]*-->")
 
 
 def _section() -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    start = text.index(SECTION)
-    end = text.find("\n### ", start + len(SECTION))
+    text = PAGE.read_text(encoding="utf-8")
+    assert text.count(SECTION) == 1, f"{PAGE.name} should hold one {SECTION.strip()!r} section"
+    start = text.index(SECTION) + 1
+    end = text.find("\n## ", start)
     return text[start : end if end != -1 else len(text)]
 
 
 def _block(language: str) -> str:
-    found = re.findall(rf"```{language}\n(.*?)```", _section(), re.DOTALL)
+    found = re.findall(rf"([^\n]*)\n```{language}\n(.*?)```", _section(), re.DOTALL)
     assert len(found) == 1, f"the section should hold one {language} block"
-    return str(found[0])
+    marker, code = found[0]
+    # Marked, so the docs harness does not also run it (without the database it needs).
+    assert RUN_HERE.fullmatch(marker.strip()), f"the {language} block lacks its marker"
+    return str(code)
 
 
 def _run_shell(script: str, cwd: pathlib.Path, dsn: str) -> subprocess.CompletedProcess[str]:
-    """Run README shell lines with this checkout's kms_async and Python."""
+    """Run the page's shell lines with this checkout's kms_async and Python."""
     prelude = (
         "set -e\n"
         f'kms-async() {{ "{sys.executable}" -m kms_async "$@"; }}\n'
@@ -95,7 +106,7 @@ async def _root_key_ids(db: TestDB) -> set[str]:
 
 
 @pytest.mark.parametrize("how", ["command line", "python"])
-async def test_the_readme_replaces_a_local_root_key(
+async def test_the_docs_replace_a_local_root_key(
     db: TestDB, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     old_key = secrets.token_bytes(32)
@@ -112,10 +123,10 @@ async def test_the_readme_replaces_a_local_root_key(
         assert len(make_key) == 1
         assert _run_shell(make_key[0], tmp_path, db.dsn).returncode == 0
         namespace: dict[str, Any] = {}
-        exec(compile(_block("python"), "README.md", "exec"), namespace)
+        exec(compile(_block("python"), str(PAGE), "exec"), namespace)
         monkeypatch.chdir(tmp_path)
         await namespace["replace_root_key"](db.dsn)
-        # The README's check, with the new key alone.
+        # The docs' check, with the new key alone.
         checks = [line for line in commands if line.startswith("kms-async")]
         check = _run_shell(checks[-1], tmp_path, db.dsn)
         assert check.returncode == 0, check.stderr
@@ -146,7 +157,7 @@ async def test_the_readme_replaces_a_local_root_key(
         assert _run_shell("\n".join(rewrap), tmp_path, db.dsn).returncode == 0
 
 
-async def test_the_readme_check_fails_while_a_scope_needs_the_old_key(
+async def test_the_docs_check_fails_while_a_scope_needs_the_old_key(
     db: TestDB, tmp_path: pathlib.Path
 ) -> None:
     old_key = secrets.token_bytes(32)

@@ -15,7 +15,7 @@ Targeted invalidation: B caches many scopes, A rotates one; once B serves
 the new version, every cached entry object of B is compared by identity
 with the one it held before.
 
-Other writers (PostgreSQL, schema file 04's triggers): the same latency when
+Other writers (PostgreSQL, schema file 05's triggers): the same latency when
 the rotation is done by plain SQL the way the Go package does it (the
 version bump first, then a root key version and a data key version per
 purpose, in one transaction), and when a tenant is deleted with the

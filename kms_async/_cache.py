@@ -22,8 +22,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import encode_suffix
+from ._errors import KeySuspendedError, KeyUnusableError, Remedy, advised
 
-__all__ = ["CacheKey", "KeyCache", "PurposeKeys", "VersionKey"]
+__all__ = ["CacheKey", "KeyCache", "PurposeKeys", "Refusal", "VersionKey"]
 
 CacheKey = tuple[str, str]
 
@@ -32,14 +33,69 @@ _MAX_ROOTS = 10_000
 _COUNTED_SCOPES = 1_000
 
 
+class Refusal:
+    """Stands in for the AESGCM of a version that must not be used.
+
+    A suspended version, or one the root wrapper cannot unwrap, stays in its
+    pair (so the other versions keep working and the pair still matches the
+    database) with this in place of its key: the hot path calls ``encrypt``
+    or ``decrypt`` on it as on any version, and gets the error.
+    """
+
+    __slots__ = ("advice", "error", "problem", "remedy", "version_id")
+
+    def __init__(
+        self,
+        error: type[KeySuspendedError | KeyUnusableError],
+        version_id: str,
+        problem: str,
+        advice: str,
+        remedy: Remedy | None,
+    ) -> None:
+        self.error = error
+        self.version_id = version_id
+        self.problem = problem
+        self.advice = advice
+        self.remedy = remedy
+
+    def refuse(self) -> KeySuspendedError | KeyUnusableError:
+        if self.remedy is None:
+            return self.error(f"{self.problem}; {self.advice}", key_version_id=self.version_id)
+        return advised(
+            self.error, self.problem, self.advice, self.remedy, key_version_id=self.version_id
+        )
+
+    def encrypt(self, nonce: object, data: object, aad: object) -> bytes:
+        raise self.refuse()
+
+    def decrypt(self, nonce: object, data: object, aad: object) -> bytes:
+        raise self.refuse()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class VersionKey:
-    """One unwrapped data key version. ``repr`` never shows the key."""
+    """One unwrapped key version. ``repr`` never shows the key.
+
+    ``suspended`` versions, and those the root wrapper could not unwrap,
+    have a :class:`Refusal` as ``aead`` and an empty ``key``.
+    """
 
     id: str
     version: int
-    aead: AESGCM
+    aead: AESGCM | Refusal
     key: bytes = dataclasses.field(repr=False)
+    suspended: bool = False
+
+    @property
+    def refused(self) -> Refusal | None:
+        return self.aead if isinstance(self.aead, Refusal) else None
+
+    @property
+    def cipher(self) -> AESGCM:
+        """The usable AESGCM; raises the refusal for a refused version."""
+        if isinstance(self.aead, Refusal):
+            raise self.aead.refuse()
+        return self.aead
 
 
 class PurposeKeys:
@@ -71,16 +127,20 @@ class PurposeKeys:
     def newest(self) -> VersionKey:
         return self.versions[0]
 
-    def ids(self) -> set[str]:
-        return {v.id for v in self.versions}
+    def version(self, version_id: str) -> VersionKey | None:
+        return next((v for v in self.versions if v.id == version_id), None)
 
-    def find(self, suffix: bytes) -> AESGCM | None:
+    def ids(self) -> set[tuple[str, bool]]:
+        """(id, suspended) of each version, as the freshness check compares them."""
+        return {(v.id, v.suspended) for v in self.versions}
+
+    def find(self, suffix: bytes) -> AESGCM | Refusal | None:
         """The version whose key_info suffix is ``suffix`` (see ``encode_suffix``)."""
         if suffix == self.suffix:
             return self.aead
         return None if self.older is None else self.older.get(suffix)
 
-    def find_id(self, version_id: str) -> AESGCM | None:
+    def find_id(self, version_id: str) -> AESGCM | Refusal | None:
         """The version with id ``version_id``."""
         return self.find(encode_suffix(version_id))
 

@@ -87,6 +87,7 @@ class Freshness:
         self._marker = await self._db.change_marker()
         async with self._db.read() as conn:
             await repo.find_change_log(conn, self._q)
+            await repo.find_suspensions(conn, self._q)
             self._seen = await repo.collection_version(conn, self._q)
         self._confirmed(started)
 
@@ -110,6 +111,10 @@ class Freshness:
                 async with self._db.read() as conn:
                     version = await repo.collection_version(conn, self._q)
                 if version != self._seen:
+                    if not self._q.has_suspensions:
+                        # Another instance may have migrated since this one opened.
+                        async with self._db.read() as conn:
+                            await repo.find_suspensions(conn, self._q)
                     scopes = None
                     if self._seen is not None and version > self._seen:
                         async with self._db.read() as conn:

@@ -9,24 +9,33 @@ Concurrent misses of one pair share a single load (see :class:`KeyCache`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import BlobInfo, decode
-from ._cache import KeyCache, PurposeKeys, VersionKey
+from ._cache import KeyCache, PurposeKeys, Refusal, VersionKey
 from ._errors import (
+    DecryptionError,
     InvalidParameterError,
     KeyNotFoundError,
+    KeySuspendedError,
+    KeyUnusableError,
+    KMSError,
+    Remedy,
     StorageError,
     TransientStorageError,
     UnknownKeyVersionError,
     WrapperError,
+    advised,
+    reason,
 )
 from ._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, is_id, new_id
 from ._sql import Connection, Database
@@ -89,6 +98,10 @@ class Keyring:
             )
         return wrapper
 
+    @property
+    def wrappers(self) -> dict[str, Wrapper]:
+        return self._wrappers
+
     def clear(self) -> None:
         # Registered wrappers may hold root key material.
         self._wrappers.clear()
@@ -100,7 +113,9 @@ class Keyring:
         try:
             blob = await wrapper.encrypt(key)
         except Exception as exc:
-            raise wrapper_error(f"the root wrapper failed to wrap a root key: {exc}", exc) from exc
+            raise wrapper_error(
+                f"the root wrapper failed to wrap a root key: {reason(exc)}", exc
+            ) from exc
         if not isinstance(blob, BlobInfo):
             raise WrapperError(
                 f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
@@ -121,12 +136,23 @@ class Keyring:
         try:
             key = await wrapper.decrypt(blob)
         except Exception as exc:
-            raise wrapper_error(
+            problem = (
                 f"the root wrapper cannot unwrap root key version {version_id} (wrapped under "
-                f"key id {show(blob.key_id)}): {exc}; if the root key was replaced, register "
-                "PooledWrapper(new, old) until rewrap_keys() has run for every scope",
-                exc,
-            ) from exc
+                f"key id {show(blob.key_id)}): {reason(exc)}"
+            )
+            error = wrapper_error(problem, exc)
+            if not error.retryable:
+                # Not a passing failure: the wrapper lacks that key.
+                error = advised(
+                    WrapperError,
+                    problem,
+                    "if the root key was replaced, register PooledWrapper(new, old) until "
+                    "rewrap_keys() has run for every scope",
+                    Remedy(
+                        "previous_root_key", key_version_id=version_id, key_id=blob.key_id or None
+                    ),
+                )
+            raise error from exc
         if not isinstance(key, bytes) or len(key) != KEY_SIZE:
             raise WrapperError(f"root key version {version_id} did not unwrap to a 32-byte key")
         unwrapped = VersionKey(version_id, version, AESGCM(key), key)
@@ -142,52 +168,148 @@ class Keyring:
     # Every root key in the cache was unwrapped by the current root wrapper
     # (the cache is emptied when it is replaced), so a cached one counts.
 
-    async def prove_scopes(self, scope_ids: list[str], conn: Any) -> None:
+    async def prove_scopes(
+        self, scope_ids: list[str], conn: Any, *, replace_unusable: bool = False
+    ) -> None:
         """Unwrap each scope's newest root key version with the root wrapper.
 
         With ``conn`` (the caller's transaction) the rows are read there; the
-        connection goes back before the root wrapper is called.
+        connection goes back before the root wrapper is called. With
+        ``replace_unusable``, a newest version the wrapper cannot unwrap is
+        accepted if an older version of the scope unwraps instead: the
+        recovery from a version written under another root key.
 
         Raises:
             WrapperError: it cannot: nothing may be written with it.
         """
-        async with self._reading(conn) as reader:
-            latest = await self._newest_roots(reader, scope_ids)
-        await self._prove(latest)
+        async with self.reading(conn) as reader:
+            owners, latest = await self._newest_roots(reader, scope_ids)
+        await self._prove(owners, latest, lambda: self.reading(conn), replace_unusable)
 
-    async def prove_scopes_in(self, tx: Connection, scope_ids: list[str]) -> None:
+    async def prove_scopes_in(
+        self, tx: Connection, scope_ids: list[str], *, replace_unusable: bool = False
+    ) -> None:
         """:meth:`prove_scopes`, reading through a transaction already open (a bulk
         write's later chunks, under its write lock)."""
-        await self._prove(await self._newest_roots(tx, scope_ids))
+        owners, latest = await self._newest_roots(tx, scope_ids)
+        await self._prove(owners, latest, lambda: contextlib.nullcontext(tx), replace_unusable)
 
     async def _newest_roots(
         self, reader: Connection, scope_ids: list[str]
-    ) -> dict[str, repo.RootKeyVersionRow]:
+    ) -> tuple[dict[str, str], dict[str, repo.RootKeyVersionRow]]:
         owners = await repo.root_keys_of_scopes(reader, self._q, scope_ids)
-        return await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
+        return owners, await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
 
-    async def _prove(self, latest: dict[str, repo.RootKeyVersionRow]) -> None:
-        for row in latest.values():
-            await self.unwrap_root(row.id, row.version, row.wrapped)
+    async def _prove(
+        self,
+        owners: dict[str, str],
+        latest: dict[str, repo.RootKeyVersionRow],
+        reading: Callable[[], AbstractAsyncContextManager[Connection]],
+        replace_unusable: bool,
+    ) -> None:
+        scope_of = {root_key_id: scope_id for scope_id, root_key_id in owners.items()}
+        for root_key_id, row in latest.items():
+            try:
+                await self.unwrap_root(row.id, row.version, row.wrapped)
+            except WrapperError as exc:
+                if exc.retryable:
+                    raise
+                older = await self._older_unwraps(root_key_id, row.id, reading)
+                if older is None:
+                    if replace_unusable:
+                        raise KeyUnusableError(
+                            f"{exc}; replace_unusable needs a root wrapper that unwraps at "
+                            "least one of the scope's older root key versions, and this one "
+                            "unwraps none: it is the wrong root key",
+                            key_version_id=row.id,
+                        ) from exc
+                    raise
+                scope_id = scope_of[root_key_id]
+                if not replace_unusable:
+                    # The right key, and a newest version written under another one.
+                    raise advised(
+                        KeyUnusableError,
+                        f"the newest root key version {row.id} of scope {show(scope_id)} cannot "
+                        f"be unwrapped with this root wrapper ({exc.problem or exc}), which "
+                        f"unwraps the older version {older}: the newest was written under "
+                        "another root key",
+                        f"if this root key is the right one, run rotate_keys({show(scope_id)}, "
+                        "replace_unusable=True), then revoke the unusable versions",
+                        Remedy("replace_unusable", scope_id=scope_id, key_version_id=row.id),
+                        key_version_id=row.id,
+                    ) from exc
+                logger.warning(
+                    "kms_async: replacing unusable root key version %s of scope %s: the root "
+                    "wrapper unwraps the older version %s",
+                    row.id,
+                    show(scope_id),
+                    older,
+                )
         if latest:
             self._proven_any = True
 
-    async def prove_any(self, conn: Any) -> None:
-        """Unwrap one of the database's root key versions (if it has any) with
-        the root wrapper, before it wraps the root keys of new scopes.
+    async def _older_unwraps(
+        self,
+        root_key_id: str,
+        newest_id: str,
+        reading: Callable[[], AbstractAsyncContextManager[Connection]],
+    ) -> str | None:
+        """The id of an older root key version the root wrapper unwraps, if any."""
+        async with reading() as reader:
+            rows = await repo.root_key_versions(reader, self._q, root_key_id)
+        for row in sorted(rows, key=lambda r: r.version, reverse=True):
+            if row.id == newest_id:
+                continue
+            try:
+                await self.unwrap_root(row.id, row.version, row.wrapped)
+            except WrapperError as exc:
+                if exc.retryable:
+                    raise
+                continue
+            return row.id
+        return None
+
+    async def prove_any(self, conn: Any, *, at_open: bool = False) -> None:
+        """Unwrap one of a few of the database's root key versions (if it has
+        any) with the root wrapper: before it wraps the root keys of new
+        scopes, and when a KMS opens.
 
         Raises:
-            WrapperError: it cannot: nothing may be written with it.
+            WrapperError: it unwraps none of them (nothing may be written
+                with it), or failed in a way worth retrying.
         """
         if self._proven_any:
             return
-        async with self._reading(conn) as reader:
-            row = await repo.some_root_key_version(reader, self._q)
-        if row is not None:
-            await self.unwrap_root(row.id, row.version, row.wrapped)
+        async with self.reading(conn) as reader:
+            rows = await repo.some_root_key_versions(reader, self._q)
+        failure: WrapperError | None = None
+        for row in rows:
+            try:
+                await self.unwrap_root(row.id, row.version, row.wrapped)
+            except WrapperError as exc:
+                if exc.retryable:
+                    raise
+                failure = exc
+                continue
             self._proven_any = True
+            return
+        if failure is not None:
+            skip = (
+                "; or pass check_root_wrapper=False to KMS.open() to skip this check"
+                if at_open
+                else ""
+            )
+            problem = (
+                f"the root wrapper unwraps none of the {len(rows)} root key version(s) of this "
+                f"database it was tried on, so it holds another root key than the database's "
+                f"({failure.problem or failure})"
+            )
+            advice = f"fix the root key configuration{skip}"
+            if failure.remedy is None:
+                raise WrapperError(f"{problem}; {advice}") from failure
+            raise advised(WrapperError, problem, advice, failure.remedy) from failure
 
-    def _reading(self, conn: Any) -> AbstractAsyncContextManager[Connection]:
+    def reading(self, conn: Any) -> AbstractAsyncContextManager[Connection]:
         # Inside the caller's transaction when there is one: never a second
         # connection from a pool the caller may be holding one of.
         return self._db.read() if conn is None else self._db.transaction(conn)
@@ -218,6 +340,36 @@ class Keyring:
             for key, blob in zip(keys, wrapped, strict=True)
         ]
 
+    async def unusable_versions(
+        self,
+        root_rows: list[repo.RootKeyVersionRow],
+        data_rows: list[repo.DataKeyVersionRow],
+    ) -> dict[str, str]:
+        """version id -> why the root wrapper cannot unwrap it, for the versions it cannot."""
+        found: dict[str, str] = {}
+        roots: dict[str, VersionKey] = {}
+        for row in root_rows:
+            try:
+                roots[row.id] = await self.unwrap_root(row.id, row.version, row.wrapped)
+            except WrapperError as exc:
+                if exc.retryable:
+                    raise
+                found[row.id] = str(exc)
+        for d in data_rows:
+            root = roots.get(d.root_key_version_id)
+            if root is None:
+                found[d.id] = (
+                    f"its root key version {d.root_key_version_id} cannot be unwrapped"
+                    if d.root_key_version_id in found
+                    else f"its root key version {d.root_key_version_id} is missing"
+                )
+                continue
+            try:
+                unwrap_key(root.cipher, root.id, d.id, d.wrapped)
+            except DecryptionError as exc:
+                found[d.id] = str(exc)
+        return found
+
     async def root_versions(self, scope_id: str) -> list[VersionKey]:
         """The scope's root key versions, unwrapped, newest first."""
         async with self._db.read() as conn:
@@ -231,22 +383,60 @@ class Keyring:
     # -- data keys -----------------------------------------------------------
 
     async def load(self, scope_id: str, purpose: str) -> PurposeKeys:
-        """Read and unwrap the pair's versions (no caching here)."""
+        """Read and unwrap the pair's versions (no caching here).
+
+        A version the root wrapper cannot unwrap (written under another root
+        key by another tool, a misconfigured instance or a restored backup)
+        does not take the pair down: it stays in the pair as a refusal, and
+        the other versions keep working. Only when none can be unwrapped
+        does the load fail. Transient wrapper failures (``retryable``) fail
+        the load as they are.
+        """
         # The connection goes back to the pool before any wrapper is called.
         async with self._db.read() as conn:
             rows = await repo.load_purpose(conn, self._q, scope_id, purpose)
-        roots = {}
+        roots: dict[str, VersionKey | WrapperError] = {}
         for version_id, version, wrapped in rows.root_versions:
-            roots[version_id] = await self.unwrap_root(version_id, version, wrapped)
+            try:
+                roots[version_id] = await self.unwrap_root(version_id, version, wrapped)
+            except WrapperError as exc:
+                if exc.retryable:
+                    raise
+                roots[version_id] = exc
+        newest = max(v[1] for v in rows.data_versions)
         versions = []
-        for version_id, version, wrapped, root_version_id in rows.data_versions:
+        failure: KMSError | None = None
+        for version_id, version, wrapped, root_version_id, suspended in rows.data_versions:
             root = roots.get(root_version_id)
             if root is None:
                 raise StorageError(
                     f"data key version {version_id} points at a missing root key version"
                 )
-            key = unwrap_key(root.aead, root_version_id, version_id, wrapped)
-            versions.append(VersionKey(version_id, version, AESGCM(key), key))
+            try:
+                if isinstance(root, WrapperError):
+                    raise root
+                key = unwrap_key(root.cipher, root_version_id, version_id, wrapped)
+            except (WrapperError, DecryptionError) as exc:
+                failure = exc
+                refusal = _unusable(scope_id, purpose, version_id, version == newest, exc)
+                versions.append(VersionKey(version_id, version, refusal, b"", suspended))
+                continue
+            if suspended:
+                refusal = _suspended(scope_id, purpose, version_id)
+                versions.append(VersionKey(version_id, version, refusal, b"", True))
+            else:
+                versions.append(VersionKey(version_id, version, AESGCM(key), key))
+        if failure is not None:
+            if all(v.refused is not None and not v.suspended for v in versions):
+                raise failure  # nothing usable: the pair fails as a whole, as it always did
+            logger.warning(
+                "kms_async: %d %r key version(s) of scope %s cannot be unwrapped with this "
+                "root wrapper; the others still work: %s",
+                sum(1 for v in versions if v.refused is not None and not v.suspended),
+                purpose,
+                show(scope_id),
+                failure,
+            )
         logger.debug(
             "kms_async: loaded %d %r key versions of scope %s", len(versions), purpose, scope_id
         )
@@ -267,7 +457,7 @@ class Keyring:
                 raise
             return demoted
 
-    async def unknown_version(self, scope_id: str, purpose: str, key_id: str) -> AESGCM:
+    async def unknown_version(self, scope_id: str, purpose: str, key_id: str) -> AESGCM | Refusal:
         """A ciphertext names a version not in the cache: reload the pair once.
 
         Reloads of one pair are spaced by ``RELOAD_SPACING`` so that hostile
@@ -292,3 +482,36 @@ class Keyring:
             f"{purpose!r} keys of scope {show(scope_id)} do not have: it was revoked, or the "
             "ciphertext belongs to another scope or purpose"
         )
+
+
+def _unusable(
+    scope_id: str, purpose: str, version_id: str, newest: bool, cause: Exception
+) -> Refusal:
+    which = "newest " if newest else ""
+    problem = (
+        f"the {which}{purpose!r} key version {version_id} of scope {show(scope_id)} cannot be "
+        f"unwrapped with this KMS's root wrapper ({cause}); it was written under another root "
+        "key, and the pair's other versions still work"
+    )
+    if not newest:
+        advice = "data under it can be read only with the root key that wrapped it"
+        return Refusal(KeyUnusableError, version_id, problem, advice, None)
+    advice = (
+        f"if this instance's root key is the right one, run rotate_keys({show(scope_id)}, "
+        "replace_unusable=True) so that new data goes under keys it can unwrap, then revoke "
+        "the unusable versions once nothing needs them; if it is the wrong one, fix its "
+        "configuration"
+    )
+    remedy = Remedy("replace_unusable", scope_id=scope_id, key_version_id=version_id)
+    return Refusal(KeyUnusableError, version_id, problem, advice, remedy)
+
+
+def _suspended(scope_id: str, purpose: str, version_id: str) -> Refusal:
+    return Refusal(
+        KeySuspendedError,
+        version_id,
+        f"{purpose!r} key version {version_id} of scope {show(scope_id)} is suspended: "
+        "decryption under it is refused",
+        f"resume_key_version({version_id!r}) if the data under it is still needed",
+        Remedy("resume_key_version", scope_id=scope_id, key_version_id=version_id),
+    )

@@ -38,15 +38,17 @@ from ._blob import (
     nonces,
     take_nonce,
 )
-from ._cache import KeyCache, PurposeKeys
+from ._cache import KeyCache, PurposeKeys, Refusal
 from ._errors import (
     ClosedError,
     DecryptionError,
     ForeignContextError,
     InvalidParameterError,
     KeyNotFoundError,
+    Remedy,
     SchemaVersionError,
     UnknownKeyVersionError,
+    advised,
 )
 from ._freshness import Freshness
 from ._ids import DATA_KEY_VERSION_PREFIX, ID_LENGTH
@@ -56,12 +58,13 @@ from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._resource import AsyncResource
 from ._sql import DEFAULT_POOL_TIMEOUT, Database, open_database
 from ._sql import _store as repo
-from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
+from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
 from ._validate import (
     MAX_SCOPE_BYTES,
     check_data_purpose,
     check_key_version_id,
     check_known_purpose,
+    check_list,
     check_open_purposes,
     check_page_size,
     check_purpose_list,
@@ -100,7 +103,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _seal_envelope(
-    aead: AESGCM, nonce: bytes, plaintext: bytes, aad: bytes | None, suffix: bytes
+    aead: AESGCM | Refusal, nonce: bytes, plaintext: bytes, aad: bytes | None, suffix: bytes
 ) -> bytes:
     """Encrypt and build the envelope (run in a worker thread for large payloads)."""
     sealed = aead.encrypt(nonce, plaintext, aad)
@@ -159,6 +162,7 @@ class KMS(AsyncResource):
         offload_threshold: int | None = 4 * 1024 * 1024,
         revoke_grace: float = DEFAULT_REVOKE_GRACE,
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        check_root_wrapper: bool = True,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -195,11 +199,19 @@ class KMS(AsyncResource):
                 connection before raising TransientStorageError (a shared
                 pool exhausted by requests that each wait for the KMS would
                 otherwise wait forever).
+            check_root_wrapper: check that ``root_wrapper`` unwraps one of a
+                few root key versions of the database (if it has any) and
+                refuse to open if it unwraps none: a wrong root key is caught
+                at startup. Costs up to three root wrapper calls; turn it off
+                for a wrapper that charges per call (writes still prove the
+                wrapper before they wrap anything).
 
         Raises:
             InvalidParameterError: an argument is not usable.
             SchemaVersionError: the schema is missing or at another version.
             StorageError: the database cannot be reached.
+            WrapperError: ``root_wrapper`` holds another root key than the
+                database's (see ``check_root_wrapper``).
         """
         checked = check_open_purposes(purposes)
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
@@ -227,6 +239,8 @@ class KMS(AsyncResource):
                 kms.add_external_wrapper(ROOT_PURPOSE, root_wrapper)
             kms._loop = asyncio.get_running_loop()
             await kms.validate_schema()
+            if root_wrapper is not None and check_root_wrapper:
+                await kms._keyring.prove_any(None, at_open=True)
             channel = await database.find_notify_channel()
             await kms._freshness.start()
             listen = channel is not None and (
@@ -356,9 +370,11 @@ class KMS(AsyncResource):
         async with self._db.read() as conn:
             version = await repo.schema_version(conn, self._q)
         if version != SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"invalid schema version, expected version {SCHEMA_VERSION} and got {version}; "
+            raise advised(
+                SchemaVersionError,
+                f"invalid schema version, expected version {SCHEMA_VERSION} and got {version}",
                 "run kms_async.migrate() or apply the sql/ files with your migration tool",
+                Remedy("migrate"),
                 found=version,
             )
         return version
@@ -437,7 +453,7 @@ class KMS(AsyncResource):
         if type(ciphertext) is bytes and len(ciphertext) > _SUFFIX_SIZE + 2:
             # Fast path: an envelope this library wrote ends with key_info
             # naming one of the cached versions; the rest is field 1.
-            aead: AESGCM | None = keys.aead
+            aead: AESGCM | Refusal | None = keys.aead
             if not ciphertext.endswith(keys.suffix):
                 aead = keys.find(ciphertext[-_SUFFIX_SIZE:])
             if aead is not None:
@@ -542,7 +558,11 @@ class KMS(AsyncResource):
                     await self._keyring.unknown_version(scope_id, purpose, key_version_id)
                 keys = self._entries.get((scope_id, purpose), keys)
             versions = list(keys.versions)
-        wrappers = [aead_wrapper(v.aead, v.key, v.id) for v in versions]
+            # The newest encrypts for a pooled wrapper; a refused one refuses here.
+            wanted = versions[0] if key_version_id is None else keys.version(key_version_id)
+            if wanted is not None and wanted.refused is not None:
+                raise wanted.refused.refuse()
+        wrappers = [aead_wrapper(v.cipher, v.key, v.id) for v in versions if not v.refused]
         if key_version_id is None:
             return PooledWrapper(*wrappers)
         for wrapper in wrappers:
@@ -599,7 +619,14 @@ class KMS(AsyncResource):
         self.get_external_root_wrapper()
         await self._writer.create(scopes, wanted, conn)
 
-    async def rotate_keys(self, scope_id: str, *, rewrap: bool = False, conn: Any = None) -> None:
+    async def rotate_keys(
+        self,
+        scope_id: str,
+        *,
+        rewrap: bool = False,
+        replace_unusable: bool = False,
+        conn: Any = None,
+    ) -> None:
         """Add a new root key version and a new version of each data key.
 
         New data is encrypted with the new versions; old versions still
@@ -608,14 +635,31 @@ class KMS(AsyncResource):
         by the new root version). Every data key the scope has is rotated,
         also those of purposes this KMS was not opened with.
 
+        The root wrapper must first unwrap the scope's newest root key
+        version: a wrong root key is refused and nothing is written. If the
+        newest version was written under another root key (by another tool
+        or a misconfigured instance) and nobody can unwrap it,
+        ``replace_unusable=True`` accepts a root wrapper that unwraps an older
+        version of the scope instead, so that new data goes under keys it
+        can unwrap; revoke the unusable versions afterwards, once nothing
+        needs them. It cannot be combined with ``rewrap``.
+
         Raises:
             KeyNotFoundError: the scope has no keys, or no root wrapper.
-            WrapperError: the root wrapper failed.
+            WrapperError: the root wrapper failed, or cannot unwrap the
+                scope's newest root key version (nothing was written).
         """
-        await self.rotate_keys_many([scope_id], rewrap=rewrap, conn=conn)
+        await self.rotate_keys_many(
+            [scope_id], rewrap=rewrap, replace_unusable=replace_unusable, conn=conn
+        )
 
     async def rotate_keys_many(
-        self, scope_ids: Iterable[str], *, rewrap: bool = False, conn: Any = None
+        self,
+        scope_ids: Iterable[str],
+        *,
+        rewrap: bool = False,
+        replace_unusable: bool = False,
+        conn: Any = None,
     ) -> None:
         """:meth:`rotate_keys` for many scopes in one transaction: all or none.
 
@@ -625,8 +669,17 @@ class KMS(AsyncResource):
         """
         self._check_open()
         scopes = list(dict.fromkeys(check_scope_list(scope_ids)))
+        if rewrap and replace_unusable:
+            raise advised(
+                InvalidParameterError,
+                "replace_unusable cannot rewrap: the unusable versions cannot be unwrapped",
+                "rotate with replace_unusable=True, revoke the unusable versions, then rewrap",
+                Remedy("replace_unusable", scope_id=scopes[0] if len(scopes) == 1 else None),
+            )
         self.get_external_root_wrapper()
-        await self._writer.rotate(scopes, rewrap=rewrap, conn=conn)
+        await self._writer.rotate(
+            scopes, rewrap=rewrap, conn=conn, replace_unusable=bool(replace_unusable)
+        )
 
     async def rewrap_keys(self, scope_id: str, *, conn: Any = None) -> None:
         """Re-wrap every key version of the scope without making new versions.
@@ -683,6 +736,60 @@ class KMS(AsyncResource):
             key_version_id, is_root=kind == "root", scope_id=scope_id, conn=conn
         )
 
+    async def suspend_key_version(
+        self, key_version_id: str, *, scope_id: str | None = None, conn: Any = None
+    ) -> None:
+        """Refuse decryption under a data key version, reversibly.
+
+        The step before :meth:`revoke_key_version`: while suspended, every
+        instance of this library refuses to decrypt under the version
+        (:class:`KeySuspendedError`) within ``max_staleness``, so whatever
+        still needs it shows up as errors you can undo with
+        :meth:`resume_key_version`, not as data nobody can read. The state is
+        kept in ``<prefix>_key_version_suspension``, a table of this
+        library's own (schema file 04): the Go package ignores it and still
+        decrypts under a suspended version. Suspending a suspended version
+        does nothing. The newest version of a key cannot be suspended (new
+        data is encrypted under it): rotate first.
+
+        Raises:
+            InvalidParameterError: not a data key version id.
+            KeyNotFoundError: no such version (in that scope).
+            KeyInUseError: it is the newest version of its key.
+            SchemaVersionError: the suspension table is missing; run migrate().
+        """
+        await self._set_suspended(key_version_id, True, scope_id, conn)
+
+    async def resume_key_version(
+        self, key_version_id: str, *, scope_id: str | None = None, conn: Any = None
+    ) -> None:
+        """Undo :meth:`suspend_key_version`: the version decrypts again.
+
+        Resuming a version that is not suspended does nothing.
+
+        Raises:
+            InvalidParameterError: not a data key version id.
+            KeyNotFoundError: no such version (in that scope).
+            SchemaVersionError: the suspension table is missing; run migrate().
+        """
+        await self._set_suspended(key_version_id, False, scope_id, conn)
+
+    async def _set_suspended(
+        self, key_version_id: str, suspend: bool, scope_id: str | None, conn: Any
+    ) -> None:
+        self._check_open()
+        if check_key_version_id(key_version_id) == "root":
+            raise InvalidParameterError(
+                f"{key_version_id} is a root key version; only data key versions can be "
+                "suspended (root key versions encrypt no data: retire one with rewrap_keys() "
+                "and revoke_key_version())"
+            )
+        if scope_id is not None:
+            check_scope(scope_id)
+        await self._writer.set_suspended(
+            key_version_id, suspend=suspend, scope_id=scope_id, conn=conn
+        )
+
     async def reconcile_keys(
         self, scope_ids: Iterable[str], purposes: Iterable[str] | None = None
     ) -> list[tuple[str, str]]:
@@ -705,13 +812,19 @@ class KMS(AsyncResource):
 
     # -- reads -------------------------------------------------------------
 
-    async def list_keys(self, scope_id: str) -> list[Key]:
+    async def list_keys(self, scope_id: str, *, verify: bool = True) -> list[Key]:
         """The scope's root key and data keys with their versions, oldest first.
 
-        The root key comes first, then data keys by purpose.
+        The root key comes first, then data keys by purpose. Each version
+        says whether it is suspended and, with ``verify`` (the default, when
+        a root wrapper is registered), whether this KMS's root wrapper cannot
+        unwrap it (``KeyVersion.unusable`` gives the reason): that costs a
+        root wrapper call per root key version not in the cache.
 
         Raises:
             KeyNotFoundError: the scope has no keys.
+            WrapperError: ``verify`` and the root wrapper failed in a way
+                worth retrying.
         """
         self._check_open()
         check_scope(scope_id)
@@ -723,6 +836,20 @@ class KMS(AsyncResource):
             root_rows, version_rows = (await repo.key_versions_of_roots(conn, q, [root_key_id]))[
                 root_key_id
             ]
+            suspended = await repo.suspended_versions(conn, q, scope_id)
+        unusable: dict[str, str] = {}
+        if verify and ROOT_PURPOSE in self._keyring.wrappers:
+            unusable = await self._keyring.unusable_versions(root_rows, version_rows)
+
+        def version_of(row: repo.RootKeyVersionRow | repo.DataKeyVersionRow) -> KeyVersion:
+            return KeyVersion(
+                row.id,
+                row.version,
+                to_time(row.create_time),
+                suspended=row.id in suspended,
+                unusable=unusable.get(row.id),
+            )
+
         keys = [
             Key(
                 id=root_key_id,
@@ -730,9 +857,7 @@ class KMS(AsyncResource):
                 type="kek",
                 purpose=ROOT_PURPOSE,
                 create_time=to_time(root_created),
-                versions=tuple(
-                    KeyVersion(r.id, r.version, to_time(r.create_time)) for r in root_rows
-                ),
+                versions=tuple(version_of(r) for r in root_rows),
             )
         ]
         for data_key_id, purpose, created in sorted(data_rows, key=lambda r: r[1]):
@@ -746,9 +871,7 @@ class KMS(AsyncResource):
                     type="dek",
                     purpose=purpose,
                     create_time=to_time(created),
-                    versions=tuple(
-                        KeyVersion(v.id, v.version, to_time(v.create_time)) for v in versions
-                    ),
+                    versions=tuple(version_of(v) for v in versions),
                 )
             )
         return keys
@@ -816,11 +939,8 @@ class KMS(AsyncResource):
                 invalid scope id.
         """
         self._check_open()
-        if isinstance(scope_ids, (str, bytes)):
-            raise InvalidParameterError(
-                "scope_ids must be a list of scope ids, not one string; write [scope_id]"
-            )
-        wanted = list(dict.fromkeys(check_scope(scope_id) for scope_id in scope_ids))
+        given = check_list("scope_ids", scope_ids, "scope id")
+        wanted = list(dict.fromkeys(check_scope(scope_id) for scope_id in given))
         async with self._db.read() as conn:
             return await repo.scopes_by_id(conn, self._q, wanted, self._db.to_datetime)
 
@@ -875,6 +995,26 @@ class KMS(AsyncResource):
         """
         return await _reencrypt.version_usage(
             self._session(), columns, key_version_id=key_version_id
+        )
+
+    async def describe_key_version(
+        self, key_version_id: str, *, scope_id: str | None = None
+    ) -> KeyVersionInfo:
+        """A key version and how many rows still reference it: what revoking it would delete.
+
+        For a data key version, the rows of every table with a foreign key
+        to the data key version table (as
+        :meth:`list_data_key_version_referencers` finds them) that name it,
+        counted per table and column; for a root key version, the data key
+        versions it wraps. With ``scope_id`` the version must belong to that
+        scope. A read: nothing is locked, so a revoke decides again.
+
+        Raises:
+            InvalidParameterError: not a key version id, or a bad scope id.
+            KeyNotFoundError: no such version (in that scope).
+        """
+        return await _reencrypt.describe_key_version(
+            self._session(), key_version_id, scope_id=scope_id
         )
 
     async def reencrypt_key_version(

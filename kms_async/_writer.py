@@ -42,9 +42,12 @@ from ._errors import (
     KeyExistsError,
     KeyInUseError,
     KeyNotFoundError,
+    Remedy,
     RevokeTooSoonError,
+    SchemaVersionError,
     StorageError,
     TransientStorageError,
+    advised,
 )
 from ._ids import DATA_KEY_PREFIX, DATA_KEY_VERSION_PREFIX, ROOT_KEY_PREFIX, new_id
 from ._keyring import Keyring
@@ -181,7 +184,7 @@ class Writer:
                     purpose,
                     new_id(DATA_KEY_VERSION_PREFIX),
                     root.id,
-                    wrap_key(root.aead, root.id, key),
+                    wrap_key(root.cipher, root.id, key),
                 )
                 data_keys.append((scope_id, row, key))
         return _NewScopes(roots, root_keys, data_keys)
@@ -197,18 +200,22 @@ class Writer:
                 if len(scopes) == 1
                 else "one of the scopes already has"
             )
-            raise KeyExistsError(
-                f"{which} keys and nothing was created; use rotate_keys() to make new "
-                "versions or reconcile_keys() to add purposes"
+            raise advised(
+                KeyExistsError,
+                f"{which} keys and nothing was created",
+                "use rotate_keys() to make new versions or reconcile_keys() to add purposes",
+                Remedy("reconcile_keys", scope_id=scopes[0] if len(scopes) == 1 else None),
             ) from exc
         await repo.insert_data_keys(tx, self._q, [row for _, row, _ in new.data_keys])
 
     # -- rotate and rewrap -------------------------------------------------
 
-    async def rotate(self, scopes: list[str], *, rewrap: bool, conn: Any) -> None:
+    async def rotate(
+        self, scopes: list[str], *, rewrap: bool, conn: Any, replace_unusable: bool = False
+    ) -> None:
         chunks = _chunks(scopes)
         first = next(chunks)
-        await self._keyring.prove_scopes(first, conn)
+        await self._keyring.prove_scopes(first, conn, replace_unusable=replace_unusable)
         roots = await self._new_rotation(first)
         plans = await self._plan_outside(first, conn, _targets(roots)) if rewrap else None
         async with self._invalidating(scopes), self._db.transaction(conn) as tx:
@@ -218,7 +225,7 @@ class Writer:
             await self._write_rotation(tx, roots, plans)
             for chunk in chunks:
                 # Under the write lock: nobody can change these rows before we commit.
-                await self._keyring.prove_scopes_in(tx, chunk)
+                await self._keyring.prove_scopes_in(tx, chunk, replace_unusable=replace_unusable)
                 more = await self._new_rotation(chunk)
                 plans = None
                 if rewrap:
@@ -287,7 +294,7 @@ class Writer:
                     purpose,
                     new_id(DATA_KEY_VERSION_PREFIX),
                     root.id,
-                    wrap_key(root.aead, root.id, os.urandom(KEY_SIZE)),
+                    wrap_key(root.cipher, root.id, os.urandom(KEY_SIZE)),
                     new_key=False,
                 )
             )
@@ -384,8 +391,8 @@ class Writer:
                         "of its scope's); the key tables were changed outside kms_async"
                     )
                 raise _StraddledCommit
-            key = unwrap_key(parent.aead, parent.id, d.id, d.wrapped)
-            data_updates.append((wrap_key(goal.aead, goal.id, key), goal.id, d.id, d.wrapped))
+            key = unwrap_key(parent.cipher, parent.id, d.id, d.wrapped)
+            data_updates.append((wrap_key(goal.cipher, goal.id, key), goal.id, d.id, d.wrapped))
         return _RewrapPlan(root_key_id, root_updates, data_updates)
 
     async def _snapshots(self, conn: Connection, scopes: list[str]) -> dict[str, Snapshot]:
@@ -401,8 +408,11 @@ class Writer:
         missing = [scope_id for scope_id in scopes if scope_id not in owners]
         if missing:
             others = f" (and {len(missing) - 1} more scopes)" if len(missing) > 1 else ""
-            raise KeyNotFoundError(
-                f"scope {show(missing[0])}{others} has no keys; create them with create_keys()"
+            raise advised(
+                KeyNotFoundError,
+                f"scope {show(missing[0])}{others} has no keys",
+                "create them with create_keys()",
+                Remedy("create_keys", scope_id=missing[0]),
             )
         return owners
 
@@ -422,43 +432,94 @@ class Writer:
                 owners.append(found.scope_id)
                 kind = "root" if is_root else repr(found.purpose)
                 if found.newest:
-                    raise KeyInUseError(
+                    raise advised(
+                        KeyInUseError,
                         f"{key_version_id} is the newest {kind} key version of scope "
-                        f"{show(found.scope_id)}; rotate_keys() first"
+                        f"{show(found.scope_id)}",
+                        "rotate_keys() first",
+                        Remedy("rotate_keys", scope_id=found.scope_id),
                     )
                 # What is still in use first: that needs work, the grace only time.
                 if found.wrapped_data_versions:
-                    raise KeyInUseError(
+                    raise advised(
+                        KeyInUseError,
                         f"{key_version_id} still wraps {found.wrapped_data_versions} data key "
-                        f"version(s); run rewrap_keys({show(found.scope_id)}) so they move to "
-                        "the newest root key version"
+                        "version(s)",
+                        f"run rewrap_keys({show(found.scope_id)}) so they move to the newest "
+                        "root key version",
+                        Remedy("rewrap_keys", scope_id=found.scope_id),
                     )
                 if not is_root:
                     await self._refuse_if_referenced(tx, key_version_id)
                 self._check_grace(key_version_id, found.superseded_for)
                 await repo.delete_key_version(tx, self._q, key_version_id, root=is_root)
+                if not is_root:
+                    await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, False)
                 await repo.announce(tx, self._q, changed, owners)
         except IntegrityError as exc:
             # A row that appeared since the check, under a restrict foreign
             # key, or under a deferred one (which fails at commit).
             if exc.kind != "foreign_key":
                 raise
-            raise KeyInUseError(
-                f"{key_version_id} still protects application rows ({exc.detail}); "
-                "re-encrypt them under the newest version before revoking it"
+            raise advised(
+                KeyInUseError,
+                f"{key_version_id} still protects application rows ({exc.detail})",
+                "re-encrypt them under the newest version (reencrypt_key_version) before "
+                "revoking it",
+                Remedy("reencrypt_key_version", key_version_id=key_version_id),
             ) from exc
         if is_root:
             self._cache.roots.pop(key_version_id, None)
         logger.debug("kms_async: revoked key version %s of scope %s", key_version_id, owners)
 
+    # -- suspend and resume ------------------------------------------------
+
+    async def set_suspended(
+        self, key_version_id: str, *, suspend: bool, scope_id: str | None, conn: Any
+    ) -> None:
+        if not self._q.has_suspensions:
+            async with self._keyring.reading(conn) as reader:
+                await repo.find_suspensions(reader, self._q)
+            if not self._q.has_suspensions:
+                raise SchemaVersionError(
+                    "the database has no table for suspended key versions "
+                    f"({self._q.suspension_table}); run kms_async.migrate() or apply "
+                    "sql/<dialect>/04_kms_key_version_suspension.up.sql with your migration tool"
+                )
+        owners: list[str] = []
+        async with self._invalidating(owners), self._db.transaction(conn) as tx:
+            changed = await repo.bump_collection_version(tx, self._q)
+            found = await repo.version_for_revoke(tx, self._q, key_version_id, root=False)
+            if found is None or (scope_id is not None and found.scope_id != scope_id):
+                where = "" if scope_id is None else f" in scope {show(scope_id)}"
+                raise KeyNotFoundError(f"no data key version {show(key_version_id)}{where}")
+            owners.append(found.scope_id)
+            if suspend and found.newest:
+                raise KeyInUseError(
+                    f"{key_version_id} is the newest {found.purpose!r} key version of scope "
+                    f"{show(found.scope_id)}, which new data is encrypted under; rotate_keys() "
+                    "first, then suspend it"
+                )
+            await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, suspend)
+            await repo.announce(tx, self._q, changed, owners)
+        logger.info(
+            "kms_async: %s key version %s of scope %s",
+            "suspended" if suspend else "resumed",
+            key_version_id,
+            show(owners[0]),
+        )
+
     def _check_grace(self, key_version_id: str, superseded_for: float) -> None:
         """Refuse to revoke what other instances may still be encrypting under."""
         remaining = self.revoke_grace - superseded_for
         if self.revoke_grace > 0 and remaining > 0:
-            raise RevokeTooSoonError(
+            raise advised(
+                RevokeTooSoonError,
                 f"{key_version_id} was superseded {max(superseded_for, 0.0):.1f} s ago; other "
                 "instances may still encrypt under it until it has been superseded for "
-                f"{self.revoke_grace:g} s (revoke_grace): retry in {remaining:.1f} s",
+                f"{self.revoke_grace:g} s (the revoke grace)",
+                f"retry in {remaining:.1f} s",
+                Remedy("wait_revoke_grace", key_version_id=key_version_id),
                 retry_after=remaining,
             )
 
@@ -480,9 +541,11 @@ class Writer:
             if effect
             else f"rows of {table} still use it"
         )
-        raise KeyInUseError(
-            f"{key_version_id} still protects application rows: {what}; re-encrypt them under "
-            "the newest version (reencrypt_key_version) before revoking it"
+        raise advised(
+            KeyInUseError,
+            f"{key_version_id} still protects application rows: {what}",
+            "re-encrypt them under the newest version (reencrypt_key_version) before revoking it",
+            Remedy("reencrypt_key_version", key_version_id=key_version_id),
         )
 
     # -- reconcile ---------------------------------------------------------
@@ -586,7 +649,7 @@ class Writer:
                     purpose,
                     new_id(DATA_KEY_VERSION_PREFIX),
                     root.id,
-                    wrap_key(root.aead, root.id, os.urandom(KEY_SIZE)),
+                    wrap_key(root.cipher, root.id, os.urandom(KEY_SIZE)),
                 )
             )
         created = [(m[0], m[1]) for m in missing]

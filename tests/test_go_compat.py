@@ -296,8 +296,8 @@ def go_seal(plaintext: bytes, key: bytes, key_id: str, *, extras: bool = False) 
 
 
 #: Tables of kms_async's own, which later schema files may add beside the Go tables.
-OWN_TABLES = ("kms_migration", "kms_key_change")
-#: Triggers (on the Go tables) and functions of kms_async's own (PostgreSQL file 04).
+OWN_TABLES = ("kms_migration", "kms_key_change", "kms_key_version_suspension")
+#: Triggers (on the Go tables) and functions of kms_async's own (PostgreSQL file 05).
 OWN_OBJECTS = {
     ("function", "kms_key_change_log_version"),
     ("function", "kms_key_change_note_scope"),

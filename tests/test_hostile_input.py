@@ -916,7 +916,8 @@ async def test_copied_wrapped_data_key_cannot_be_unwrapped_by_another_scope(
     """DB write: A's wrapped data key inserted as a new version of B's data key.
 
     It is wrapped by A's root key version, so B's root key version cannot
-    unwrap it: loading B fails with DecryptionError, and A's data is safe.
+    unwrap it: B refuses it (KeyUnusableError, a DecryptionError) for
+    encryption and decryption alike, and A's data is safe.
     """
     await kms.create_keys_many(["A", "B"])
     secret = await kms.encrypt("A", "database", b"A's secret")

@@ -1,7 +1,7 @@
-"""Other writers' key changes reach cached instances (schema file 04 on PostgreSQL).
+"""Other writers' key changes reach cached instances (schema file 05 on PostgreSQL).
 
 Writes the Go package makes, and the README's SQL for deleting a tenant,
-are done here as plain SQL. On PostgreSQL the triggers of file 04 log them
+are done here as plain SQL. On PostgreSQL the triggers of file 05 log them
 with the scopes they changed and notify: a listening instance that polls
 only every half hour sees them (the test waits for the condition; its time
 limit only stops a hang). On SQLite, which has no such trigger, an instance

@@ -170,7 +170,8 @@ def harvest_cache(kms: KMS, keys: Secrets, seen: Seen) -> None:
         for version in entry.versions:
             seen.add(f"VersionKey {version.id}", version)
             assert "key=" not in repr(version)
-            keys.add(f"cached {purpose} version {version.id}", version.key)
+            if version.refused is None:
+                keys.add(f"cached {purpose} version {version.id}", version.key)
     for version_id, version in cache.roots.items():
         seen.add(f"root VersionKey {version_id}", version)
         assert "key=" not in repr(version)
@@ -372,15 +373,14 @@ async def test_no_key_material_in_logs_reprs_errors_or_the_database(
         )
         await db.execute("update kms_collection_version set version = version + 1")
         for _ in range(200):  # until the background check has reported the broken row
-            if any("reloading scope" in r.getMessage() for r in caplog.records):
+            if any("cannot be unwrapped" in r.getMessage() for r in caplog.records):
                 break
             await asyncio.sleep(0.025)
-        assert any("reloading scope" in r.getMessage() for r in caplog.records)
-        # refresh() drops the broken scope (logged above); its next use reports it.
+        assert any("cannot be unwrapped" in r.getMessage() for r in caplog.records)
+        # The reload keeps the pair's other versions and refuses the broken one.
         kms._cache.clear()
-        await seen.expect(
-            "tampered load", DecryptionError, kms.decrypt("s4", "database", stored["s4"])
-        )
+        assert await kms.decrypt("s4", "database", stored["s4"], aad=b"s4") == PLAINTEXT
+        await seen.expect("tampered load", DecryptionError, kms.encrypt("s4", "database", b"x"))
         await seen.expect("tampered rewrap", DecryptionError, kms.rewrap_keys("s4"))
     finally:
         await watcher.aclose()

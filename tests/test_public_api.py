@@ -22,6 +22,8 @@ from kms_async import (
     KeyExistsError,
     KeyInUseError,
     KeyNotFoundError,
+    KeySuspendedError,
+    KeyUnusableError,
     KeyVersion,
     KMSError,
     Migration,
@@ -53,17 +55,22 @@ EXPORTED = [
     "KeyExistsError",
     "KeyInUseError",
     "KeyNotFoundError",
+    "KeySuspendedError",
+    "KeyUnusableError",
     "KeyVersion",
+    "KeyVersionInfo",
     "Migration",
     "OutcomeUnknownError",
     "PooledWrapper",
     "ReencryptReport",
+    "Remedy",
     "RevokeTooSoonError",
     "SchemaVersionError",
     "Scope",
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",
+    "VersionReference",
     "VersionUsage",
     "Wrapper",
     "WrapperError",
@@ -119,6 +126,8 @@ ERRORS = [
     KeyExistsError,
     KeyInUseError,
     KeyNotFoundError,
+    KeySuspendedError,
+    KeyUnusableError,
     OutcomeUnknownError,
     RevokeTooSoonError,
     SchemaVersionError,
@@ -151,6 +160,13 @@ def test_invalid_parameter_error_is_a_value_error() -> None:
 
 def test_key_not_found_error_is_a_lookup_error() -> None:
     assert issubclass(KeyNotFoundError, LookupError)
+
+
+def test_refusals_are_decryption_errors() -> None:
+    # Callers that treat every failed decryption alike keep doing so.
+    assert issubclass(KeySuspendedError, DecryptionError)
+    assert issubclass(KeyUnusableError, DecryptionError)
+    assert issubclass(KeyUnusableError, WrapperError)
 
 
 def test_unknown_key_version_error_is_a_decryption_error_and_a_key_not_found_error() -> None:
@@ -200,8 +216,19 @@ VALUES: dict[str, Any] = {
         versions=(VERSION,),
     ),
     "KeyVersion": VERSION,
+    "KeyVersionInfo": kms_async.KeyVersionInfo(
+        id="kdkv_AAAAAAAAAA",
+        scope="s1",
+        purpose="database",
+        version=1,
+        create_time=NOW,
+        newest=False,
+        references=(kms_async.VersionReference("note", "key_version_id", 2),),
+    ),
+    "VersionReference": kms_async.VersionReference("note", "key_version_id", 2),
     "BlobInfo": BlobInfo(b"sealed", "kdkv_AAAAAAAAAA"),
     "Migration": Migration(number=1, name="01_kms_core.up.sql", sql="select 1;"),
+    "Remedy": kms_async.Remedy("rewrap_keys", scope_id="s1"),
     "Scope": kms_async.Scope(
         id="s1", root_key_id="krk_AAAAAAAAAA", create_time=NOW, newest_root_version=VERSION
     ),

@@ -188,6 +188,18 @@ class Queries:
         self.schema_version = f"select version from {p}_schema_version"
         self.collection_version = f"select version from {p}_collection_version"
         self.bump_collection_version = f"update {p}_collection_version set version = version + 1"
+        # Suspended key versions (schema file 04), a table of this library's own.
+        self.suspension_table = f"{p}_key_version_suspension"
+        self.insert_suspension = (
+            f"insert into {p}_key_version_suspension (key_version_id, scope_id) values ($1, $2)"
+        )
+        self.delete_suspension = f"delete from {p}_key_version_suspension where key_version_id = $1"
+        self.suspensions_of_scope = (
+            f"select key_version_id from {p}_key_version_suspension where scope_id = $1"
+        )
+        self.is_suspended = (
+            f"select count(*) from {p}_key_version_suspension where key_version_id = $1"
+        )
         # The key change log (schema file 03): which scopes each write changed.
         self.key_change_table = f"{p}_key_change"
         self.insert_key_change = f"insert into {p}_key_change (version, scopes) values ($1, $2)"
@@ -211,10 +223,11 @@ class Queries:
         self.root_key_by_scope = (
             f"select private_id, create_time from {p}_root_key where scope_id = $1"
         )
-        # One root key version, whichever is at hand: the proof that a root
-        # wrapper is this database's before it wraps a new scope's root key.
-        self.some_root_key_version = (
-            f"select private_id, version, key from {p}_root_key_version limit 1"
+        # A few root key versions, whichever are at hand: the proof that a
+        # root wrapper is this database's, at open and before it wraps a new
+        # scope's root key.
+        self.some_root_key_versions = (
+            f"select private_id, version, key from {p}_root_key_version limit 3"
         )
         self.root_key_versions = (
             f"select private_id, version, key, create_time from {p}_root_key_version"
@@ -230,22 +243,11 @@ class Queries:
         # planner has no statistics yet (e.g. right after a bulk load, where
         # a join form of this query chose sequential scans: 20 ms at 100,000
         # scopes instead of 0.1 ms).
-        data_key_of_pair = (
+        self._data_key_of_pair = (
             f"(select k.private_id from {p}_root_key r join {p}_data_key k"
             " on k.root_key_id = r.private_id and k.purpose = $2 where r.scope_id = $1)"
         )
-        self.load_purpose = (
-            "select 'd', v.private_id, v.version, v.key, v.root_key_version_id"
-            f" from {p}_data_key_version v where v.data_key_id = {data_key_of_pair}"
-            f"{self.every_version('v')}"
-            " union all"
-            " select 'r', rv.private_id, rv.version, rv.key, null"
-            f" from {p}_root_key_version rv"
-            f" where rv.root_key_id = (select private_id from {p}_root_key where scope_id = $1)"
-            f"{self.every_version('rv')} and rv.private_id in ("
-            f"  select v.root_key_version_id from {p}_data_key_version v"
-            f"  where v.data_key_id = {data_key_of_pair}{self.every_version('v')})"
-        )
+        # load_purpose is built by use_suspensions().
         # Bulk operations bind a whole list as one parameter ($1).
         self.root_keys_of_scopes = (
             f"select scope_id, private_id from {p}_root_key where scope_id {self.in_list('$1')}"
@@ -373,6 +375,9 @@ class Queries:
     bump_returns_version = False
     #: Whether the key change log table exists (found when a KMS opens).
     has_change_log = False
+    #: Whether the suspension table exists (found when a KMS opens or sees a change).
+    has_suspensions = False
+    load_purpose: str
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
     notify_channel: str = ""
@@ -387,6 +392,35 @@ class Queries:
     version_ids_of_pairs: str
     #: Whether the table named $1 exists.
     table_exists: str
+
+    def use_suspensions(self, present: bool) -> None:
+        """Build the statements that read suspension states, with or without its table."""
+        self.has_suspensions = present
+        p = self.prefix
+        data_key_of_pair = self._data_key_of_pair
+        suspended = (
+            f"exists(select 1 from {p}_key_version_suspension s"
+            " where s.key_version_id = v.private_id)"
+            if present
+            else "false"
+        )
+        self.load_purpose = (
+            f"select 'd', v.private_id, v.version, v.key, v.root_key_version_id, {suspended}"
+            f" from {p}_data_key_version v where v.data_key_id = {data_key_of_pair}"
+            f"{self.every_version('v')}"
+            " union all"
+            " select 'r', rv.private_id, rv.version, rv.key, null, false"
+            f" from {p}_root_key_version rv"
+            f" where rv.root_key_id = (select private_id from {p}_root_key where scope_id = $1)"
+            f"{self.every_version('rv')} and rv.private_id in ("
+            f"  select v.root_key_version_id from {p}_data_key_version v"
+            f"  where v.data_key_id = {data_key_of_pair}{self.every_version('v')})"
+        )
+        self.version_ids_of_pairs = self._version_ids_of_pairs(suspended)
+
+    def _version_ids_of_pairs(self, suspended: str) -> str:
+        """(scope, purpose, version id, suspended) for bound pairs; ``v`` is the version."""
+        raise NotImplementedError
 
     def array(self, values: Sequence[Any]) -> Any:
         """Bind a list as one parameter (PostgreSQL arrays; SQLite overrides with JSON)."""

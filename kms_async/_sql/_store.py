@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .._errors import KeyNotFoundError, SchemaVersionError, StorageError
+from .._errors import KeyNotFoundError, Remedy, SchemaVersionError, StorageError, advised
 from .._types import KeyVersion, Scope
 from ._base import Connection, Queries, Row
 
@@ -31,6 +31,7 @@ __all__ = [
     "data_keys",
     "data_keys_of_roots",
     "each_row",
+    "find_suspensions",
     "insert_data_keys",
     "insert_root_keys",
     "key_versions_of_roots",
@@ -43,6 +44,8 @@ __all__ = [
     "root_key_versions",
     "root_keys_of_scopes",
     "schema_version",
+    "set_suspended",
+    "suspended_versions",
     "version_ids",
     "version_referencers",
 ]
@@ -73,7 +76,7 @@ class DataKeyVersionRow:
 class PurposeRows:
     """What a cold load of one (scope, purpose) needs."""
 
-    data_versions: list[tuple[str, int, bytes, str]]  # id, version, wrapped, root version id
+    data_versions: list[tuple[str, int, bytes, str, bool]]  # id, version, wrapped, root, suspended
     root_versions: list[tuple[str, int, bytes]]  # id, version, wrapped
 
 
@@ -103,9 +106,11 @@ class NewDataKey:
 async def schema_version(conn: Connection, q: Queries) -> str:
     rows = await conn.fetch(q.schema_version)
     if len(rows) != 1:
-        raise SchemaVersionError(
-            f"{q.prefix}_schema_version holds {len(rows)} rows instead of one; "
+        raise advised(
+            SchemaVersionError,
+            f"{q.prefix}_schema_version holds {len(rows)} rows instead of one",
             "run kms_async.migrate() on a fresh database or restore the row",
+            Remedy("migrate"),
         )
     return str(rows[0][0])
 
@@ -113,9 +118,11 @@ async def schema_version(conn: Connection, q: Queries) -> str:
 async def collection_version(conn: Connection, q: Queries) -> int:
     value = await conn.fetchval(q.collection_version)
     if value is None:
-        raise StorageError(
-            f"{q.prefix}_collection_version has no row; re-run kms_async.migrate() "
-            "or insert the row (version 1) by hand"
+        raise advised(
+            StorageError,
+            f"{q.prefix}_collection_version has no row",
+            "re-run kms_async.migrate() or insert the row (version 1) by hand",
+            Remedy("migrate"),
         )
     return int(value)
 
@@ -175,6 +182,37 @@ async def find_change_log(conn: Connection, q: Queries) -> bool:
     """Whether the key change log exists; remembered for this database's statements."""
     q.has_change_log = await table_exists(conn, q, q.key_change_table)
     return q.has_change_log
+
+
+async def find_suspensions(conn: Connection, q: Queries) -> bool:
+    """Whether the suspension table exists; remembered for this database's statements."""
+    present = await table_exists(conn, q, q.suspension_table)
+    if present != q.has_suspensions:
+        q.use_suspensions(present)
+    return present
+
+
+async def suspended_versions(conn: Connection, q: Queries, scope_id: str) -> set[str]:
+    """Ids of the scope's suspended key versions (none without the table)."""
+    if not q.has_suspensions:
+        return set()
+    return {row[0] for row in await conn.fetch(q.suspensions_of_scope, scope_id)}
+
+
+async def set_suspended(
+    conn: Connection, q: Queries, key_version_id: str, scope_id: str, suspended: bool
+) -> bool:
+    """Record or clear a suspension; whether anything changed (nothing without the table)."""
+    if not q.has_suspensions:
+        return False
+    already = bool(await conn.fetchval(q.is_suspended, key_version_id))
+    if already == suspended:
+        return False
+    if suspended:
+        await conn.execute(q.insert_suspension, key_version_id, scope_id)
+    else:
+        await conn.execute(q.delete_suspension, key_version_id)
+    return True
 
 
 async def changed_scopes(conn: Connection, q: Queries, after: int, upto: int) -> set[str] | None:
@@ -245,10 +283,10 @@ async def require_root_key(conn: Connection, q: Queries, scope_id: str) -> tuple
     return found
 
 
-async def some_root_key_version(conn: Connection, q: Queries) -> RootKeyVersionRow | None:
-    """Any one root key version of the database, or None if it has none."""
-    row = await conn.fetchrow(q.some_root_key_version)
-    return None if row is None else RootKeyVersionRow(row[0], int(row[1]), bytes(row[2]), None)
+async def some_root_key_versions(conn: Connection, q: Queries) -> list[RootKeyVersionRow]:
+    """A few root key versions of the database, whichever are at hand (none if it has none)."""
+    rows = await conn.fetch(q.some_root_key_versions)
+    return [RootKeyVersionRow(r[0], int(r[1]), bytes(r[2]), None) for r in rows]
 
 
 async def root_key_versions(
@@ -269,7 +307,7 @@ async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str
         KeyNotFoundError: the scope has no keys, or none for this purpose.
     """
     rows = await conn.fetch(q.load_purpose, scope_id, purpose)
-    data = [(r[1], int(r[2]), bytes(r[3]), r[4]) for r in rows if r[0] == "d"]
+    data = [(r[1], int(r[2]), bytes(r[3]), r[4], bool(r[5])) for r in rows if r[0] == "d"]
     roots = [(r[1], int(r[2]), bytes(r[3])) for r in rows if r[0] == "r"]
     if not data:
         found = await conn.fetchrow(q.scope_has_purpose, scope_id, purpose)
@@ -442,15 +480,16 @@ async def referencing_tables(conn: Connection, q: Queries) -> list[str]:
 
 async def version_ids(
     conn: Connection, q: Queries, pairs: Iterable[tuple[str, str]]
-) -> dict[tuple[str, str], set[str]]:
-    """The data key version ids each (scope, purpose) has now; absent pairs are missing."""
+) -> dict[tuple[str, str], set[tuple[str, bool]]]:
+    """(id, suspended) of each data key version each (scope, purpose) has now;
+    absent pairs are missing."""
     pairs = list(pairs)
-    found: dict[tuple[str, str], set[str]] = {}
+    found: dict[tuple[str, str], set[tuple[str, bool]]] = {}
     for start in range(0, len(pairs), BATCH):
         batch = pairs[start : start + BATCH]
         rows = await conn.fetch(q.version_ids_of_pairs, *q.pairs(batch))
-        for scope_id, purpose, version_id in rows:
-            found.setdefault((scope_id, purpose), set()).add(version_id)
+        for scope_id, purpose, version_id, suspended in rows:
+            found.setdefault((scope_id, purpose), set()).add((version_id, bool(suspended)))
     return found
 
 

@@ -1,6 +1,6 @@
-"""kms_async file 04: every writer's key changes logged and announced (PostgreSQL only).
+"""kms_async file 04: suspended key versions.
 
-Revision ID: 0004_kms_key_change_trigger
+Revision ID: 0004_kms_key_version_suspension
 Revises: 0003_kms_key_change_log
 Create Date: 2026-11-30
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kms_schema import run_kms_file
 
-revision = "0004_kms_key_change_trigger"
+revision = "0004_kms_key_version_suspension"
 down_revision = "0003_kms_key_change_log"
 branch_labels = None
 depends_on = None

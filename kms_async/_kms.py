@@ -19,7 +19,7 @@ import os
 import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from cryptography.exceptions import InvalidTag
@@ -160,6 +160,7 @@ class KMS(AsyncResource):
         revoke_grace: float = DEFAULT_REVOKE_GRACE,
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         check_root_wrapper: bool = True,
+        integrity: Literal["bind", "strict"] = "bind",
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -202,6 +203,12 @@ class KMS(AsyncResource):
                 at startup. Costs up to three root wrapper calls; turn it off
                 for a wrapper that charges per call (writes still prove the
                 wrapper before they wrap anything).
+            integrity: ``"bind"`` (the default) writes a binding for every new
+                key version and a key state record per scope, verifies them on
+                every cold load, and accepts versions without a binding
+                (written by the Go package), logging and listing them
+                (``KeyVersion.bound``). ``"strict"`` refuses unbound versions
+                too, and needs schema file 06. See SECURITY.md.
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -222,6 +229,8 @@ class KMS(AsyncResource):
         check_seconds("max_staleness", max_staleness, none=True)
         check_seconds("revoke_grace", revoke_grace, zero=True)
         check_seconds("pool_timeout", pool_timeout)
+        if integrity not in ("bind", "strict"):
+            raise InvalidParameterError(f"integrity must be 'bind' or 'strict', not {integrity!r}")
         database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
         try:
             kms = cls(
@@ -235,11 +244,18 @@ class KMS(AsyncResource):
             if root_wrapper is not None:
                 kms.add_external_wrapper(ROOT_PURPOSE, root_wrapper)
             kms._loop = asyncio.get_running_loop()
+            kms._keyring.integrity = integrity
             await kms.validate_schema()
             if root_wrapper is not None and check_root_wrapper:
                 await kms._keyring.prove_any(None, at_open=True)
             channel = await database.find_notify_channel()
             await kms._freshness.start()
+            if integrity == "strict" and not database.queries.has_bindings:
+                raise SchemaVersionError(
+                    "integrity='strict' needs the key binding tables "
+                    f"({database.queries.binding_table}); run kms_async.migrate() or apply "
+                    "sql/<dialect>/06_kms_key_binding.up.sql with your migration tool"
+                )
             listen = channel is not None and (
                 notifications or (notifications is None and isinstance(db, str))
             )
@@ -699,6 +715,29 @@ class KMS(AsyncResource):
         scopes = list(dict.fromkeys(check_scope_list(scope_ids)))
         self.get_external_root_wrapper()
         await self._writer.rewrap(scopes, conn=conn)
+
+    async def bind_keys(self, scope_ids: Iterable[str], *, conn: Any = None) -> int:
+        """Bind the scopes' unbound key versions and seal their key state records.
+
+        For keys written by the Go package or before schema file 06: after
+        this, ``integrity="strict"`` accepts them. One transaction for all
+        the scopes; running it again binds nothing new and is harmless, so a
+        bulk run can resume anywhere. A version whose binding does not match
+        stays refused (binding it again would bless tampering), and a root
+        key version that is a copy of one bound elsewhere is not bound. A
+        state record that is missing or does not verify is replaced by one
+        sealing the current state, so run it only on key tables known to be
+        right. Returns how many versions were bound.
+
+        Raises:
+            KeyNotFoundError: one of the scopes has no keys; nothing was bound.
+            SchemaVersionError: the binding tables are missing; run migrate().
+            WrapperError: the root wrapper cannot unwrap the scopes' keys.
+        """
+        self._check_open()
+        scopes = list(dict.fromkeys(check_scope_list(scope_ids)))
+        self.get_external_root_wrapper()
+        return await self._writer.bind(scopes, conn=conn)
 
     async def revoke_key_version(
         self, key_version_id: str, *, scope_id: str | None = None, conn: Any = None

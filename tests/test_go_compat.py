@@ -296,7 +296,13 @@ def go_seal(plaintext: bytes, key: bytes, key_id: str, *, extras: bool = False) 
 
 
 #: Tables of kms_async's own, which later schema files may add beside the Go tables.
-OWN_TABLES = ("kms_migration", "kms_key_change", "kms_key_version_suspension")
+OWN_TABLES = (
+    "kms_migration",
+    "kms_key_change",
+    "kms_key_version_suspension",
+    "kms_key_version_binding",
+    "kms_key_state",
+)
 
 
 async def _schema_objects(db: TestDB) -> list[tuple[object, ...]]:

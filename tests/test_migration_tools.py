@@ -123,7 +123,7 @@ async def test_alembic_upgrade_runs_the_sql_files(empty_db: TestDB) -> None:
     command.upgrade(config, "head")
     assert (
         await empty_db.fetchval("select version_num from alembic_version")
-        == "0004_kms_key_version_suspension"
+        == "0006_kms_key_binding"
     )
     assert await empty_db.fetchval("select version from kms_schema_version") == "v0.0.2"
     await _use_the_kms(empty_db)

@@ -869,6 +869,7 @@ class KMS(AsyncResource):
                 root_key_id
             ]
             suspended = await repo.suspended_versions(conn, q, scope_id)
+            bound = await repo.bindings_of_scopes(conn, q, [scope_id]) if q.has_bindings else None
         unusable: dict[str, str] = {}
         if verify and ROOT_PURPOSE in self._keyring.wrappers:
             unusable = await self._keyring.unusable_versions(root_rows, version_rows)
@@ -880,6 +881,7 @@ class KMS(AsyncResource):
                 to_time(row.create_time),
                 suspended=row.id in suspended,
                 unusable=unusable.get(row.id),
+                bound=None if bound is None else row.id in bound,
             )
 
         keys = [

@@ -450,3 +450,56 @@ async def test_keys_and_data_written_the_go_way_are_read_here(db: TestDB, extras
         # Ours, under the same Go-written key, reads back the Go way.
         ours = await kms.encrypt("go-scope", "database", b"written here")
     assert go_open(ours, dkv_key) == ("kdkv_GoGoGoGoGo", b"written here")
+
+
+# -- integrity="bind": the Go package keeps writing --------------------------------
+
+
+async def test_go_rotation_of_a_bound_scope_is_accepted_by_bind_refused_by_strict(
+    db: TestDB,
+) -> None:
+    """A scope created here (bound), then rotated the Go way (rows without bindings)."""
+    root_key = secrets.token_bytes(32)
+    root = AeadWrapper(root_key, key_id="root-go")
+    opts: dict[str, Any] = {"purposes": ["database"], "root_wrapper": root, "max_staleness": None}
+    async with await KMS.open(db.dsn, **opts) as kms:
+        await kms.create_keys("org")
+        before = await kms.encrypt("org", "database", b"before")
+    root_key_id = await db.fetchval("select private_id from kms_root_key")
+    data_key_id = await db.fetchval("select private_id from kms_data_key")
+    rkv_key, dkv_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    await db.execute("update kms_collection_version set version = version + 1")
+    await db.execute(
+        "insert into kms_root_key_version (private_id, root_key_id, key) values ($1, $2, $3)",
+        "krkv_GoGoGoGoGo",
+        root_key_id,
+        go_seal(rkv_key, root_key, "root-go"),
+    )
+    await db.execute(
+        "insert into kms_data_key_version"
+        " (private_id, data_key_id, root_key_version_id, key) values ($1, $2, $3, $4)",
+        "kdkv_GoGoGoGoGo",
+        data_key_id,
+        "krkv_GoGoGoGoGo",
+        go_seal(dkv_key, rkv_key, "krkv_GoGoGoGoGo"),
+    )
+    go_ciphertext = go_seal(b"written by go", dkv_key, "kdkv_GoGoGoGoGo")
+
+    async with await KMS.open(db.dsn, **opts) as kms:
+        assert await kms.decrypt("org", "database", go_ciphertext) == b"written by go"
+        assert await kms.decrypt("org", "database", before) == b"before"
+        ours = await kms.encrypt("org", "database", b"here")
+        assert go_open(ours, dkv_key) == ("kdkv_GoGoGoGoGo", b"here")
+        bound = {v.id: v.bound for k in await kms.list_keys("org") for v in k.versions}
+        assert bound["kdkv_GoGoGoGoGo"] is False and bound["krkv_GoGoGoGoGo"] is False
+        assert sum(1 for b in bound.values() if b) == 2
+    async with await KMS.open(db.dsn, integrity="strict", **opts) as kms:
+        with pytest.raises(kms_async.KeyIntegrityError, match="no binding"):
+            await kms.decrypt("org", "database", go_ciphertext)
+        assert await kms.decrypt("org", "database", before) == b"before"
+        assert await kms.bind_keys(["org"]) == 2
+        assert await kms.decrypt("org", "database", go_ciphertext) == b"written by go"
+        assert await kms.bind_keys(["org"]) == 0
+    # The Go package reads what this library wrote in bind mode, bindings and all.
+    rows = await db.fetch("select private_id, key from kms_root_key_version")
+    assert {go_open(bytes(w), root_key)[0] for _, w in rows} == {"root-go"}

@@ -516,6 +516,24 @@ def _add_rewrap(adder: _Adder) -> None:
     parser.set_defaults(run=_run_rewrap)
 
 
+def _add_bind(adder: _Adder) -> None:
+    parser = adder.add(
+        "bind",
+        help="bind existing key versions to their place (for integrity='strict')",
+        description=(
+            "Write a binding for every key version that has none (written by the Go package "
+            "or before schema file 06) and seal each scope's key state record, so that "
+            "integrity='strict' accepts them; see SECURITY.md. Versions whose binding does "
+            "not match are left refused. Batches of --batch-size scopes, each one "
+            "transaction; scopes already bound are skipped, so running it again resumes."
+        ),
+        epilog="example:\n  %(prog)s --all-scopes\n  %(prog)s acme globex",
+        root_key=True,
+    )
+    _scope_arguments(parser, "bind")
+    parser.set_defaults(run=_run_bind)
+
+
 def _add_reconcile(adder: _Adder) -> None:
     parser = adder.add(
         "reconcile",
@@ -735,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(adder)
     _add_rotate(adder)
     _add_rewrap(adder)
+    _add_bind(adder)
     _add_reconcile(adder)
     _add_suspend(adder)
     _add_revoke(adder)
@@ -1145,6 +1164,28 @@ async def _run_rotate(args: argparse.Namespace) -> int:
             "rewrap": args.rewrap,
         },
         text,
+    )
+    return EXIT_OK
+
+
+async def _run_bind(args: argparse.Namespace) -> int:
+    async with _open_kms(args, root_key=True) as kms:
+        scopes = await _scopes(args, kms)
+        bound = 0
+
+        async def step(batch: Sequence[str]) -> None:
+            nonlocal bound
+            bound += await kms.bind_keys(batch)
+
+        try:
+            batches = await _in_batches(args, scopes, "binding", step) if scopes else 0
+        except asyncio.CancelledError:
+            args.resume_hint = "run the same command again: scopes already bound are skipped"
+            raise
+    _out(
+        args,
+        {"scopes": len(scopes), "bound": bound, "transactions": batches},
+        f"bound {bound} key version(s) of {len(scopes)} scope(s) in {batches} transaction(s)",
     )
     return EXIT_OK
 

@@ -623,9 +623,12 @@ class Writer:
         async with self._keyring.reading(conn) as reader:
             snapshots = await self._snapshots(reader, scopes)
             bound = await repo.bindings_of_scopes(reader, self._q, scopes)
+            sealed = await repo.states_of_scopes(reader, self._q, scopes)
             copies = {}
             keys: dict[str, bytes] = {}
+            todo: list[str] = []
             for scope_id in scopes:
+                count = len(keys)
                 _, root_rows, data_rows = snapshots[scope_id]
                 roots: dict[str, VersionKey] = {}
                 for r in root_rows:
@@ -652,10 +655,16 @@ class Writer:
                     if d.id in bound or parent is None:
                         continue
                     keys[d.id] = unwrap_key(parent.cipher, parent.id, d.id, d.wrapped)
-        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
+                # A scope with nothing left to bind and a record is done: a
+                # second run (resuming a bulk one) skips it.
+                if len(keys) > count or scope_id not in sealed:
+                    todo.append(scope_id)
+        if not todo:
+            return 0
+        async with self._invalidating(todo), self._db.transaction(conn) as tx:
             changed = await repo.bump_collection_version(tx, self._q)
-            await self._seal(tx, scopes, keys, reset=True)
-            await repo.announce(tx, self._q, changed, scopes)
+            await self._seal(tx, todo, keys, reset=True)
+            await repo.announce(tx, self._q, changed, todo)
         logger.debug("kms_async: bound %d key version(s) of %d scope(s)", len(keys), len(scopes))
         return len(keys)
 

@@ -518,6 +518,22 @@ async def test_every_scope_comes_from_kms_list_scopes_page_by_page(
     assert len(pages) == 4
 
 
+async def test_bind_all_scopes_binds_what_is_unbound_and_resumes(env: TestDB, cli: Cli) -> None:
+    assert (await cli("create", "a", "b", "c")).code == 0
+    # As if written before schema file 06 (or by the Go package).
+    await env.execute("delete from kms_key_version_binding")
+    await env.execute("delete from kms_key_state where scope_id <> 'c'")
+    first = await cli("bind", "--all-scopes", "--batch-size", "2", "--progress", "always")
+    assert first.code == 0, first.err
+    assert "binding [" in first.err and "3/3 scopes" in first.err
+    # A root key version and a data key version per scope (c: its bindings are gone too).
+    assert "bound 6 key version(s) of 3 scope(s) in 2 transaction(s)" in first.out
+    again = await cli("bind", "--all-scopes", "--json")
+    assert again.code == 0
+    assert again.json()["bound"] == 0
+    assert await env.fetchval("select count(*) from kms_key_state") == 3
+
+
 async def test_rotate_older_than(env: TestDB, cli: Cli) -> None:
     assert (await cli("create", "a", "b")).code == 0
     recent = await cli("rotate", "--all-scopes", "--older-than", "1h", "--json")

@@ -570,7 +570,7 @@ def _add_revoke(adder: _Adder) -> None:
             "(rewrap first) and a data version whose rows still exist (reencrypt first)."
         ),
         epilog="example:\n  %(prog)s kdkv_3kTmZ8vQ1a --scope acme",
-        root_key=False,
+        root_key=True,
     )
     parser.add_argument("version_id", metavar="VERSION_ID", help="the key version id")
     parser.add_argument("--scope", metavar="SCOPE", help="refuse unless it belongs to SCOPE")
@@ -1233,7 +1233,7 @@ async def _run_reconcile(args: argparse.Namespace) -> int:
 
 
 async def _run_revoke(args: argparse.Namespace) -> int:
-    async with _open_kms(args, root_key=False) as kms:
+    async with _open_kms(args, root_key=True) as kms:
         await _when_revocable(
             args, lambda: kms.revoke_key_version(args.version_id, scope_id=args.scope)
         )

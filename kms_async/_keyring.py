@@ -442,10 +442,25 @@ class Keyring:
         stored = rows.state
         root = roots.get(stored.root_version_id)
         if isinstance(root, WrapperError):
-            # Not a forgery: this root wrapper cannot unwrap the root key
-            # version that sealed the record, so nothing of the scope can be
-            # checked (or, most likely, unwrapped).
-            raise root
+            # This root wrapper cannot unwrap the root key version that
+            # sealed the record (one written under another root key, as by a
+            # misconfigured instance): the record cannot be checked here.
+            # strict refuses; bind carries on with the bindings alone, loudly
+            # (SECURITY.md: a writer can cause this on purpose).
+            if self.integrity == "strict":
+                raise KeyIntegrityError(
+                    f"the key state record of scope {show(scope_id)} is sealed by root key "
+                    f"version {stored.root_version_id}, which this root wrapper cannot unwrap "
+                    f"({root}); integrity='strict' refuses what it cannot verify"
+                ) from root
+            logger.warning(
+                "kms_async: the key state record of scope %s cannot be checked: its root key "
+                "version %s cannot be unwrapped with this root wrapper; revocations it records "
+                "are not enforced by this instance",
+                show(scope_id),
+                stored.root_version_id,
+            )
+            return None
         state = (
             unseal_state(scope_id, stored.root_version_id, stored.body, stored.mac, root.key)
             if isinstance(root, VersionKey)

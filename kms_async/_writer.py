@@ -357,6 +357,12 @@ class Writer:
     async def revoke(
         self, key_version_id: str, *, is_root: bool, scope_id: str | None, conn: Any
     ) -> None:
+        if self._q.has_bindings and ROOT_PURPOSE not in self._keyring.wrappers:
+            raise KeyNotFoundError(
+                "missing external root wrapper: a revocation is recorded in the scope's sealed "
+                "key state record (so a restored row stays revoked), which needs the root "
+                "wrapper; pass root_wrapper= to KMS.open()"
+            )
         owners: list[str] = []
         try:
             async with self._invalidating(owners), self._db.transaction(conn) as tx:

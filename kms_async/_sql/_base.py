@@ -274,7 +274,7 @@ class Queries:
             f"(select k.private_id from {p}_root_key r join {p}_data_key k"
             " on k.root_key_id = r.private_id and k.purpose = $2 where r.scope_id = $1)"
         )
-        # load_purpose is built by use_suspensions().
+        # load_purpose is built by _build_loads() (use_suspensions, use_bindings).
         # Bulk operations bind a whole list as one parameter ($1).
         self.root_keys_of_scopes = (
             f"select scope_id, private_id from {p}_root_key where scope_id {self.in_list('$1')}"

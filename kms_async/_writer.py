@@ -41,6 +41,7 @@ from ._errors import (
     SchemaVersionError,
     StorageError,
     TransientStorageError,
+    WrapperError,
 )
 from ._ids import DATA_KEY_PREFIX, DATA_KEY_VERSION_PREFIX, ROOT_KEY_PREFIX, new_id
 from ._integrity import KeyState, bind_version, fingerprint, seal_state, unseal_state
@@ -585,18 +586,26 @@ class Writer:
             return None
         row = next((r for r in root_rows if r.id == stored.root_version_id), None)
         state = None
+        why = "does not verify"
         if row is not None:
             key = new_keys.get(row.id)
-            if key is None:
-                key = (await self._keyring.unwrap_root(row.id, row.version, row.wrapped)).key
-            state = unseal_state(scope_id, row.id, stored.body, stored.mac, key)
+            try:
+                if key is None:
+                    key = (await self._keyring.unwrap_root(row.id, row.version, row.wrapped)).key
+            except WrapperError as exc:
+                if exc.retryable:
+                    raise
+                # Carrying on without it would drop the revocations it records.
+                why = f"cannot be checked: its root key version {row.id} cannot be unwrapped"
+            else:
+                state = unseal_state(scope_id, row.id, stored.body, stored.mac, key)
         if state is None:
             if reset:
                 return None
             raise KeyIntegrityError(
-                f"the key state record of scope {show(scope_id)} does not verify; nothing was "
-                "written: restore it from a backup, or run bind_keys() (kms-async bind) to seal "
-                "the current state if the key tables are known to be right"
+                f"the key state record of scope {show(scope_id)} {why}; nothing was written: "
+                "restore it from a backup, or run bind_keys() (kms-async bind) to seal the "
+                "current state if the key tables are known to be right"
             )
         if state.serial < seen and not reset:
             raise KeyRollbackError(

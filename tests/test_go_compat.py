@@ -364,6 +364,11 @@ async def test_every_operation_works_on_a_go_schema(go_db: TestDB) -> None:
         ]
     versions = await go_db.fetch("select version from kms_data_key_version order by version")
     assert None not in [v[0] for v in versions]
+    # Nothing to bind with on a Go-only schema: bind falls back (above), strict refuses to open.
+    with pytest.raises(kms_async.SchemaVersionError, match="06_kms_key_binding"):
+        await KMS.open(go_db.dsn, purposes=["database"], root_wrapper=root, integrity="strict")
+    with pytest.raises(kms_async.InvalidParameterError, match="integrity"):
+        await KMS.open(go_db.dsn, purposes=["database"], root_wrapper=root, integrity="off")  # type: ignore[arg-type]
 
 
 # -- what this library writes, read the Go way ---------------------------------

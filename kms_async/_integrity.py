@@ -12,10 +12,11 @@ package writes them (associated data in the root wrapper would make the Go
 package unable to unwrap), and a rewrap, which keeps the key material,
 keeps the binding valid.
 
-Root key versions also get a **fingerprint**: another HKDF output of the root
-key, one-way, stored so that a copy of a bound root key version under
-another id (a transplant into another scope) is recognised even though the
-copy has no binding of its own.
+Every bound version also gets a **fingerprint**: another HKDF output of its
+key, one-way, stored (and kept when the version is revoked) so that a copy of
+a bound or revoked key under another id (a transplant into another scope, an
+old key put back as a "new" version) is recognised even though the copy has
+no binding of its own.
 
 **State record.** One per scope: a serial number raised by every write, the
 newest version (id and number) of each of the scope's keys and the ids of
@@ -50,7 +51,7 @@ __all__ = [
 Integrity = Literal["bind", "strict"]
 
 _BINDING_INFO = b"kms_async/key-binding/v1"
-_FINGERPRINT_INFO = b"kms_async/root-fingerprint/v1"
+_FINGERPRINT_INFO = b"kms_async/key-fingerprint/v1"
 _STATE_INFO = b"kms_async/key-state/v1"
 
 
@@ -88,9 +89,9 @@ def verify_version(
     return hmac.compare_digest(expected, bytes(binding))
 
 
-def fingerprint(root_key: bytes) -> bytes:
-    """A one-way value identifying a root key, whatever row it is stored in."""
-    return _derive(root_key, _FINGERPRINT_INFO)
+def fingerprint(key: bytes) -> bytes:
+    """A one-way value identifying a key, whatever row it is stored in."""
+    return _derive(key, _FINGERPRINT_INFO)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -365,7 +365,7 @@ class Keyring:
                 if isinstance(root, KMSError):
                     raise root
                 key = unwrap_key(root.cipher, root_version_id, version_id, wrapped)
-                problem = self._data_problem(
+                problem = await self._data_problem(
                     scope_id, purpose, rows, version_id, version, key, state
                 )
                 if problem is not None:
@@ -498,18 +498,28 @@ class Keyring:
                 return None
             return _mismatch_message(scope_id, "root", root.id)
         # Unbound: is it a copy of a bound root key version from elsewhere?
-        async with self._db.read() as conn:
-            copies = await repo.binding_by_fingerprint(conn, self._q, fingerprint(root.key))
-        for other_id, other_scope in copies:
-            if other_id != root.id:
-                return (
-                    f"root key version {root.id} of scope {show(scope_id)} holds the same root "
-                    f"key as root key version {other_id} of scope {show(other_scope)}: it was "
-                    "copied there outside kms_async; delete it"
-                )
+        copy = await self._copy_of(root.key, root.id)
+        if copy is not None:
+            return (
+                f"root key version {root.id} of scope {show(scope_id)} holds the same root "
+                f"key as {copy}: it was copied there outside kms_async; delete it"
+            )
         return self._unbound(scope_id, "root", root.id)
 
-    def _data_problem(
+    async def _copy_of(self, key: bytes, version_id: str) -> str | None:
+        """Which bound (or revoked) version elsewhere holds this key, if any.
+
+        One query, only for versions without a binding (written by the Go
+        package, or copied): bound versions cost nothing here.
+        """
+        async with self._db.read() as conn:
+            copies = await repo.binding_by_fingerprint(conn, self._q, fingerprint(key))
+        for other_id, other_scope in copies:
+            if other_id != version_id:
+                return f"key version {other_id} of scope {show(other_scope)}"
+        return None
+
+    async def _data_problem(
         self,
         scope_id: str,
         purpose: str,
@@ -523,9 +533,17 @@ class Keyring:
             return _revoked_message(scope_id, repr(purpose), version_id)
         binding = rows.bindings.get(version_id)
         if binding is None:
-            return (
-                self._unbound(scope_id, repr(purpose), version_id) if self._q.has_bindings else None
-            )
+            if not self._q.has_bindings:
+                return None
+            if self.integrity != "strict":
+                # Unbound: is it a copy of a bound (or revoked) version's key?
+                copy = await self._copy_of(key, version_id)
+                if copy is not None:
+                    return (
+                        f"{purpose!r} key version {version_id} of scope {show(scope_id)} holds "
+                        f"the same key as {copy}: it was copied outside kms_async; delete it"
+                    )
+            return self._unbound(scope_id, repr(purpose), version_id)
         owner = rows.owners[version_id]
         if verify_version(binding, key, scope_id, purpose, owner, version_id, version):
             return None
@@ -565,7 +583,9 @@ class Keyring:
             return
         newest_id, newest_number = recorded
         numbers = {v.id: v.version for v in versions}
-        if numbers.get(newest_id) != newest_number:
+        if numbers.get(newest_id) != newest_number and not self._superseded_by_go(
+            rows, versions, newest_number
+        ):
             raise KeyRollbackError(
                 f"the newest {purpose!r} key version of scope {show(scope_id)} recorded in its "
                 f"key state record, {newest_id} (number {newest_number}), is missing or "
@@ -581,6 +601,16 @@ class Keyring:
                     "kms_async, so revocations made since may be missing; restore the newer "
                     "record"
                 )
+
+    def _superseded_by_go(
+        self, rows: repo.PurposeRows, versions: list[VersionKey], recorded: int
+    ) -> bool:
+        """Under bind: whether a usable unbound version newer than the recorded
+        newest explains its absence (the Go package rotated, then revoked it)."""
+        return self.integrity == "bind" and any(
+            v.version > recorded and v.refused is None and v.id not in rows.bindings
+            for v in versions
+        )
 
     async def reload(self, scope_id: str, purpose: str) -> PurposeKeys:
         """Load the pair (shared with any concurrent load of it) and cache it."""

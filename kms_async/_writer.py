@@ -392,7 +392,8 @@ class Writer:
                 await repo.delete_key_version(tx, self._q, key_version_id, root=is_root)
                 if not is_root:
                     await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, False)
-                await repo.delete_binding(tx, self._q, key_version_id)
+                # The binding stays: its fingerprint recognises a copy of the
+                # revoked key put back under another id.
                 await self._seal(tx, [found.scope_id], {}, revoked=[key_version_id])
                 await repo.announce(tx, self._q, changed, owners)
         except IntegrityError as exc:
@@ -533,7 +534,7 @@ class Writer:
                         d.id,
                         d.version,
                     )
-                    new_bindings.append((d.id, scope_id, binding, None))
+                    new_bindings.append((d.id, scope_id, binding, fingerprint(new_keys[d.id])))
                     bound.add(d.id)
             previous = await self._previous_state(
                 scope_id, states.get(scope_id), root_rows, new_keys, reset=reset
@@ -669,7 +670,17 @@ class Writer:
                     parent = roots.get(d.root_key_version_id)
                     if d.id in bound or parent is None:
                         continue
-                    keys[d.id] = unwrap_key(parent.cipher, parent.id, d.id, d.wrapped)
+                    key = unwrap_key(parent.cipher, parent.id, d.id, d.wrapped)
+                    found = await repo.binding_by_fingerprint(reader, self._q, fingerprint(key))
+                    if any(other != d.id for other, _ in found):
+                        logger.warning(
+                            "kms_async: not binding data key version %s of scope %s: it holds "
+                            "the key of a bound or revoked version of another place",
+                            d.id,
+                            show(scope_id),
+                        )
+                        continue
+                    keys[d.id] = key
                 # A scope with nothing left to bind and a record is done: a
                 # second run (resuming a bulk one) skips it.
                 if len(keys) > count or scope_id not in sealed:

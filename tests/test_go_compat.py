@@ -505,6 +505,28 @@ async def test_go_rotation_of_a_bound_scope_is_accepted_by_bind_refused_by_stric
         assert await kms.bind_keys(["org"]) == 2
         assert await kms.decrypt("org", "database", go_ciphertext) == b"written by go"
         assert await kms.bind_keys(["org"]) == 0
+    # The Go package rotates again and revokes the version the record names as newest.
+    async with await KMS.open(db.dsn, **opts) as kms:
+        newest = (await kms.list_keys("org"))[1].versions[-1].id
+    rkv3, dkv3 = secrets.token_bytes(32), secrets.token_bytes(32)
+    await db.execute(
+        "insert into kms_root_key_version (private_id, root_key_id, key) values ($1, $2, $3)",
+        "krkv_GoGoGoGo03",
+        root_key_id,
+        go_seal(rkv3, root_key, "root-go"),
+    )
+    await db.execute(
+        "insert into kms_data_key_version"
+        " (private_id, data_key_id, root_key_version_id, key) values ($1, $2, $3, $4)",
+        "kdkv_GoGoGoGo03",
+        data_key_id,
+        "krkv_GoGoGoGo03",
+        go_seal(dkv3, rkv3, "krkv_GoGoGoGo03"),
+    )
+    await db.execute("delete from kms_data_key_version where private_id = $1", newest)
+    await db.execute("update kms_collection_version set version = version + 1")
+    async with await KMS.open(db.dsn, **opts) as kms:
+        assert go_open(await kms.encrypt("org", "database", b"3"), dkv3)[0] == "kdkv_GoGoGoGo03"
     # The Go package reads what this library wrote in bind mode, bindings and all.
     rows = await db.fetch("select private_id, key from kms_root_key_version")
     assert {go_open(bytes(w), root_key)[0] for _, w in rows} == {"root-go"}

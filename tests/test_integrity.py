@@ -191,3 +191,36 @@ async def test_untouched_keys_work_in_both_modes(
             assert await fresh.decrypt(scope, "database", ciphertext) == b"x"
         versions = [v for k in await fresh.list_keys("A") for v in k.versions]
         assert all(v.bound for v in versions)
+
+
+async def test_a_copy_of_a_revoked_key_under_a_new_id_is_refused(
+    kms: KMS, db: Any, open_kms: OpenKMS
+) -> None:
+    """An old key put back as a "new" (unbound, so Go-looking) version: its fingerprint
+    names the revoked original."""
+    await kms.create_keys("A")
+    old = await kms.encrypt("A", "database", b"old")
+    await kms.rotate_keys("A")
+    current = key_id(await kms.encrypt("A", "database", b"new"))
+    (row,) = await db.fetch(
+        "select data_key_id, root_key_version_id, key from kms_data_key_version"
+        " where private_id = $1",
+        key_id(old),
+    )
+    await kms.revoke_key_version(key_id(old))
+    await db.execute(
+        "insert into kms_data_key_version (private_id, data_key_id, root_key_version_id, key)"
+        " values ($1, $2, $3, $4)",
+        "kdkv_Copied0001",
+        row[0],
+        row[1],
+        bytes(row[2]),
+    )
+    await bump(db)
+    async with await open_kms() as fresh:
+        assert key_id(await fresh.encrypt("A", "database", b"x")) == current
+        keys = await fresh.list_keys("A")
+        assert [v.bound for k in keys for v in k.versions if v.id == "kdkv_Copied0001"] == [False]
+        copied = BlobInfo(BlobInfo.from_bytes(old).ciphertext, "kdkv_Copied0001").to_bytes()
+        with pytest.raises(KeyIntegrityError, match="holds the same key"):
+            await fresh.decrypt("A", "database", copied)

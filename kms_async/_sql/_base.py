@@ -209,7 +209,6 @@ class Queries:
             " scope_id = excluded.scope_id, binding = excluded.binding,"
             " fingerprint = excluded.fingerprint"
         )
-        self.delete_binding = f"delete from {p}_key_version_binding where key_version_id = $1"
         self.bindings_of_scopes = (
             f"select key_version_id, binding from {p}_key_version_binding"
             f" where scope_id {self.in_list('$1')}"

@@ -33,7 +33,6 @@ __all__ = [
     "collection_version",
     "data_keys",
     "data_keys_of_roots",
-    "delete_binding",
     "find_bindings",
     "find_suspensions",
     "insert_data_keys",
@@ -398,11 +397,6 @@ async def put_states(
     """(scope id, serial, root version id, body, mac) rows."""
     if rows:
         await conn.executemany(q.upsert_state, rows)
-
-
-async def delete_binding(conn: Connection, q: Queries, version_id: str) -> None:
-    if q.has_bindings:
-        await conn.execute(q.delete_binding, version_id)
 
 
 async def insert_rows(

@@ -6,8 +6,10 @@
 -- with HKDF from the version's own key material, so only a holder of the
 -- root wrapper can make one; a database writer without it cannot move a
 -- wrapped key to another place, renumber it or swap bindings undetected.
--- fingerprint (root key versions only) is a one-way HKDF output of the root
--- key, so a copy of a bound root key version in another place is recognised.
+-- fingerprint is a one-way HKDF output of the version's key, so a copy of a
+-- bound key under another id or in another place is recognised. Rows stay
+-- when kms_async revokes a version (a copy of a revoked key is recognised
+-- too); they are never a foreign key's target or source.
 --
 -- kms_key_state holds one record per scope, MACed under a key derived from
 -- the scope's newest root key version: a serial number that every write

@@ -1023,6 +1023,7 @@ def _key_json(key: Key, usage: dict[str, dict[str, int]] | None = None) -> dict[
             "create_time": v.create_time,
             "suspended": v.suspended,
             "unusable": v.unusable,
+            "bound": v.bound,
         }
         if usage is not None and key.type == "dek":
             tables = usage.get(v.id, {})
@@ -1064,6 +1065,8 @@ def _state(version: KeyVersion) -> str:
     states = ["suspended"] if version.suspended else []
     if version.unusable is not None:
         states.append("UNUSABLE")
+    if version.bound is False:
+        states.append("unbound")
     return ",".join(states) or "active"
 
 

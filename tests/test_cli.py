@@ -527,11 +527,15 @@ async def test_bind_all_scopes_binds_what_is_unbound_and_resumes(env: TestDB, cl
     # As if written before schema file 06 (or by the Go package).
     await env.execute("delete from kms_key_version_binding")
     await env.execute("delete from kms_key_state where scope_id <> 'c'")
+    unbound = await cli("list", "a")
+    assert "unbound" in unbound.out
     first = await cli("bind", "--all-scopes", "--batch-size", "2", "--progress", "always")
     assert first.code == 0, first.err
     assert "binding [" in first.err and "3/3 scopes" in first.err
     # A root key version and a data key version per scope (c: its bindings are gone too).
     assert "bound 6 key version(s) of 3 scope(s) in 2 transaction(s)" in first.out
+    listed = await cli("list", "a", "--json")
+    assert all(v["bound"] for k in listed.json()["keys"] for v in k["versions"])
     again = await cli("bind", "--all-scopes", "--json")
     assert again.code == 0
     assert again.json()["bound"] == 0

@@ -171,8 +171,9 @@ DB_KEY = web.AppKey("db", AppDatabase)
 
 
 def root_wrapper(root_key: bytes) -> kms_async.AeadWrapper:
-    """The root of trust; keep key_id stable, it is written into every wrapped root key."""
-    return kms_async.AeadWrapper(root_key, key_id=os.environ.get("KMS_ROOT_KEY_ID", "root-1"))
+    """The root of trust; its key id (written into every wrapped root key) is
+    KMS_ROOT_KEY_ID if set, else the key's fingerprint, as for the command line."""
+    return kms_async.AeadWrapper(root_key, key_id=os.environ.get("KMS_ROOT_KEY_ID") or None)
 
 
 def key_listing(keys: list[kms_async.Key]) -> list[dict[str, Any]]:

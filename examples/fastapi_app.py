@@ -19,9 +19,9 @@ Database access:
 * SQLite: the app keeps one aiosqlite connection of its own, guarded by a lock
   so that requests never interleave statements inside each other's
   transactions, and gives the KMS the DSN so it opens its own writer and
-  reader (what the main README recommends for a busy service: a shared SQLite
-  connection makes key writes of other tasks fail while a transaction is
-  open on it). ``create_keys(conn=conn)`` still joins the app's transaction
+  reader (what docs/how-to/sharing-a-pool.md recommends for a busy service:
+  a shared SQLite connection makes key writes of other tasks fail while a
+  transaction is open on it). ``create_keys(conn=conn)`` still joins the app's transaction
   on the app's connection.
 """
 
@@ -85,8 +85,9 @@ def _sqlite(sql: str, args: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
 
 
 def root_wrapper(root_key: bytes) -> kms_async.AeadWrapper:
-    """The root of trust; keep key_id stable, it is written into every wrapped root key."""
-    return kms_async.AeadWrapper(root_key, key_id=os.environ.get("KMS_ROOT_KEY_ID", "root-1"))
+    """The root of trust; its key id (written into every wrapped root key) is
+    KMS_ROOT_KEY_ID if set, else the key's fingerprint, as for the command line."""
+    return kms_async.AeadWrapper(root_key, key_id=os.environ.get("KMS_ROOT_KEY_ID") or None)
 
 
 class Tx:

@@ -172,8 +172,8 @@ async def main() -> None:
     await kms_async.migrate(dsn)
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all, tables=APP_TABLES)
-    # A random root key keeps the example self-contained; see the main README.
-    root = kms_async.AeadWrapper(os.urandom(32), key_id="root-1")
+    # A random root key keeps the example self-contained; see docs/how-to/root-keys.
+    root = kms_async.AeadWrapper(os.urandom(32))
     try:
         async with await kms_async.KMS.open(dsn, purposes=[PURPOSE], root_wrapper=root) as kms:
             tenant_id = f"tenant-{os.urandom(4).hex()}"

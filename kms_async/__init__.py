@@ -21,6 +21,7 @@ from ._errors import (
     KeyUnusableError,
     KMSError,
     OutcomeUnknownError,
+    Remedy,
     RevokeTooSoonError,
     SchemaVersionError,
     StorageError,
@@ -32,7 +33,7 @@ from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._root_wrapper import open_root_wrapper
-from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
+from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope, VersionReference
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
 __version__ = "0.1.0"
@@ -58,16 +59,19 @@ __all__ = [
     "KeySuspendedError",
     "KeyUnusableError",
     "KeyVersion",
+    "KeyVersionInfo",
     "Migration",
     "OutcomeUnknownError",
     "PooledWrapper",
     "ReencryptReport",
+    "Remedy",
     "RevokeTooSoonError",
     "SchemaVersionError",
     "Scope",
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",
+    "VersionReference",
     "VersionUsage",
     "Wrapper",
     "WrapperError",

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import encode_suffix
-from ._errors import KeyIntegrityError, KeySuspendedError, KeyUnusableError
+from ._errors import KeyIntegrityError, KeySuspendedError, KeyUnusableError, Remedy, advised
 
 __all__ = ["CacheKey", "KeyCache", "PurposeKeys", "Refusal", "VersionKey"]
 
@@ -40,20 +40,28 @@ class Refusal:
     or ``decrypt`` on it as on any version, and gets the error.
     """
 
-    __slots__ = ("error", "message", "version_id")
+    __slots__ = ("advice", "error", "problem", "remedy", "version_id")
 
     def __init__(
         self,
         error: type[KeySuspendedError | KeyUnusableError | KeyIntegrityError],
         version_id: str,
-        message: str,
+        problem: str,
+        advice: str,
+        remedy: Remedy | None,
     ) -> None:
         self.error = error
         self.version_id = version_id
-        self.message = message
+        self.problem = problem
+        self.advice = advice
+        self.remedy = remedy
 
     def refuse(self) -> KeySuspendedError | KeyUnusableError | KeyIntegrityError:
-        return self.error(self.message, key_version_id=self.version_id)
+        if self.remedy is None:
+            return self.error(f"{self.problem}; {self.advice}", key_version_id=self.version_id)
+        return advised(
+            self.error, self.problem, self.advice, self.remedy, key_version_id=self.version_id
+        )
 
     def encrypt(self, nonce: object, data: object, aad: object) -> bytes:
         raise self.refuse()

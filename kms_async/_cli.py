@@ -5,10 +5,13 @@ Each subcommand is a function that adds its parser and points
 returning the exit status. :func:`main` runs it under :func:`asyncio.run`
 and turns errors into the documented exit statuses (:data:`EXIT_CODES`).
 
-Ctrl-C cancels the running command. Every write the library makes is one
-transaction that rolls back when cancelled, and the bulk commands commit in
-batches of whole scopes (or rows), so an interrupted run leaves nothing
-half-written and can simply be run again.
+Ctrl-C (SIGINT) and SIGTERM cancel the running command. Every write the
+library makes is one transaction that rolls back when cancelled, and the bulk
+commands commit in batches of whole scopes (or rows), so an interrupted run
+leaves nothing half-written and can simply be run again.
+
+Errors that name a fix carry it as data (``KMSError.remedy``); the advice
+printed here names the command to run, not the library's Python call.
 
 Nothing printed here is key material: only ids, counts and timestamps.
 """
@@ -23,6 +26,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import textwrap
@@ -38,10 +42,10 @@ from ._errors import (
     KeyInUseError,
     KeyNotFoundError,
     KMSError,
+    Remedy,
     RevokeTooSoonError,
     SchemaVersionError,
     StorageError,
-    WrapperError,
 )
 from ._kms import DEFAULT_REVOKE_GRACE, KMS
 from ._migrations import SCHEMA_VERSION, migrate
@@ -61,8 +65,9 @@ from ._root_wrapper import (
     ROOT_KEY_ID_ENV,
     open_root_wrapper,
 )
-from ._types import Key, KeyVersion
-from ._wrappers import Wrapper
+from ._sql import prepare_dsn
+from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
+from ._wrappers import PooledWrapper, Wrapper
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
 
@@ -76,17 +81,22 @@ EXIT_REFUSED = 4
 EXIT_SCHEMA = 5
 EXIT_STORAGE = 6
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
-#: Exit status -> what it means; the ``--help`` epilog and the README print it.
+#: Exit status -> what it means; the ``--help`` epilog and the docs print it.
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_ERROR: "any other error (a wrapper or decryption failure, ...)",
     EXIT_USAGE: "usage or configuration error: bad arguments, no --db, no root key",
     EXIT_NOT_FOUND: "not found: no such scope, key or key version",
-    EXIT_REFUSED: "refused: the key version is still in use, or the keys already exist",
+    EXIT_REFUSED: (
+        "refused: the key version is still in use, the keys already exist, or revoke "
+        "was not confirmed"
+    ),
     EXIT_SCHEMA: "schema missing or at another version: run `migrate`",
     EXIT_STORAGE: "the database failed; the message says when a plain retry may work",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing half-written, run it again to continue",
+    EXIT_TERMINATED: "stopped by SIGTERM; nothing half-written, run it again to continue",
 }
 
 INTERRUPTED_MESSAGE = "interrupted; nothing half-written \N{EM DASH} rerun to continue"
@@ -97,6 +107,7 @@ PURPOSES_ENV = "KMS_PURPOSES"
 
 DEFAULT_SCOPE_BATCH = 1000
 DEFAULT_ROW_BATCH = 500
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 _COLUMN_FIELDS = {
     "table": True,
@@ -113,7 +124,11 @@ _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class _Interrupted(Exception):
-    """The command was cancelled by Ctrl-C and has finished cleaning up."""
+    """The command was cancelled by a signal and has finished cleaning up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +141,10 @@ class _Parser(argparse.ArgumentParser):
             _print_json_error("UsageError", f"{self.prog}: {message}", EXIT_USAGE)
             raise SystemExit(EXIT_USAGE)
         super().error(message)
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # Arguments may hold lone surrogates (undecodable bytes in argv).
+        super()._print_message(_printable(message) if message else message, file)
 
 
 def _prog() -> str:
@@ -174,6 +193,14 @@ def _age_or_time(text: str) -> datetime.timedelta | datetime.datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=datetime.timezone.utc)
 
 
+def _timeout(text: str) -> float:
+    """Seconds, more than 0: ``10``, ``2.5`` or a duration such as ``30s``."""
+    seconds = _duration(text)
+    if not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most a day")
+    return seconds
+
+
 def _purpose_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
@@ -181,18 +208,40 @@ def _purpose_list(text: str) -> list[str]:
 # -- the parser -------------------------------------------------------------
 
 
-def _common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("database and output")
+#: The global options' values when none is given (see _global_options).
+_GLOBAL_DEFAULTS: dict[str, object] = {
+    "db": None,
+    "table_prefix": None,
+    "purposes": None,
+    "json": False,
+    "progress": "auto",
+    "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+}
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The database and output options, accepted before or after the command.
+
+    The top-level parser holds the defaults; each command's copy suppresses
+    them, so that an option given before the command is not reset by the
+    command's parser (argparse lets a subparser's defaults win).
+    """
+
+    def default(name: str) -> dict[str, Any]:
+        return {"default": _GLOBAL_DEFAULTS[name] if defaults else argparse.SUPPRESS}
+
+    group = parser.add_argument_group("database and output (before or after the command)")
     group.add_argument(
         "--db",
         metavar="DSN",
         help=f"postgresql://... or sqlite:///FILE (default: ${DSN_ENV})",
+        **default("db"),
     )
     group.add_argument(
         "--table-prefix",
         metavar="PREFIX",
         help=f"the tables' name prefix (default: ${PREFIX_ENV}, else kms)",
+        **default("table_prefix"),
     )
     group.add_argument(
         "--purposes",
@@ -202,18 +251,35 @@ def _common_options() -> argparse.ArgumentParser:
             "the data key purposes your application uses, comma-separated "
             f"(default: ${PURPOSES_ENV}, else database)"
         ),
+        **default("purposes"),
+    )
+    group.add_argument(
+        "--connect-timeout",
+        metavar="SECONDS",
+        type=_timeout,
+        help=(
+            "give up on a database server that does not answer within SECONDS "
+            f"(default: {DEFAULT_CONNECT_TIMEOUT:g})"
+        ),
+        **default("connect_timeout"),
     )
     group.add_argument(
         "--json",
         action="store_true",
         help="machine output: one JSON document on stdout; errors as a JSON object on stderr",
+        **default("json"),
     )
     group.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
-        default="auto",
         help="progress on stderr: auto shows it on a terminal only (never with --json)",
+        **default("progress"),
     )
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     return common
 
 
@@ -377,14 +443,16 @@ def _add_demo(commands: Any) -> None:
     parser.add_argument(
         "--db",
         metavar="DSN",
-        default=DEFAULT_DB,
+        default=argparse.SUPPRESS,
         help=f"sqlite:///FILE or postgresql://... (default: {DEFAULT_DB})",
     )
-    parser.set_defaults(run=_run_demo, json=False, progress="never")
+    parser.set_defaults(run=_run_demo)
 
 
 async def _run_demo(args: argparse.Namespace) -> int:
-    await run_demo(args.db)
+    if args.json:
+        raise InvalidParameterError("the demo prints text for people; run it without --json")
+    await run_demo(args.db or DEFAULT_DB)
     return EXIT_OK
 
 
@@ -434,6 +502,32 @@ def _add_create(adder: _Adder) -> None:
     parser.set_defaults(run=_run_create)
 
 
+def _add_scopes(adder: _Adder) -> None:
+    parser = adder.add(
+        "scopes",
+        help="list the scopes that have keys",
+        description=(
+            "Print every scope that has keys, in the database's order of scope ids, with its "
+            "newest root key version and when the scope was last rotated. Read page by page, "
+            "so it streams millions of scopes."
+        ),
+        epilog=(
+            "example:\n"
+            "  %(prog)s\n"
+            "  %(prog)s --json | jq -r '.scopes[].id'\n"
+            "  %(prog)s --after acme --limit 100"
+        ),
+        root_key=False,
+    )
+    parser.add_argument(
+        "--after", metavar="SCOPE", help="start after this scope id (the last one of a page)"
+    )
+    parser.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="print at most N scopes (default: all)"
+    )
+    parser.set_defaults(run=_run_scopes)
+
+
 def _add_list(adder: _Adder) -> None:
     parser = adder.add(
         "list",
@@ -451,8 +545,9 @@ def _add_rotate(adder: _Adder) -> None:
         "rotate",
         help="add new key versions for scopes",
         description=(
-            "Add a new root key version and a new version of each data key of --purposes; "
-            "new data is encrypted with them and old data still decrypts. Scopes are "
+            "Add a new root key version and a new version of every data key the scope has, "
+            "whatever --purposes says; new data is encrypted with them and old data still "
+            "decrypts. Scopes are "
             "rotated --batch-size at a time, each batch one transaction, so an interrupted "
             "run never leaves a scope half-rotated. With --rewrap every existing version "
             "is also re-wrapped under the new root key version. --older-than skips scopes "
@@ -565,15 +660,33 @@ def _add_revoke(adder: _Adder) -> None:
         "revoke",
         help="delete one key version for good, if nothing uses it",
         description=(
-            "Delete a root (krkv_...) or data (kdkv_...) key version. Refused with exit 4 for "
-            "the newest version of a key, a root version still wrapping data key versions "
-            "(rewrap first) and a data version whose rows still exist (reencrypt first)."
+            "Delete a root (krkv_...) or data (kdkv_...) key version. It first shows the "
+            "version (scope, purpose, number, creation) and how many rows reference it "
+            "through foreign keys, then asks for confirmation on a terminal; without one it "
+            "needs --yes. Refused with exit 4 for the newest version of a key, a root version "
+            "still wrapping data key versions (rewrap first) and a data version whose rows "
+            "still exist (reencrypt first)."
         ),
-        epilog="example:\n  %(prog)s kdkv_3kTmZ8vQ1a --scope acme",
+        epilog=(
+            "example:\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --dry-run\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --scope acme\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --scope acme --yes --json   # from a script"
+        ),
         root_key=True,
     )
     parser.add_argument("version_id", metavar="VERSION_ID", help="the key version id")
     parser.add_argument("--scope", metavar="SCOPE", help="refuse unless it belongs to SCOPE")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would be deleted and what references it; delete nothing",
+    )
+    parser.add_argument(
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (needed when stdin is not a terminal)",
+    )
     _grace_arguments(parser)
     parser.set_defaults(run=_run_revoke)
 
@@ -731,6 +844,7 @@ def _exit_code_epilog() -> str:
         "example:",
         f"  export {DSN_ENV}=postgresql://app@db.internal/app",
         "  %(prog)s migrate && %(prog)s create acme && %(prog)s list acme",
+        "  %(prog)s --json scopes",
         "  %(prog)s COMMAND --help",
     ]
     return "\n".join(lines)
@@ -745,10 +859,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(parser, defaults=True)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     adder = _Adder(commands)
     _add_migrate(adder)
     _add_create(adder)
+    _add_scopes(adder)
     _add_list(adder)
     _add_status(adder)
     _add_rotate(adder)
@@ -772,13 +888,17 @@ def _env(name: str) -> str | None:
 
 
 def _dsn(args: argparse.Namespace) -> str:
+    """The database URL, checked for a command line: every run opens the database anew,
+    so an in-memory one is refused, and --connect-timeout applies where it can."""
     dsn = args.db or _env(DSN_ENV)
     if not dsn:
         raise InvalidParameterError(
             f"no database given: pass --db postgresql://... or --db sqlite:///FILE, "
             f"or set {DSN_ENV}"
         )
-    return str(dsn)
+    prepared = prepare_dsn(str(dsn), connect_timeout=args.connect_timeout, in_memory=False)
+    args.added_connect_timeout = prepared != dsn
+    return prepared
 
 
 def _prefix(args: argparse.Namespace) -> str:
@@ -916,6 +1036,10 @@ async def _open_kms(
     dsn, prefix, wanted = _dsn(args), _prefix(args), _purposes(args, purposes)
     async with contextlib.AsyncExitStack() as stack:
         wrapper = await stack.enter_async_context(_root_wrapper(args)) if root_key else None
+        if wrapper is not None:
+            # For advice about a root key that cannot unwrap what is stored.
+            pooled = wrapper.key_ids() if isinstance(wrapper, PooledWrapper) else []
+            args.root_key_ids = pooled or [wrapper.key_id]
         kms = await KMS.open(
             dsn,
             purposes=wanted,
@@ -937,11 +1061,26 @@ def _progress(args: argparse.Namespace, label: str, total: int | None, unit: str
 
 def _out(args: argparse.Namespace, data: object, text: str | Sequence[str]) -> None:
     if args.json:
-        print(json.dumps(data, default=_json_default, ensure_ascii=False))
+        print(_dumps(data))
         return
     lines = [text] if isinstance(text, str) else text
     for line in lines:
         print(line)
+
+
+def _dumps(data: object) -> str:
+    """JSON text, UTF-8 where it can be: text with lone surrogates (from argv) is escaped."""
+    text = json.dumps(data, default=_json_default, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, default=_json_default)
+    return text
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (from argv) written as escapes, so any stream takes it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _json_default(value: object) -> object:
@@ -1084,6 +1223,57 @@ def _unusable_lines(keys: Iterable[tuple[str, Sequence[Key]]]) -> list[str]:
             f"--replace-unusable, then {_prog()} revoke each unusable version"
         )
     return lines
+
+
+def _scope_json(scope: Scope) -> dict[str, Any]:
+    newest = scope.newest_root_version
+    return {
+        "id": scope.id,
+        "root_key_id": scope.root_key_id,
+        "create_time": scope.create_time,
+        "root_version": newest.version,
+        "root_version_id": newest.id,
+        "rotate_time": newest.create_time,
+    }
+
+
+async def _run_scopes(args: argparse.Namespace) -> int:
+    """Stream the scopes page by page: one page in memory however many there are."""
+    remaining = args.limit
+    after = args.after
+    count = 0
+    width = 0
+    async with _open_kms(args, root_key=False) as kms:
+        if args.json:
+            sys.stdout.write('{"scopes": [')
+        while remaining is None or remaining > 0:
+            size = DEFAULT_SCOPE_BATCH if remaining is None else min(remaining, DEFAULT_SCOPE_BATCH)
+            page = await kms.list_scopes(after=after, limit=size)
+            for scope in page:
+                if args.json:
+                    sys.stdout.write(", " if count else "")
+                    sys.stdout.write(json.dumps(_scope_json(scope), default=_json_default))
+                else:
+                    if not width:
+                        # Column widths from the first page; longer ids just push.
+                        width = max(len("SCOPE"), *(len(s.id) for s in page))
+                        print(f"{'SCOPE':<{width}}  ROOT VERSION  ROTATED               CREATED")
+                    newest = scope.newest_root_version
+                    print(
+                        f"{scope.id:<{width}}  {newest.version:<12}  "
+                        f"{_when(newest.create_time):<20}  {_when(scope.create_time)}"
+                    )
+                count += 1
+            if remaining is not None:
+                remaining -= len(page)
+            if len(page) < size:
+                break
+            after = page[-1].id
+    if args.json:
+        print("]}")
+    elif not count:
+        print("no scopes have keys" + (f" after {args.after}" if args.after else ""))
+    return EXIT_OK
 
 
 async def _run_list(args: argparse.Namespace) -> int:
@@ -1235,12 +1425,95 @@ async def _run_reconcile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _version_json(info: KeyVersionInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "scope": info.scope,
+        "purpose": info.purpose,
+        "version": info.version,
+        "create_time": info.create_time,
+        "newest": info.newest,
+        "rows": info.rows,
+        "references": [dataclasses.asdict(r) for r in info.references],
+    }
+
+
+def _version_lines(info: KeyVersionInfo) -> list[str]:
+    kind = "root key" if info.purpose == ROOT_PURPOSE else "data key"
+    lines = [
+        f"{kind} version {info.id}: scope {info.scope}, purpose {info.purpose}, "
+        f"version {info.version}, created {_when(info.create_time)}"
+        + (" (the newest: rotate first)" if info.newest else "")
+    ]
+    if info.purpose == ROOT_PURPOSE:
+        lines.append(f"  wraps {info.rows} data key version(s)")
+    elif not info.references:
+        lines.append("  no table has a foreign key to it: nothing can say which rows use it")
+    else:
+        lines.append(f"  referenced by {info.rows} row(s):")
+        lines += [f"    {r.table}.{r.column}: {r.rows}" for r in info.references]
+    return lines
+
+
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+async def _confirm(question: str) -> bool:
+    """Ask on the terminal; the loop keeps running, so Ctrl-C still stops it at once."""
+    loop = asyncio.get_running_loop()
+    print(question, end="", file=sys.stderr, flush=True)
+    answered: asyncio.Future[str] = loop.create_future()
+    fd = sys.stdin.fileno()
+
+    def ready() -> None:
+        if not answered.done():
+            answered.set_result(sys.stdin.readline())
+
+    loop.add_reader(fd, ready)
+    try:
+        answer = await answered
+    finally:
+        loop.remove_reader(fd)
+    return answer.strip().lower() in ("y", "yes")
+
+
 async def _run_revoke(args: argparse.Namespace) -> int:
     async with _open_kms(args, root_key=True) as kms:
+        info = await kms.describe_key_version(args.version_id, scope_id=args.scope)
+        preview = _version_json(info)
+        if args.dry_run:
+            _out(
+                args,
+                {"dry_run": True, "revoked": None, "version": preview},
+                [*_version_lines(info), "dry run: nothing deleted"],
+            )
+            return EXIT_OK
+        if not args.yes:
+            if not _stdin_is_tty():
+                raise InvalidParameterError(
+                    f"revoke deletes {args.version_id} for good and stdin is not a terminal to "
+                    "confirm it: add --yes, or --dry-run to only look"
+                )
+            for line in _version_lines(info):
+                print(line, file=sys.stderr)
+            if not await _confirm(f"revoke {args.version_id} for good? [y/N] "):
+                if args.json:
+                    _print_json_error("NotConfirmed", "not revoked", EXIT_REFUSED, version=preview)
+                else:
+                    print("not revoked", file=sys.stderr)
+                return EXIT_REFUSED
         await _when_revocable(
             args, lambda: kms.revoke_key_version(args.version_id, scope_id=args.scope)
         )
-    _out(args, {"revoked": args.version_id}, f"revoked {args.version_id}")
+    _out(
+        args,
+        {"dry_run": False, "revoked": args.version_id, "version": preview},
+        [*(_version_lines(info) if args.yes else []), f"revoked {args.version_id}"],
+    )
     return EXIT_OK
 
 
@@ -1372,39 +1645,119 @@ def exit_code(exc: BaseException) -> int:
 
 def _print_json_error(kind: str, message: str, code: int, **extra: object) -> None:
     error = {"type": kind, "message": message, "exit_code": code, **extra}
-    print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
+    print(_dumps({"error": error}), file=sys.stderr)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 async def _supervised(args: argparse.Namespace) -> int:
-    """Run the command; Ctrl-C cancels it, so open transactions roll back."""
+    """Run the command; Ctrl-C or SIGTERM cancels it, so open transactions roll back."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    interrupted = False
+    received: list[int] = []
 
-    def on_interrupt() -> None:
-        nonlocal interrupted
-        interrupted = True
-        if task is not None:
+    def on_signal(signum: int) -> None:
+        if not received and task is not None:
             task.cancel()
+        received.append(signum)
 
-    try:
-        loop.add_signal_handler(signal.SIGINT, on_interrupt)
-        installed = True
-    except (NotImplementedError, RuntimeError, ValueError):
-        # Windows, or not the main thread: KeyboardInterrupt does the job.
-        installed = False
+    installed = []
+    for signum in _STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):
+            # Windows, or not the main thread: KeyboardInterrupt does the job.
+            pass
     try:
         status: int = await args.run(args)
         return status
     except asyncio.CancelledError:
-        if not interrupted:
+        if not received:
             raise
         if task is not None and hasattr(task, "uncancel"):
             task.uncancel()
-        raise _Interrupted from None
+        raise _Interrupted(received[0]) from None
     finally:
-        if installed:
-            loop.remove_signal_handler(signal.SIGINT)
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+def _command(*words: str | None) -> str:
+    """A command line to suggest, quoted for a shell."""
+    return " ".join([_prog(), *(shlex.quote(w) if w else "SCOPE" for w in words)])
+
+
+def _advice(exc: KMSError, remedy: Remedy, args: argparse.Namespace) -> str | None:
+    """The remedy as this command line says it, or None to keep the library's words."""
+    scope, version = remedy.scope_id, remedy.key_version_id
+    if remedy.action == "migrate":
+        return f"run `{_command('migrate')}`"
+    if remedy.action == "create_keys":
+        return f"create them with `{_command('create', scope)}`"
+    if remedy.action == "rotate_keys":
+        return f"run `{_command('rotate', scope)}` first"
+    if remedy.action == "rewrap_keys":
+        return f"run `{_command('rewrap', scope)}` so they move to the newest root key version"
+    if remedy.action == "reconcile_keys":
+        return (
+            f"`{_command('rotate', scope)}` makes new versions, "
+            f"`{_command('reconcile', scope)} --purpose P` adds purposes"
+        )
+    if remedy.action == "reencrypt_key_version" and version:
+        return (
+            f"re-encrypt them first: `{_command('destroy', version)} --columns FILE` "
+            "re-encrypts its rows, then revokes it"
+        )
+    if remedy.action == "list_keys":
+        return f"look with `{_command('status')}` before running it again"
+    if remedy.action == "wait_revoke_grace" and isinstance(exc, RevokeTooSoonError):
+        return (
+            f"retry in {exc.retry_after:.1f} s, or add --wait to wait for it "
+            "(--grace sets the grace; it must exceed 4 x the max_staleness of your services)"
+        )
+    if remedy.action == "previous_root_key":
+        return _previous_root_advice(remedy, args)
+    if remedy.action == "replace_unusable":
+        return (
+            f"if the root key given here is the right one, run "
+            f"`{_command('rotate', scope)} --replace-unusable` (without --rewrap), then "
+            f"revoke each version `{_command('status', scope)}` marks UNUSABLE with "
+            f"`{_prog()} revoke VERSION_ID`; if it is the wrong one, fix the root key"
+        )
+    if remedy.action == "resume_key_version" and version:
+        return f"run `{_command('resume', version)}` if the data under it is still needed"
+    return None
+
+
+def _previous_root_advice(remedy: Remedy, args: argparse.Namespace) -> str:
+    stored, given = remedy.key_id, getattr(args, "root_key_ids", ())
+    if stored and stored in given:
+        return (
+            f"a root key given here has the id {stored} the version names, but is not the key "
+            "that wrote it: check the key (--root-key-file, --root-key-env or KMS_ROOT_KEY)"
+        )
+    shown = stored or "?"
+    return (
+        f"it was written under root key id {shown}, and the root key given here has id "
+        f"{', '.join(given) or '?'}. If the root key was replaced, pass the old one too with "
+        "--previous-root-key-file PATH or --previous-root-key-env NAME (and "
+        f"--previous-root-key-id {shown} if it was made with that explicit id); if it is this "
+        f"same key under an id chosen earlier, pass --root-key-id {shown}"
+    )
+
+
+def _message(exc: KMSError, args: argparse.Namespace) -> str:
+    """The error's message, with the advice worded for this command line."""
+    message = str(exc)
+    if exc.remedy is not None and exc.problem is not None:
+        advice = _advice(exc, exc.remedy, args)
+        if advice is not None:
+            message = f"{exc.problem}; {advice}"
+    if getattr(args, "added_connect_timeout", False):
+        message = message.replace("(connect_timeout)", "(--connect-timeout)")
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1422,30 +1775,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_supervised(args))
     except KMSError as exc:
         code = exit_code(exc)
-        message = str(exc)
-        if isinstance(exc, WrapperError) and "PooledWrapper" in message:
-            # The library's advice is for code; say what it means here.
-            message += (
-                "; on the command line, pass the old key with --previous-root-key-env "
-                "or --previous-root-key-file"
-            )
+        message = _message(exc, args)
         if args.json:
             _print_json_error(type(exc).__name__, message, code, retryable=exc.retryable)
         else:
             if exc.retryable:
                 message += " (a temporary failure: run the same command again)"
-            print(f"error: {message}", file=sys.stderr)
+            print(_printable(f"error: {message}"), file=sys.stderr)
         return code
-    except (_Interrupted, KeyboardInterrupt):
+    except (_Interrupted, KeyboardInterrupt) as exc:
+        terminated = isinstance(exc, _Interrupted) and exc.signum == signal.SIGTERM
+        code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
         hint = getattr(args, "resume_hint", None)
         if args.json:
             extra = {} if hint is None else {"hint": hint}
-            _print_json_error("Interrupted", INTERRUPTED_MESSAGE, EXIT_INTERRUPTED, **extra)
+            kind = "Terminated" if terminated else "Interrupted"
+            _print_json_error(kind, INTERRUPTED_MESSAGE, code, **extra)
         else:
             print(INTERRUPTED_MESSAGE, file=sys.stderr)
             if hint is not None:
                 print(hint, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return code
     except BrokenPipeError:
         # Whoever read the output left (`| head`); stop without a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -30,13 +30,25 @@ the layer that called them, with the original kept as ``__cause__``::
 
 ``retryable`` is true on the errors that are worth retrying unchanged: the
 operation left nothing behind, and the same call may succeed on a second try.
+That is every ``TransientStorageError``, and a ``WrapperError`` whose root
+key service failed for a while (throttling, a timeout), never one for a
+wrong key.
 
-Messages never contain key material; they name the fix.
+Messages never contain key material; they name the fix. Where the fix is
+another call, the error also carries it as data, ``remedy`` (a
+:class:`Remedy`), with ``problem``, the message without its advice, so a
+client that speaks differently (the command line) can word the advice its
+own way.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from typing import Any, Literal, TypeVar
+
 __all__ = [
+    "Action",
     "ClosedError",
     "DecryptionError",
     "ForeignContextError",
@@ -50,19 +62,78 @@ __all__ = [
     "KeySuspendedError",
     "KeyUnusableError",
     "OutcomeUnknownError",
+    "Remedy",
     "RevokeTooSoonError",
     "SchemaVersionError",
     "StorageError",
     "TransientStorageError",
     "UnknownKeyVersionError",
     "WrapperError",
+    "advised",
+    "reason",
 ]
+
+#: What a :class:`Remedy` asks for: a KMS call (or ``migrate``), or, for
+#: ``previous_root_key``, opening the KMS with ``PooledWrapper(new, old)``.
+Action = Literal[
+    "migrate",
+    "create_keys",
+    "rotate_keys",
+    "rewrap_keys",
+    "reconcile_keys",
+    "reencrypt_key_version",
+    "list_keys",
+    "previous_root_key",
+    "wait_revoke_grace",
+    "replace_unusable",
+    "resume_key_version",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Remedy:
+    """The fix an error's message advises, as data.
+
+    ``action`` is what to do; the ids say what to do it on, where the error
+    knows: ``key_id`` is the root key id that stored blobs name (for
+    ``previous_root_key``).
+    """
+
+    action: Action
+    scope_id: str | None = None
+    key_version_id: str | None = None
+    key_id: str | None = None
 
 
 class KMSError(Exception):
     """Base class of every error raised by kms_async."""
 
     retryable: bool = False
+    #: The fix the message advises, as data (``None`` when it names no call).
+    remedy: Remedy | None = None
+    #: The message without its advice, set along with ``remedy``.
+    problem: str | None = None
+
+
+E = TypeVar("E", bound=KMSError)
+
+
+def advised(kind: type[E], problem: str, advice: str, remedy: Remedy, **kwargs: Any) -> E:
+    """A ``kind`` error saying ``problem; advice``, carrying ``remedy`` and ``problem``."""
+    error = kind(f"{problem}; {advice}", **kwargs)
+    error.problem = problem
+    error.remedy = remedy
+    return error
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, for a message: never empty (``str(TimeoutError())`` is)."""
+    text = str(exc).strip()
+    if text:
+        return text
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    return type(exc).__name__
 
 
 class InvalidParameterError(KMSError, ValueError):

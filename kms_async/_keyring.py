@@ -29,10 +29,13 @@ from ._errors import (
     KeySuspendedError,
     KeyUnusableError,
     KMSError,
+    Remedy,
     StorageError,
     TransientStorageError,
     UnknownKeyVersionError,
     WrapperError,
+    advised,
+    reason,
 )
 from ._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, is_id, new_id
 from ._integrity import Integrity, KeyState, fingerprint, unseal_state, verify_version
@@ -117,7 +120,9 @@ class Keyring:
         try:
             blob = await wrapper.encrypt(key)
         except Exception as exc:
-            raise wrapper_error(f"the root wrapper failed to wrap a root key: {exc}", exc) from exc
+            raise wrapper_error(
+                f"the root wrapper failed to wrap a root key: {reason(exc)}", exc
+            ) from exc
         if not isinstance(blob, BlobInfo):
             raise WrapperError(
                 f"the root wrapper returned {type(blob).__name__} instead of a BlobInfo"
@@ -138,12 +143,23 @@ class Keyring:
         try:
             key = await wrapper.decrypt(blob)
         except Exception as exc:
-            raise wrapper_error(
+            problem = (
                 f"the root wrapper cannot unwrap root key version {version_id} (wrapped under "
-                f"key id {show(blob.key_id)}): {exc}; if the root key was replaced, register "
-                "PooledWrapper(new, old) until rewrap_keys() has run for every scope",
-                exc,
-            ) from exc
+                f"key id {show(blob.key_id)}): {reason(exc)}"
+            )
+            error = wrapper_error(problem, exc)
+            if not error.retryable:
+                # Not a passing failure: the wrapper lacks that key.
+                error = advised(
+                    WrapperError,
+                    problem,
+                    "if the root key was replaced, register PooledWrapper(new, old) until "
+                    "rewrap_keys() has run for every scope",
+                    Remedy(
+                        "previous_root_key", key_version_id=version_id, key_id=blob.key_id or None
+                    ),
+                )
+            raise error from exc
         if not isinstance(key, bytes) or len(key) != KEY_SIZE:
             raise WrapperError(f"root key version {version_id} did not unwrap to a 32-byte key")
         unwrapped = VersionKey(version_id, version, AESGCM(key), key)
@@ -175,20 +191,49 @@ class Keyring:
         async with self.reading(conn) as reader:
             owners = await repo.root_keys_of_scopes(reader, self._q, scope_ids)
             latest = await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
+        scope_of = {root_key_id: scope_id for scope_id, root_key_id in owners.items()}
         for root_key_id, row in latest.items():
             try:
                 await self.unwrap_root(row.id, row.version, row.wrapped)
             except WrapperError as exc:
-                if exc.retryable or not replace_unusable:
+                if exc.retryable:
                     raise
-                await self._prove_older(root_key_id, row.id, conn, exc)
+                older = await self._older_unwraps(root_key_id, row.id, conn)
+                if older is None:
+                    if replace_unusable:
+                        raise KeyUnusableError(
+                            f"{exc}; replace_unusable needs a root wrapper that unwraps at "
+                            "least one of the scope's older root key versions, and this one "
+                            "unwraps none: it is the wrong root key",
+                            key_version_id=row.id,
+                        ) from exc
+                    raise
+                scope_id = scope_of[root_key_id]
+                if not replace_unusable:
+                    # The right key, and a newest version written under another one.
+                    raise advised(
+                        KeyUnusableError,
+                        f"the newest root key version {row.id} of scope {show(scope_id)} cannot "
+                        f"be unwrapped with this root wrapper ({exc.problem or exc}), which "
+                        f"unwraps the older version {older}: the newest was written under "
+                        "another root key",
+                        f"if this root key is the right one, run rotate_keys({show(scope_id)}, "
+                        "replace_unusable=True), then revoke the unusable versions",
+                        Remedy("replace_unusable", scope_id=scope_id, key_version_id=row.id),
+                        key_version_id=row.id,
+                    ) from exc
+                logger.warning(
+                    "kms_async: replacing unusable root key version %s of scope %s: the root "
+                    "wrapper unwraps the older version %s",
+                    row.id,
+                    show(scope_id),
+                    older,
+                )
         if latest:
             self._proven_any = True
 
-    async def _prove_older(
-        self, root_key_id: str, newest_id: str, conn: Any, failure: WrapperError
-    ) -> None:
-        """Unwrap any root key version of the root key but the newest, or re-raise ``failure``."""
+    async def _older_unwraps(self, root_key_id: str, newest_id: str, conn: Any) -> str | None:
+        """The id of an older root key version the root wrapper unwraps, if any."""
         async with self.reading(conn) as reader:
             rows = await repo.root_key_versions(reader, self._q, root_key_id)
         for row in sorted(rows, key=lambda r: r.version, reverse=True):
@@ -200,18 +245,8 @@ class Keyring:
                 if exc.retryable:
                     raise
                 continue
-            logger.warning(
-                "kms_async: replacing unusable root key version %s: the root wrapper unwraps "
-                "the older version %s",
-                newest_id,
-                row.id,
-            )
-            return
-        raise KeyUnusableError(
-            f"{failure}; replace_unusable needs a root wrapper that unwraps at least one of the "
-            "scope's older root key versions, and this one unwraps none: it is the wrong root key",
-            key_version_id=newest_id,
-        ) from failure
+            return row.id
+        return None
 
     async def prove_any(self, conn: Any, *, at_open: bool = False) -> None:
         """Unwrap one of a few of the database's root key versions (if it has
@@ -243,11 +278,15 @@ class Keyring:
                 if at_open
                 else ""
             )
-            raise WrapperError(
+            problem = (
                 f"the root wrapper unwraps none of the {len(rows)} root key version(s) of this "
                 f"database it was tried on, so it holds another root key than the database's "
-                f"({failure}); fix the root key configuration{skip}"
-            ) from failure
+                f"({failure.problem or failure})"
+            )
+            advice = f"fix the root key configuration{skip}"
+            if failure.remedy is None:
+                raise WrapperError(f"{problem}; {advice}") from failure
+            raise advised(WrapperError, problem, advice, failure.remedy) from failure
 
     def reading(self, conn: Any) -> AbstractAsyncContextManager[Connection]:
         # Inside the caller's transaction when there is one: never a second
@@ -378,19 +417,23 @@ class Keyring:
                     else f"{purpose!r} key version {version_id} of scope {show(scope_id)} is "
                     f"refused: its root key version fails verification: {exc}"
                 )
-                refusal = Refusal(KeyIntegrityError, version_id, why)
+                refusal = Refusal(
+                    KeyIntegrityError,
+                    version_id,
+                    why,
+                    "the key tables were changed outside kms_async (see SECURITY.md, 'Key "
+                    "bindings and the key state record')",
+                    None,
+                )
                 versions.append(VersionKey(version_id, version, refusal, b"", suspended))
                 continue
             except (WrapperError, DecryptionError) as exc:
                 failure = exc
-                why = _unusable_message(scope_id, purpose, version_id, version == newest, exc)
-                refusal = Refusal(KeyUnusableError, version_id, why)
+                refusal = _unusable(scope_id, purpose, version_id, version == newest, exc)
                 versions.append(VersionKey(version_id, version, refusal, b"", suspended))
                 continue
             if suspended:
-                refusal = Refusal(
-                    KeySuspendedError, version_id, _suspended_message(scope_id, purpose, version_id)
-                )
+                refusal = _suspended(scope_id, purpose, version_id)
                 versions.append(VersionKey(version_id, version, refusal, b"", True))
             else:
                 versions.append(VersionKey(version_id, version, AESGCM(key), key))
@@ -654,23 +697,26 @@ class Keyring:
         )
 
 
-def _unusable_message(
+def _unusable(
     scope_id: str, purpose: str, version_id: str, newest: bool, cause: Exception
-) -> str:
+) -> Refusal:
     which = "newest " if newest else ""
-    fix = (
+    problem = (
+        f"the {which}{purpose!r} key version {version_id} of scope {show(scope_id)} cannot be "
+        f"unwrapped with this KMS's root wrapper ({cause}); it was written under another root "
+        "key, and the pair's other versions still work"
+    )
+    if not newest:
+        advice = "data under it can be read only with the root key that wrapped it"
+        return Refusal(KeyUnusableError, version_id, problem, advice, None)
+    advice = (
         f"if this instance's root key is the right one, run rotate_keys({show(scope_id)}, "
         "replace_unusable=True) so that new data goes under keys it can unwrap, then revoke "
         "the unusable versions once nothing needs them; if it is the wrong one, fix its "
         "configuration"
-        if newest
-        else "data under it can be read only with the root key that wrapped it"
     )
-    return (
-        f"the {which}{purpose!r} key version {version_id} of scope {show(scope_id)} cannot be "
-        f"unwrapped with this KMS's root wrapper ({cause}); it was written under another root "
-        f"key. The pair's other versions still work; {fix}"
-    )
+    remedy = Remedy("replace_unusable", scope_id=scope_id, key_version_id=version_id)
+    return Refusal(KeyUnusableError, version_id, problem, advice, remedy)
 
 
 def _revoked_message(scope_id: str, kind: str, version_id: str) -> str:
@@ -689,9 +735,12 @@ def _mismatch_message(scope_id: str, kind: str, version_id: str) -> str:
     )
 
 
-def _suspended_message(scope_id: str, purpose: str, version_id: str) -> str:
-    return (
+def _suspended(scope_id: str, purpose: str, version_id: str) -> Refusal:
+    return Refusal(
+        KeySuspendedError,
+        version_id,
         f"{purpose!r} key version {version_id} of scope {show(scope_id)} is suspended: "
-        f"decryption under it is refused; resume_key_version({version_id!r}) if the data "
-        "under it is still needed"
+        "decryption under it is refused",
+        f"resume_key_version({version_id!r}) if the data under it is still needed",
+        Remedy("resume_key_version", scope_id=scope_id, key_version_id=version_id),
     )

@@ -45,8 +45,10 @@ from ._errors import (
     ForeignContextError,
     InvalidParameterError,
     KeyNotFoundError,
+    Remedy,
     SchemaVersionError,
     UnknownKeyVersionError,
+    advised,
 )
 from ._freshness import Freshness
 from ._ids import DATA_KEY_VERSION_PREFIX, ID_LENGTH
@@ -56,12 +58,13 @@ from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._resource import AsyncResource
 from ._sql import DEFAULT_POOL_TIMEOUT, Database, open_database
 from ._sql import _store as repo
-from ._types import ROOT_PURPOSE, Key, KeyVersion, Scope
+from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
 from ._validate import (
     MAX_SCOPE_BYTES,
     check_data_purpose,
     check_key_version_id,
     check_known_purpose,
+    check_list,
     check_open_purposes,
     check_page_size,
     check_purpose_list,
@@ -383,9 +386,11 @@ class KMS(AsyncResource):
         async with self._db.read() as conn:
             version = await repo.schema_version(conn, self._q)
         if version != SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"invalid schema version, expected version {SCHEMA_VERSION} and got {version}; "
+            raise advised(
+                SchemaVersionError,
+                f"invalid schema version, expected version {SCHEMA_VERSION} and got {version}",
                 "run kms_async.migrate() or apply the sql/ files with your migration tool",
+                Remedy("migrate"),
                 found=version,
             )
         return version
@@ -681,9 +686,11 @@ class KMS(AsyncResource):
         self._check_open()
         scopes = list(dict.fromkeys(check_scope_list(scope_ids)))
         if rewrap and replace_unusable:
-            raise InvalidParameterError(
-                "replace_unusable cannot rewrap: the unusable versions cannot be unwrapped; "
-                "rotate with replace_unusable=True, revoke the unusable versions, then rewrap"
+            raise advised(
+                InvalidParameterError,
+                "replace_unusable cannot rewrap: the unusable versions cannot be unwrapped",
+                "rotate with replace_unusable=True, revoke the unusable versions, then rewrap",
+                Remedy("replace_unusable", scope_id=scopes[0] if len(scopes) == 1 else None),
             )
         self.get_external_root_wrapper()
         await self._writer.rotate(
@@ -973,11 +980,8 @@ class KMS(AsyncResource):
                 invalid scope id.
         """
         self._check_open()
-        if isinstance(scope_ids, (str, bytes)):
-            raise InvalidParameterError(
-                "scope_ids must be a list of scope ids, not one string; write [scope_id]"
-            )
-        wanted = list(dict.fromkeys(check_scope(scope_id) for scope_id in scope_ids))
+        given = check_list("scope_ids", scope_ids, "scope id")
+        wanted = list(dict.fromkeys(check_scope(scope_id) for scope_id in given))
         async with self._db.read() as conn:
             return await repo.scopes_by_id(conn, self._q, wanted, self._db.to_datetime)
 
@@ -1032,6 +1036,26 @@ class KMS(AsyncResource):
         """
         return await _reencrypt.version_usage(
             self._session(), columns, key_version_id=key_version_id
+        )
+
+    async def describe_key_version(
+        self, key_version_id: str, *, scope_id: str | None = None
+    ) -> KeyVersionInfo:
+        """A key version and how many rows still reference it: what revoking it would delete.
+
+        For a data key version, the rows of every table with a foreign key
+        to the data key version table (as
+        :meth:`list_data_key_version_referencers` finds them) that name it,
+        counted per table and column; for a root key version, the data key
+        versions it wraps. With ``scope_id`` the version must belong to that
+        scope. A read: nothing is locked, so a revoke decides again.
+
+        Raises:
+            InvalidParameterError: not a key version id, or a bad scope id.
+            KeyNotFoundError: no such version (in that scope).
+        """
+        return await _reencrypt.describe_key_version(
+            self._session(), key_version_id, scope_id=scope_id
         )
 
     async def reencrypt_key_version(

@@ -111,7 +111,7 @@ async def migrate(db: object, *, table_prefix: str = "kms") -> list[str]:
         StorageError: the database failed.
     """
     prefix = validate_prefix(table_prefix)
-    database = await open_database(db, prefix=prefix)
+    database = await open_database(db, prefix=prefix, create=True)
     try:
         applied = await _apply_pending(database, prefix)
         async with database.read() as conn:

@@ -32,14 +32,17 @@ from ._errors import (
     InvalidParameterError,
     KeyInUseError,
     KeyNotFoundError,
+    Remedy,
     RevokeTooSoonError,
     TransientStorageError,
     UnknownKeyVersionError,
+    advised,
 )
 from ._ids import DATA_KEY_VERSION_PREFIX, is_id
 from ._sql import Connection, Database, Row
 from ._sql._reencrypt_sql import IDENTIFIER, ReencryptQueries, reencrypt_queries
-from ._validate import show
+from ._types import ROOT_PURPOSE, KeyVersionInfo, VersionReference
+from ._validate import check_key_version_id, check_scope, show
 
 __all__ = [
     "EncryptedColumn",
@@ -47,6 +50,7 @@ __all__ = [
     "ReencryptReport",
     "Session",
     "VersionUsage",
+    "describe_key_version",
     "destroy_key_version",
     "reencrypt_key_version",
     "version_usage",
@@ -450,6 +454,55 @@ async def version_usage(
     return [VersionUsage(t, v, n) for (t, v), n in sorted(counts.items())]
 
 
+async def describe_key_version(
+    kms: Session, key_version_id: str, *, scope_id: str | None = None
+) -> KeyVersionInfo:
+    """The version, and the rows that reference it: what a revoke would delete."""
+    kind = check_key_version_id(key_version_id)
+    if scope_id is not None:
+        check_scope(scope_id)
+    q = kms.queries
+    where = "" if scope_id is None else f" in scope {show(scope_id)}"
+    missing = KeyNotFoundError(f"no key version {show(key_version_id)}{where}")
+    references: list[VersionReference] = []
+    async with kms.db.read() as conn:
+        if kind == "root":
+            row = await conn.fetchrow(q.root_version_facts, key_version_id)
+            if row is None:
+                raise missing
+            owner, version, created, newest, wrapped = row
+            purpose = ROOT_PURPOSE
+            references.append(
+                VersionReference(q.data_key_version_table, "root_key_version_id", int(wrapped))
+            )
+        else:
+            row = await conn.fetchrow(q.data_version_facts, key_version_id)
+            if row is None:
+                raise missing
+            owner, purpose, version, created, newest = row
+            if scope_id is None or owner == scope_id:
+                for schema, table, column, visible in await conn.fetch(
+                    q.referencing_columns, q.data_key_version_table
+                ):
+                    qualified = q.table(str(schema) if q.schemas else None, str(table))
+                    rows = await conn.fetchval(
+                        q.count_version(qualified, str(column)), key_version_id
+                    )
+                    name = str(table) if visible or not q.schemas else f"{schema}.{table}"
+                    references.append(VersionReference(name, str(column), int(rows)))
+    if scope_id is not None and owner != scope_id:
+        raise missing
+    return KeyVersionInfo(
+        id=key_version_id,
+        scope=str(owner),
+        purpose=str(purpose),
+        version=int(version),
+        create_time=kms.db.to_datetime(created),
+        newest=bool(newest),
+        references=tuple(references),
+    )
+
+
 def _check_batch(batch_size: object, progress: object) -> int:
     if (
         isinstance(batch_size, bool)
@@ -470,9 +523,12 @@ async def _owner(kms: Session, q: ReencryptQueries, version_id: str) -> tuple[st
         raise KeyNotFoundError(f"no data key version {show(version_id)}")
     scope_id, purpose, newest = row
     if newest == version_id:
-        raise KeyInUseError(
+        raise advised(
+            KeyInUseError,
             f"{version_id} is the newest {purpose!r} key version of scope {show(scope_id)}, so "
-            f"its rows have nowhere to move; rotate_keys({show(scope_id)}) first"
+            "its rows have nowhere to move",
+            f"rotate_keys({show(scope_id)}) first",
+            Remedy("rotate_keys", scope_id=str(scope_id)),
         )
     return str(scope_id), str(purpose)
 
@@ -535,9 +591,12 @@ async def _rewrite(kms: Session, target: _Target, row: Row, version_id: str) -> 
         new = await kms.keys.encrypt(scope_id, spec.purpose, plaintext, aad=aad)
         new_version = BlobInfo.from_bytes(new).key_id
         if new_version == version_id:
-            raise KeyInUseError(
+            raise advised(
+                KeyInUseError,
                 f"{version_id} is still the newest {spec.purpose!r} key version of scope "
-                f"{show(scope_id)}; rotate_keys() first"
+                f"{show(scope_id)}",
+                "rotate_keys() first",
+                Remedy("rotate_keys", scope_id=scope_id),
             )
     pk = [row[i] for i in target.pk_positions]
     return (new, new_version, version_id, old, *pk)

@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 from typing import Literal
 
-__all__ = ["ROOT_PURPOSE", "Key", "KeyVersion", "Scope"]
+__all__ = ["ROOT_PURPOSE", "Key", "KeyVersion", "KeyVersionInfo", "Scope", "VersionReference"]
 
 #: The purpose reserved for a scope's root key (key-encryption key).
 ROOT_PURPOSE = "rootKey"
@@ -62,3 +62,38 @@ class Scope:
     root_key_id: str
     create_time: datetime.datetime
     newest_root_version: KeyVersion
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VersionReference:
+    """Rows of one table whose foreign key column names a key version."""
+
+    table: str
+    column: str
+    rows: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyVersionInfo:
+    """One key version and what still references it: what revoking it would delete.
+
+    ``purpose`` is ``"rootKey"`` for a root key version. ``references``
+    counts, for a data key version, the rows of every table with a foreign
+    key to the data key version table (those
+    :meth:`KMS.list_data_key_version_referencers` finds) that name it; for a
+    root key version, the data key versions it wraps.
+    """
+
+    id: str
+    scope: str
+    purpose: str
+    version: int
+    create_time: datetime.datetime
+    #: The newest version of its key, which cannot be revoked.
+    newest: bool
+    references: tuple[VersionReference, ...]
+
+    @property
+    def rows(self) -> int:
+        """Every referencing row, across the tables."""
+        return sum(r.rows for r in self.references)

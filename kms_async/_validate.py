@@ -63,12 +63,24 @@ def check_scope(scope_id: object) -> str:
     return check_text("scope id", scope_id, MAX_SCOPE_BYTES)
 
 
-def check_scope_list(scope_ids: Iterable[str]) -> list[str]:
-    if isinstance(scope_ids, (str, bytes)):
+def check_list(name: str, values: object, one: str) -> list[object]:
+    """The items of a list argument; one string, or something that is no list, is refused."""
+    if isinstance(values, (str, bytes, bytearray, memoryview)):
         raise InvalidParameterError(
-            "scope_ids must be a list of scope ids, not one string; write [scope_id]"
+            f"{name} must be a list of {one}s, not one string; write [{one.replace(' ', '_')}]"
         )
-    scopes = [check_scope(scope_id) for scope_id in scope_ids]
+    if not isinstance(values, Iterable):
+        raise InvalidParameterError(f"{name} must be a list of {one}s, not {type(values).__name__}")
+    try:
+        return list(values)
+    except TypeError:
+        raise InvalidParameterError(
+            f"{name} must be a list of {one}s, not {type(values).__name__}"
+        ) from None
+
+
+def check_scope_list(scope_ids: Iterable[str]) -> list[str]:
+    scopes = [check_scope(s) for s in check_list("scope_ids", scope_ids, "scope id")]
     if not scopes:
         raise InvalidParameterError("missing scope ids")
     return scopes
@@ -131,20 +143,16 @@ def check_purpose_list(purposes: Iterable[str] | None, known: tuple[str, ...]) -
     """The purposes a write names (default: all the KMS knows), each once."""
     if purposes is None:
         return list(known)
-    if isinstance(purposes, (str, bytes)):
-        raise InvalidParameterError(
-            "purposes must be a list of purposes, not one string; write [purpose]"
-        )
     checked: list[str] = []
-    for purpose in purposes:
+    for purpose in check_list("purposes", purposes, "purpose"):
         if purpose == ROOT_PURPOSE:
             raise InvalidParameterError(
                 f"{ROOT_PURPOSE!r} is a reserved key purpose; root keys are made implicitly"
             )
-        check_data_purpose(purpose, known)
-        if purpose in checked:
-            raise InvalidParameterError(f"duplicate key purpose {purpose!r}")
-        checked.append(purpose)
+        name = check_data_purpose(purpose, known)
+        if name in checked:
+            raise InvalidParameterError(f"duplicate key purpose {name!r}")
+        checked.append(name)
     return checked
 
 

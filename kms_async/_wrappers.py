@@ -7,6 +7,7 @@ and may do network I/O, so the protocol is asynchronous.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -118,9 +119,16 @@ def unwrap_key(aead: AESGCM, wrapping_id: str, version_id: str, wrapped: bytes) 
 
 
 def wrapper_error(message: str, cause: Exception) -> WrapperError:
-    """A WrapperError for a failed wrapper call, as retryable as its cause."""
+    """A WrapperError for a failed wrapper call, as retryable as its cause.
+
+    A wrapper's own KMSError says whether it is worth retrying (AWS KMS
+    throttling is, a wrong key never); a timeout or a dropped connection
+    from any other wrapper may pass.
+    """
     error = WrapperError(message)
-    if isinstance(cause, KMSError) and cause.retryable:
+    if isinstance(cause, KMSError):
+        error.retryable = cause.retryable
+    elif isinstance(cause, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
         error.retryable = True
     return error
 
@@ -135,17 +143,24 @@ class AeadWrapper:
 
     The blob's ciphertext is the nonce followed by the GCM output, and its
     ``key_id`` is this wrapper's id: the format of the Go ``aead`` wrapper.
+
+    ``key_id`` defaults to :func:`key_fingerprint` of the key, the id the
+    command line and :func:`open_root_wrapper` give the same key, so a key
+    keeps one id however it is loaded. Pass ``key_id=`` only to keep an id
+    already written into a database.
     """
 
     __slots__ = ("_aead", "_key", "_key_id")
 
-    def __init__(self, key: bytes, *, key_id: str) -> None:
+    def __init__(self, key: bytes, *, key_id: str | None = None) -> None:
         _check_bytes("key", key)
         if len(key) != KEY_SIZE:
             raise InvalidParameterError(
                 f"AeadWrapper needs a {KEY_SIZE}-byte key, got {len(key)} bytes; "
                 "generate one with os.urandom(32)"
             )
+        if key_id is None:
+            key_id = key_fingerprint(key)
         if not isinstance(key_id, str) or not key_id:
             raise InvalidParameterError("AeadWrapper needs a non-empty key_id")
         try:
@@ -170,7 +185,12 @@ class AeadWrapper:
         """
         if not isinstance(name, str) or not name:
             raise InvalidParameterError("name must be the name of an environment variable")
-        value = os.environ.get(name, "")
+        try:
+            value = os.environ.get(name, "")
+        except (UnicodeEncodeError, ValueError):
+            raise InvalidParameterError(
+                f"{name!r} cannot be the name of an environment variable"
+            ) from None
         if not value.strip():
             state = "is empty" if name in os.environ else "is not set"
             raise InvalidParameterError(
@@ -178,7 +198,7 @@ class AeadWrapper:
                 f"made with: {_MAKE_KEY}"
             )
         key = _decode_base64_key(value.encode("utf-8", "replace"), f"environment variable {name}")
-        return cls(key, key_id=_default_key_id(key, key_id))
+        return cls(key, key_id=key_id)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, key_id: str | None = None) -> AeadWrapper:
@@ -225,7 +245,7 @@ class AeadWrapper:
                 f"{source} holds {len(data)} bytes, neither a raw {KEY_SIZE}-byte key nor base64 "
                 f"text; write the base64 of 32 random bytes to it, made with: {_MAKE_KEY}"
             )
-        return cls(key, key_id=_default_key_id(key, key_id))
+        return cls(key, key_id=key_id)
 
     def __repr__(self) -> str:
         return f"AeadWrapper(key_id={self._key_id!r})"
@@ -296,10 +316,6 @@ def key_fingerprint(key: bytes) -> str:
         raise InvalidParameterError(f"a key must be {KEY_SIZE} bytes, got {len(key)} bytes")
     digest = hmac.new(bytes(key), b"kms_async key id v1", hashlib.sha256).hexdigest()
     return "local-" + digest[:16]
-
-
-def _default_key_id(key: bytes, key_id: str | None) -> str:
-    return key_fingerprint(key) if key_id is None else key_id
 
 
 def _decode_base64_key(text: bytes, source: str) -> bytes:

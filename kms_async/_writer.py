@@ -37,11 +37,13 @@ from ._errors import (
     KeyInUseError,
     KeyNotFoundError,
     KeyRollbackError,
+    Remedy,
     RevokeTooSoonError,
     SchemaVersionError,
     StorageError,
     TransientStorageError,
     WrapperError,
+    advised,
 )
 from ._ids import DATA_KEY_PREFIX, DATA_KEY_VERSION_PREFIX, ROOT_KEY_PREFIX, new_id
 from ._integrity import KeyState, bind_version, fingerprint, seal_state, unseal_state
@@ -155,9 +157,11 @@ class Writer:
                     if len(scopes) == 1
                     else "one of the scopes already has"
                 )
-                raise KeyExistsError(
-                    f"{which} keys and nothing was created; use rotate_keys() to make new "
-                    "versions or reconcile_keys() to add purposes"
+                raise advised(
+                    KeyExistsError,
+                    f"{which} keys and nothing was created",
+                    "use rotate_keys() to make new versions or reconcile_keys() to add purposes",
+                    Remedy("reconcile_keys", scope_id=scopes[0] if len(scopes) == 1 else None),
                 ) from exc
             await repo.insert_data_keys(tx, self._q, [row for _, row in rows])
             await self._seal(tx, scopes, new_keys)
@@ -348,8 +352,11 @@ class Writer:
         missing = [scope_id for scope_id in scopes if scope_id not in owners]
         if missing:
             others = f" (and {len(missing) - 1} more scopes)" if len(missing) > 1 else ""
-            raise KeyNotFoundError(
-                f"scope {show(missing[0])}{others} has no keys; create them with create_keys()"
+            raise advised(
+                KeyNotFoundError,
+                f"scope {show(missing[0])}{others} has no keys",
+                "create them with create_keys()",
+                Remedy("create_keys", scope_id=missing[0]),
             )
         return owners
 
@@ -375,16 +382,22 @@ class Writer:
                 owners.append(found.scope_id)
                 kind = "root" if is_root else repr(found.purpose)
                 if found.newest:
-                    raise KeyInUseError(
+                    raise advised(
+                        KeyInUseError,
                         f"{key_version_id} is the newest {kind} key version of scope "
-                        f"{show(found.scope_id)}; rotate_keys() first"
+                        f"{show(found.scope_id)}",
+                        "rotate_keys() first",
+                        Remedy("rotate_keys", scope_id=found.scope_id),
                     )
                 # What is still in use first: that needs work, the grace only time.
                 if found.wrapped_data_versions:
-                    raise KeyInUseError(
+                    raise advised(
+                        KeyInUseError,
                         f"{key_version_id} still wraps {found.wrapped_data_versions} data key "
-                        f"version(s); run rewrap_keys({show(found.scope_id)}) so they move to "
-                        "the newest root key version"
+                        "version(s)",
+                        f"run rewrap_keys({show(found.scope_id)}) so they move to the newest "
+                        "root key version",
+                        Remedy("rewrap_keys", scope_id=found.scope_id),
                     )
                 if not is_root:
                     await self._refuse_if_referenced(tx, key_version_id)
@@ -401,9 +414,12 @@ class Writer:
             # key, or under a deferred one (which fails at commit).
             if exc.kind != "foreign_key":
                 raise
-            raise KeyInUseError(
-                f"{key_version_id} still protects application rows ({exc.detail}); "
-                "re-encrypt them under the newest version before revoking it"
+            raise advised(
+                KeyInUseError,
+                f"{key_version_id} still protects application rows ({exc.detail})",
+                "re-encrypt them under the newest version (reencrypt_key_version) before "
+                "revoking it",
+                Remedy("reencrypt_key_version", key_version_id=key_version_id),
             ) from exc
         if is_root:
             self._cache.roots.pop(key_version_id, None)
@@ -450,10 +466,13 @@ class Writer:
         """Refuse to revoke what other instances may still be encrypting under."""
         remaining = self.revoke_grace - superseded_for
         if self.revoke_grace > 0 and remaining > 0:
-            raise RevokeTooSoonError(
+            raise advised(
+                RevokeTooSoonError,
                 f"{key_version_id} was superseded {max(superseded_for, 0.0):.1f} s ago; other "
                 "instances may still encrypt under it until it has been superseded for "
-                f"{self.revoke_grace:g} s (revoke_grace): retry in {remaining:.1f} s",
+                f"{self.revoke_grace:g} s (the revoke grace)",
+                f"retry in {remaining:.1f} s",
+                Remedy("wait_revoke_grace", key_version_id=key_version_id),
                 retry_after=remaining,
             )
 
@@ -475,9 +494,11 @@ class Writer:
             if effect
             else f"rows of {table} still use it"
         )
-        raise KeyInUseError(
-            f"{key_version_id} still protects application rows: {what}; re-encrypt them under "
-            "the newest version (reencrypt_key_version) before revoking it"
+        raise advised(
+            KeyInUseError,
+            f"{key_version_id} still protects application rows: {what}",
+            "re-encrypt them under the newest version (reencrypt_key_version) before revoking it",
+            Remedy("reencrypt_key_version", key_version_id=key_version_id),
         )
 
     # -- bindings and the key state record (see _integrity) ------------------

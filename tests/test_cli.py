@@ -266,10 +266,10 @@ async def test_commands_without_keys_work_without_a_root_key(
     old_root = listed.json()["keys"][0]["versions"][0]["id"]
     assert (await cli("status")).code == 0
     # Revoking records the revocation in the sealed key state record: it needs the key.
-    keyless = await cli("revoke", old_root, "--grace", "0")
+    keyless = await cli("revoke", old_root, "--grace", "0", "--yes")
     assert keyless.code == 2 and "KMS_ROOT_KEY" in keyless.err
     monkeypatch.setenv("KMS_ROOT_KEY", root_key)
-    revoked = await cli("revoke", old_root, "--grace", "0")
+    revoked = await cli("revoke", old_root, "--grace", "0", "--yes")
     assert revoked.code == 4  # still wraps the old data key version
     assert "rewrap" in revoked.err
 
@@ -284,13 +284,14 @@ async def test_revoke_waits_out_the_grace_only_when_asked(
     listed = await cli("list", "acme", "--json")
     old = next(k for k in listed.json()["keys"] if k["purpose"] == "database")["versions"][0]["id"]
 
-    refused = await cli("revoke", old)  # the default grace: 60 s
+    refused = await cli("revoke", old, "--yes")  # the default grace: 60 s
     assert refused.code == 4
-    assert "retry in" in refused.err and "revoke_grace" in refused.err
-    refused = await cli("revoke", old, "--grace", "1m", "--json")
+    assert "retry in" in refused.err and "--wait" in refused.err and "--grace" in refused.err
+    assert "revoke_grace" not in refused.err
+    refused = await cli("revoke", old, "--grace", "1m", "--json", "--yes")
     assert refused.code == 4
 
-    waited = await cli("revoke", old, "--grace", "1", "--wait")
+    waited = await cli("revoke", old, "--grace", "1", "--wait", "--yes")
     assert waited.code == 0, waited.err
     assert f"revoked {old}" in waited.out
     assert (await cli("revoke", old, "--grace", "0")).code == 3  # gone
@@ -300,6 +301,7 @@ async def test_revoke_waits_out_the_grace_only_when_asked(
 def test_two_root_key_sources_exit_2(
     capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    (tmp_path / "x.db").touch()
     monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
     result = run_sync(capsys, "create", "acme", "--root-key-file", "k", "--aws-kms-key-id", "a")
     assert result.code == 2
@@ -309,6 +311,7 @@ def test_two_root_key_sources_exit_2(
 def test_pkcs11_pin_only_from_the_environment(
     capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    (tmp_path / "x.db").touch()
     monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
     result = run_sync(
         capsys,
@@ -378,7 +381,9 @@ async def test_lifecycle(env: TestDB, cli: Cli) -> None:
     assert table.code == 0
     lines = table.out.splitlines()
     assert lines[0] == "scope acme"
-    assert lines[1].split() == ["PURPOSE", "TYPE", "KEY", "VERSION", "VERSION", "ID", "CREATED"]
+    assert lines[1].split() == [
+        *("PURPOSE", "TYPE", "KEY", "VERSION", "VERSION", "ID", "CREATED", "STATE")
+    ]
     assert [line.split()[0] for line in lines[2:]] == ["rootKey", "database", "oidc"]
     listed = (await cli("list", "acme", "--json")).json()
     assert listed["scope"] == "acme"
@@ -420,17 +425,18 @@ async def test_lifecycle(env: TestDB, cli: Cli) -> None:
     assert all(line.startswith("globex") for line in status_text.out.splitlines()[1:])
 
     newest_oidc = scopes["acme"]["keys"][3]["versions"][-1]["id"]
-    refused = await cli("revoke", newest_oidc, "--json")
+    refused = await cli("revoke", newest_oidc, "--json", "--yes")
     assert refused.code == 4
     assert refused.error()["type"] == "KeyInUseError"
     assert "newest" in refused.error()["message"]
     wrong_scope = await cli("revoke", old_oidc, "--scope", "globex")
     assert wrong_scope.code == 3
-    assert (await cli("revoke", old_oidc, "--scope", "acme", "--grace", "0")).code == 0
+    assert (await cli("revoke", old_oidc, "--scope", "acme", "--grace", "0", "--yes")).code == 0
     # The rewrap moved every data key version to root version 2.
-    revoked = await cli("revoke", old_root, "--json", "--grace", "0")
+    revoked = await cli("revoke", old_root, "--json", "--grace", "0", "--yes")
     assert revoked.code == 0, revoked.err
-    assert revoked.json() == {"revoked": old_root}
+    assert revoked.json()["revoked"] == old_root
+    assert revoked.json()["version"]["purpose"] == "rootKey"
     assert await root_versions(db) == {"acme": [2], "globex": [1]}
     assert (await data_versions(db))[("acme", "oidc")] == [2]
 
@@ -600,10 +606,13 @@ async def test_replacing_the_root_key(
 async def test_schema_missing_exits_5(
     cli: Cli, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "empty.db")):
+        pass
     monkeypatch.setenv("KMS_DATABASE_URL", f"sqlite:///{tmp_path}/empty.db")
     result = await cli("list", "acme")
     assert result.code == 5
-    assert "migrate" in result.err
+    assert "`kms-async migrate`" in result.err
+    assert "kms_async.migrate()" not in result.err
 
 
 async def test_unreachable_database_exits_6(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -687,7 +696,7 @@ async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> No
     assert "rotate" in newest.err
 
     assert (await cli("rotate", "--all-scopes")).code == 0
-    in_use = await cli("revoke", acme_v1)
+    in_use = await cli("revoke", acme_v1, "--yes")
     assert in_use.code == 4
     assert "re-encrypt" in in_use.err
 
@@ -743,10 +752,17 @@ async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> No
     assert gone.code == 3
 
 
-# -- Ctrl-C ----------------------------------------------------------------------
+# -- Ctrl-C and SIGTERM ------------------------------------------------------------
 
 
-async def test_sigint_stops_between_whole_scopes(env: TestDB, tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+    ids=["SIGINT", "SIGTERM"],
+)
+async def test_a_signal_stops_between_whole_scopes(
+    env: TestDB, tmp_path: Any, signum: int, status: int
+) -> None:
     db = env
     scopes = [f"s{n:05d}" for n in range(3000)]
     kms = await open_kms()
@@ -767,10 +783,10 @@ async def test_sigint_stops_between_whole_scopes(env: TestDB, tmp_path: Any) -> 
     assert proc.stderr is not None
     first = await asyncio.wait_for(proc.stderr.readline(), 60)
     assert first.startswith(b"rotating "), first
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, rest = await asyncio.wait_for(proc.communicate(), 60)
     err = (first + rest).decode()
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert INTERRUPTED_MESSAGE in err
     assert "Traceback" not in err
     assert out == b""
@@ -871,3 +887,326 @@ def test_demo_leaves_a_database_it_did_not_make_alone(
     assert "users" in result.err
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("select count(*) from users").fetchone() == (0,)
+
+
+# -- a command line that speaks command line (issue 11, item 6) ---------------------
+
+
+async def test_global_options_before_or_after_the_command(env: TestDB, cli: Cli) -> None:
+    assert (await cli("create", "acme")).code == 0
+    before = await cli("--json", "list", "acme")
+    after = await cli("list", "acme", "--json")
+    assert before.code == after.code == 0, before.err
+    assert before.json() == after.json()
+    os.environ.pop("KMS_DATABASE_URL")  # (monkeypatch restores it)
+    dsn = env.dsn
+    for argv in (
+        ("--db", dsn, "--json", "--table-prefix", "kms", "scopes"),
+        ("scopes", "--db", dsn, "--json", "--table-prefix", "kms"),
+        ("--json", "scopes", "--db", dsn),
+    ):
+        result = await cli(*argv)
+        assert result.code == 0, (argv, result.err)
+        assert [s["id"] for s in result.json()["scopes"]] == ["acme"]
+    usage = await cli("--json", "list")  # a usage error is JSON too
+    assert usage.code == 2
+    assert usage.error()["type"] == "UsageError"
+
+
+async def test_scopes_lists_every_scope(env: TestDB, cli: Cli) -> None:
+    empty = await cli("scopes")
+    assert empty.code == 0
+    assert empty.out.strip() == "no scopes have keys"
+    assert (await cli("--json", "scopes")).json() == {"scopes": []}
+
+    assert (await cli("create", "globex", "acme", "initech")).code == 0
+    assert (await cli("rotate", "acme")).code == 0
+    text = await cli("scopes")
+    assert text.code == 0, text.err
+    lines = text.out.splitlines()
+    assert lines[0].split() == ["SCOPE", "ROOT", "VERSION", "ROTATED", "CREATED"]
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ["acme", "2"],
+        ["globex", "1"],
+        ["initech", "1"],
+    ]
+
+    listed = (await cli("scopes", "--json")).json()["scopes"]
+    assert [s["id"] for s in listed] == ["acme", "globex", "initech"]
+    acme = listed[0]
+    assert acme["root_version"] == 2
+    assert acme["root_version_id"].startswith("krkv_")
+    assert acme["root_key_id"].startswith("krk_")
+    assert acme["rotate_time"] >= acme["create_time"]
+
+    page = (await cli("scopes", "--json", "--after", "acme", "--limit", "1")).json()
+    assert [s["id"] for s in page["scopes"]] == ["globex"]
+    assert (await cli("scopes", "--limit", "0")).code == 2
+
+
+async def test_a_sqlite_path_must_exist_unless_the_command_creates_it(
+    cli: Cli, tmp_path: Any, root_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMS_ROOT_KEY", root_key)
+    path = tmp_path / "app.db"
+    for argv in (("list", "acme"), ("create", "acme"), ("scopes",), ("status",)):
+        result = await cli(*argv, "--db", f"sqlite:///{path}")
+        assert result.code == 2, argv
+        assert f"no SQLite database at {path}" in result.err
+        assert "run `kms-async migrate`" in result.err
+        assert not path.exists()
+    nowhere = await cli("migrate", "--db", f"sqlite:///{tmp_path}/no/such/dir/app.db")
+    assert nowhere.code == 2
+    assert "does not exist" in nowhere.err
+    assert (await cli("migrate", "--db", f"sqlite:///{path}")).code == 0
+    assert (await cli("create", "acme", "--db", f"sqlite:///{path}")).code == 0
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "sqlite:///:memory:",
+        "sqlite:///file::memory:?cache=shared",
+        "sqlite:///",
+        "sqlite://app.db",
+        "sqlite:app.db",
+        "app.db",
+        "mysql://app@db/app",
+        "postgresql+asyncpg://app@db/app",
+        "postgresql://app@[::1/app",
+        "postgresql://app@127.0.0.1:99999999/app",
+        "postgresql://app@127.0.0.1/app?sslmode=bogus",
+        "postgresql://app@127.0.0.1/app?connect_timeout=soon",
+        "",
+        " ",
+        "sqlite:///a\x00b",
+    ],
+)
+def test_a_malformed_db_is_a_usage_error_in_json_too(
+    capsys: pytest.CaptureFixture[str], dsn: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in (["list", "acme"], ["migrate"]):
+        result = run_sync(capsys, "--json", *command, "--db", dsn)
+        assert result.code == 2, (dsn, result.err)
+        assert result.out == ""
+        error = result.error()
+        assert error["exit_code"] == 2
+        assert error["message"]
+        assert ":memory:" not in error["message"]
+        text = run_sync(capsys, *command, "--db", dsn)
+        assert text.code == 2
+        assert "Traceback" not in text.err
+        assert ":memory:" not in text.err
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_hung_server_is_named_with_the_timeout(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from _fake_pg import hung_server
+
+    async with hung_server() as port:
+        dsn = f"postgresql://app:secret@127.0.0.1:{port}/app"
+        result = await cli("list", "acme", "--db", dsn, "--connect-timeout", "0.5", "--json")
+        text = await cli("--connect-timeout", "0.5", "list", "acme", "--db", dsn)
+    assert result.code == 6, result.err
+    message = result.error()["message"]
+    assert f"127.0.0.1:{port}" in message
+    assert "0.5 s" in message and "--connect-timeout" in message
+    assert "secret" not in message
+    assert text.code == 6
+    assert "did not answer within 0.5 s" in text.err
+    assert (await cli("list", "acme", "--db", dsn, "--connect-timeout", "0")).code == 2
+
+
+async def test_a_host_name_that_does_not_resolve_is_not_temporary(cli: Cli) -> None:
+    result = await cli("list", "acme", "--db", "postgresql://app@db.example.invalid/app")
+    assert result.code == 6
+    assert "cannot resolve the database host name" in result.err
+    assert "temporary" not in result.err
+    as_json = await cli("--json", "list", "acme", "--db", "postgresql://app@db.example.invalid/a")
+    assert as_json.error()["retryable"] is False
+
+
+async def test_refused_credentials_are_not_temporary(cli: Cli) -> None:
+    from _fake_pg import refusing_server
+
+    async with refusing_server("28P01", 'password authentication failed for user "app"') as port:
+        result = await cli(
+            "--json", "list", "acme", "--db", f"postgresql://app:pw@127.0.0.1:{port}/a"
+        )
+    assert result.code == 6
+    assert result.error()["retryable"] is False
+    assert "password authentication failed" in result.error()["message"]
+
+
+_PYTHON_ADVICE = re.compile(r"\w+\((?:'[^']*')?\)|kms_async\.|PooledWrapper|revoke_grace")
+
+
+async def test_errors_name_the_command_to_run(env: TestDB, cli: Cli, tmp_path: Any) -> None:
+    db = env
+    await db.add_app_table()
+    assert (await cli("create", "acme")).code == 0
+    listed = (await cli("list", "acme", "--json")).json()
+    old_root = listed["keys"][0]["versions"][0]["id"]
+    old_data = listed["keys"][1]["versions"][0]["id"]
+    await store_rows(db, {"r1": "acme"})
+    assert (await cli("rotate", "acme")).code == 0
+    newest_root = (await cli("list", "acme", "--json")).json()["keys"][0]["versions"][-1]["id"]
+
+    expected = {
+        ("rotate", "nobody"): "create them with `kms-async create nobody`",
+        ("create", "acme"): "`kms-async reconcile acme --purpose P` adds purposes",
+        ("revoke", old_root, "--yes", "--grace", "0"): "run `kms-async rewrap acme`",
+        ("revoke", newest_root, "--yes"): "run `kms-async rotate acme` first",
+        ("revoke", old_data, "--yes", "--grace", "0"): f"`kms-async destroy {old_data} --columns",
+    }
+    for argv, advice in expected.items():
+        for json_mode in (False, True):
+            result = await cli(*argv, *(["--json"] if json_mode else []))
+            assert result.code in (3, 4), (argv, result.err)
+            message = result.error()["message"] if json_mode else result.err
+            assert advice in message, (argv, message)
+            assert not _PYTHON_ADVICE.search(message), (argv, message)
+    await db.execute("delete from app_secret")
+    too_soon = await cli("revoke", old_data, "--yes")
+    assert too_soon.code == 4
+    assert "add --wait" in too_soon.err
+    assert not _PYTHON_ADVICE.search(too_soon.err)
+
+
+async def test_a_wrong_root_key_is_explained_with_the_options_to_use(
+    env: TestDB, cli: Cli, root_key: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keys made under an explicit id, as the README once suggested.
+    assert (await cli("create", "acme", "--root-key-id", "root-1")).code == 0
+    # Another key under the same id.
+    monkeypatch.setenv("KMS_ROOT_KEY", base64.b64encode(secrets.token_bytes(32)).decode())
+    wrong = await cli("rotate", "acme", "--root-key-id", "root-1", "--json")
+    assert wrong.code == 1
+    assert wrong.error()["retryable"] is False
+    assert "is not the key that wrote it" in wrong.error()["message"]
+    # Replacing it: the old key alone is not enough, the advice names its id.
+    monkeypatch.setenv("KMS_PREVIOUS_ROOT_KEY", root_key)
+    without_id = await cli("rewrap", "--all-scopes")
+    assert without_id.code == 1
+    assert "--previous-root-key-id root-1" in without_id.err
+    assert not _PYTHON_ADVICE.search(without_id.err)
+    rewrapped = await cli("rewrap", "--all-scopes", "--previous-root-key-id", "root-1")
+    assert rewrapped.code == 0, rewrapped.err
+
+
+# -- revoke shows what it deletes (issue 11, item 4) --------------------------------
+
+
+async def test_revoke_shows_what_it_would_delete_and_asks(env: TestDB, cli: Cli) -> None:
+    db = env
+    await db.add_app_table()
+    await db.add_app_table("app_audit")
+    assert (await cli("create", "acme")).code == 0
+    await store_rows(db, {"r1": "acme", "r2": "acme"})
+    old = next(
+        k
+        for k in (await cli("list", "acme", "--json")).json()["keys"]
+        if k["purpose"] == "database"
+    )["versions"][0]
+    await db.execute(
+        "insert into app_audit (id, scope_id, key_version_id, ciphertext) values ($1, $2, $3, $4)",
+        "a1",
+        "acme",
+        old["id"],
+        b"x",
+    )
+    assert (await cli("rotate", "acme")).code == 0
+    before = await data_versions(db)
+
+    dry = await cli("revoke", old["id"], "--dry-run")
+    assert dry.code == 0, dry.err
+    assert (
+        f"data key version {old['id']}: scope acme, purpose database, version 1, created "
+        in dry.out
+    )
+    assert "referenced by 3 row(s)" in dry.out
+    assert "app_secret.key_version_id: 2" in dry.out
+    assert "app_audit.key_version_id: 1" in dry.out
+    assert "dry run: nothing deleted" in dry.out
+    as_json = (await cli("revoke", old["id"], "--dry-run", "--json", "--scope", "acme")).json()
+    assert as_json["dry_run"] is True and as_json["revoked"] is None
+    version = as_json["version"]
+    assert (version["id"], version["scope"], version["purpose"], version["version"]) == (
+        old["id"],
+        "acme",
+        "database",
+        1,
+    )
+    assert version["create_time"] == old["create_time"]
+    assert version["rows"] == 3
+    assert sorted((r["table"], r["column"], r["rows"]) for r in version["references"]) == [
+        ("app_audit", "key_version_id", 1),
+        ("app_secret", "key_version_id", 2),
+    ]
+    assert (await cli("revoke", old["id"], "--dry-run", "--scope", "globex")).code == 3
+    root = (await cli("list", "acme", "--json")).json()["keys"][0]["versions"][0]
+    shown = await cli("revoke", root["id"], "--dry-run")
+    assert f"root key version {root['id']}: scope acme, purpose rootKey, version 1" in shown.out
+    assert "wraps 1 data key version(s)" in shown.out  # data version 1
+    assert (await cli("revoke", root["id"], "--dry-run", "--json")).json()["version"]["rows"] == 1
+
+    # No terminal to ask on (stdin is not one here): refused without --yes.
+    unasked = await cli("revoke", old["id"], "--grace", "0")
+    assert unasked.code == 2
+    assert "--yes" in unasked.err and "--dry-run" in unasked.err
+    assert (await cli("revoke", old["id"], "--grace", "0", "--json")).error()["exit_code"] == 2
+    assert await data_versions(db) == before
+
+    await db.execute("delete from app_secret")
+    await db.execute("delete from app_audit")
+    revoked = await cli("revoke", old["id"], "--grace", "0", "--yes", "--json")
+    assert revoked.code == 0, revoked.err
+    assert revoked.json()["revoked"] == old["id"]
+    assert revoked.json()["version"]["rows"] == 0
+    assert (await data_versions(db))[("acme", "database")] == [2]
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+async def test_revoke_asks_on_a_terminal(env: TestDB, answer: str) -> None:
+    import pty
+
+    db = env
+    kms = await open_kms()
+    async with kms:
+        await kms.create_keys("acme")
+        old = (await kms.list_keys("acme"))[1].versions[0].id
+        await kms.rotate_keys("acme")
+    primary, secondary = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "kms_async", "revoke", old, "--grace", "0"),
+            cwd=REPO,
+            env=dict(os.environ),
+            stdin=secondary,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        shown = b""
+        while b"[y/N]" not in shown:
+            chunk = await asyncio.wait_for(proc.stderr.read(200), 60)
+            assert chunk, shown
+            shown += chunk
+        assert f"data key version {old}: scope acme".encode() in shown
+        os.write(primary, answer.encode() + b"\n")
+        out, rest = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    remaining = (await data_versions(db))[("acme", "database")]
+    if answer == "y":
+        assert proc.returncode == 0, rest
+        assert f"revoked {old}".encode() in out
+        assert remaining == [2]
+    else:
+        assert proc.returncode == 4, rest
+        assert b"not revoked" in rest
+        assert remaining == [1, 2]

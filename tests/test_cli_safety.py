@@ -67,10 +67,11 @@ async def test_status_marks_unusable_versions_and_rotate_replaces_them(
 
     plain = await cli("rotate", "acme")
     assert plain.code != 0
+    assert "rotate acme --replace-unusable" in plain.err and "rotate_keys" not in plain.err
     fixed = await cli("rotate", "acme", "--replace-unusable")
     assert fixed.code == 0, fixed.err
-    assert (await cli("revoke", bad_data, "--grace", "0")).code == 0
-    assert (await cli("revoke", bad_root, "--grace", "0")).code == 0
+    assert (await cli("revoke", bad_data, "--grace", "0", "--yes")).code == 0
+    assert (await cli("revoke", bad_root, "--grace", "0", "--yes")).code == 0
     clean = await cli("status", "acme")
     assert "UNUSABLE" not in clean.out
 

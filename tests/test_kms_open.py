@@ -39,6 +39,8 @@ def _with_search_path(dsn: str, schema: str) -> str:
 async def empty_dsn(db: Any, tmp_path: Any) -> AsyncIterator[str]:
     """A DSN of the same dialect as ``db`` naming a database with no kms tables."""
     if db.dialect == "sqlite":
+        # An empty file is a database without tables; no file would be none at all.
+        (tmp_path / "empty.db").touch()
         yield f"sqlite:///{tmp_path}/empty.db"
         return
     schema = f"{db.schema}_empty"

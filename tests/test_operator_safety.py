@@ -140,9 +140,12 @@ async def test_a_version_nobody_here_can_unwrap_leaves_the_others_working(
         assert all(
             v.unusable is None for v in (await fresh.list_keys("acme", verify=False))[0].versions
         )
-        # A plain rotation must prove the newest root version, which it cannot.
-        with pytest.raises(WrapperError):
+        # A plain rotation must prove the newest root version, which it cannot;
+        # the error names the way out, since an older version unwraps.
+        with pytest.raises(KeyUnusableError, match="replace_unusable=True") as refused:
             await fresh.rotate_keys("acme")
+        assert refused.value.remedy is not None
+        assert refused.value.remedy.action == "replace_unusable"
         with pytest.raises(InvalidParameterError):
             await fresh.rotate_keys("acme", replace_unusable=True, rewrap=True)
 

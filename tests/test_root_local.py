@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import kms_async
 from kms_async import KMS, AeadWrapper, BlobInfo, InvalidParameterError
 from kms_async._wrappers import key_fingerprint
 
@@ -72,6 +73,29 @@ def test_default_key_id_is_a_stable_fingerprint(monkeypatch: pytest.MonkeyPatch)
     assert key_fingerprint(secrets.token_bytes(32)) != first.key_id
     _assert_secret_absent(first.key_id, key.hex()[:8], encoded[:8])
     _assert_secret_absent(repr(first), key.hex()[:8], encoded[:8])
+
+
+async def test_every_way_to_load_a_key_gives_it_the_same_id(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The library's constructor, its loaders, open_root_wrapper and so the
+    # command line: one key, one id (issue 11, item 3).
+    key = secrets.token_bytes(32)
+    monkeypatch.setenv("KMS_ROOT_KEY", base64.b64encode(key).decode())
+    monkeypatch.delenv("KMS_ROOT_KEY_ID", raising=False)
+    (tmp_path / "root.key").write_bytes(key)
+    ids = {
+        AeadWrapper(key).key_id,
+        AeadWrapper(bytearray(key)).key_id,  # type: ignore[arg-type]
+        AeadWrapper.from_env().key_id,
+        AeadWrapper.from_file(tmp_path / "root.key").key_id,
+    }
+    async with kms_async.open_root_wrapper() as from_env:
+        ids.add(from_env.key_id)
+    async with kms_async.open_root_wrapper(key_file=tmp_path / "root.key") as from_file:
+        ids.add(from_file.key_id)
+    assert ids == {key_fingerprint(key)}
+    assert AeadWrapper(key, key_id="root-1").key_id == "root-1"
 
 
 def test_explicit_key_id_wins(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Replacing the root of trust, as the README describes it.
+"""Replacing the root of trust, as docs/how-to/replace-root-key.md describes it.
 
 A store whose root keys are wrapped by a local AES key moves to a new root
 (another local key, AWS KMS on moto's server, a SoftHSM2 key):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import socket
 import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -17,9 +18,12 @@ from .._errors import (
     InvalidParameterError,
     KMSError,
     OutcomeUnknownError,
+    Remedy,
     SchemaVersionError,
     StorageError,
     TransientStorageError,
+    advised,
+    reason,
 )
 from ._base import IntegrityError, Queries, Row, savepoint
 from ._reencrypt_sql import quote
@@ -29,11 +33,17 @@ __all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
 logger = logging.getLogger("kms_async")
 
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "55P03")
+#: Class 28, invalid authorization: a wrong password or a user pg_hba.conf
+#: refuses. Another try with the same credentials fails the same way.
+_AUTHORIZATION_SQLSTATE_CLASS = "28"
 
 #: Seconds to wait for a free pool connection before giving up.
 DEFAULT_POOL_TIMEOUT = 10.0
 #: Seconds a rollback may take before its connection is dropped instead.
 ROLLBACK_WAIT = 2.0
+#: Seconds to wait for a new connection's server to answer, unless the DSN
+#: says otherwise with libpq's ``connect_timeout`` (asyncpg's own default).
+DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 @contextlib.contextmanager
@@ -62,19 +72,39 @@ def translate_errors() -> Iterator[None]:
             f"the PostgreSQL connection options are invalid: {exc}"
         ) from exc
     except asyncpg.UndefinedTableError as exc:
-        raise SchemaVersionError(
-            f"kms tables are missing ({exc}); run kms_async.migrate() or apply sql/postgres/"
+        raise advised(
+            SchemaVersionError,
+            f"kms tables are missing ({reason(exc)})",
+            "run kms_async.migrate() or apply sql/postgres/",
+            Remedy("migrate"),
         ) from exc
     except asyncpg.PostgresError as exc:
         sqlstate = getattr(exc, "sqlstate", "") or ""
+        if sqlstate.startswith(_AUTHORIZATION_SQLSTATE_CLASS):
+            raise StorageError(
+                f"the database refused the connection ({reason(exc)}); check the user and "
+                "password in the DSN (or ~/.pgpass, PGPASSWORD) and the server's pg_hba.conf"
+            ) from exc
         if sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES):
-            raise TransientStorageError(f"database temporarily failed, retry: {exc}") from exc
-        raise StorageError(f"database error: {exc}") from exc
+            raise TransientStorageError(
+                f"database temporarily failed, retry: {reason(exc)}"
+            ) from exc
+        raise StorageError(f"database error: {reason(exc)}") from exc
     except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
         # Lost or closed connections surface here; the statement did not commit.
-        raise TransientStorageError(f"database connection failed, retry: {exc}") from exc
+        raise TransientStorageError(f"database connection failed, retry: {reason(exc)}") from exc
+    except socket.gaierror as exc:
+        # A host name that does not resolve is a typo or a missing DNS entry;
+        # only a resolver that could not answer now (EAI_AGAIN) may do better.
+        if exc.errno == socket.EAI_AGAIN:
+            raise TransientStorageError(
+                f"cannot resolve the database host name now, retry: {reason(exc)}"
+            ) from exc
+        raise StorageError(
+            f"cannot resolve the database host name ({reason(exc)}); check the host in the DSN"
+        ) from exc
     except (OSError, asyncio.TimeoutError) as exc:
-        raise TransientStorageError(f"cannot reach the database, retry: {exc}") from exc
+        raise TransientStorageError(f"cannot reach the database, retry: {reason(exc)}") from exc
 
 
 async def _commit(raw: Any) -> None:
@@ -82,15 +112,21 @@ async def _commit(raw: Any) -> None:
     try:
         await raw.execute("commit")
     except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
-        raise OutcomeUnknownError(
-            f"the database connection was lost while committing ({exc}); the write may or may "
-            "not have been applied: look (for example with list_keys()) before retrying"
+        raise advised(
+            OutcomeUnknownError,
+            f"the database connection was lost while committing ({reason(exc)}); the write "
+            "may or may not have been applied",
+            "look (for example with list_keys()) before retrying",
+            Remedy("list_keys"),
         ) from exc
     except asyncpg.PostgresError as exc:
         if (getattr(exc, "sqlstate", "") or "").startswith("08"):
-            raise OutcomeUnknownError(
-                f"the database connection failed while committing ({exc}); the write may or "
-                "may not have been applied: look (for example with list_keys()) before retrying"
+            raise advised(
+                OutcomeUnknownError,
+                f"the database connection failed while committing ({reason(exc)}); the write "
+                "may or may not have been applied",
+                "look (for example with list_keys()) before retrying",
+                Remedy("list_keys"),
             ) from exc
         raise
 
@@ -275,6 +311,36 @@ class PostgresQueries(Queries):
         return f"select exists (select 1 from {table} where {quoted} = $1)"
 
 
+def _host_of(dsn: str) -> str:
+    """Where a DSN points, for messages: its host list as written, never the password."""
+    rest = dsn.split("://", 1)[-1]
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    return netloc.rpartition("@")[2] or "the local socket"
+
+
+def _split_connect_timeout(dsn: str) -> tuple[str, float]:
+    """The DSN without libpq's ``connect_timeout`` (asyncpg would send it to the
+    server as a setting), and the seconds it asks for."""
+    if "connect_timeout" not in dsn:
+        return dsn, DEFAULT_CONNECT_TIMEOUT
+    parts = urllib.parse.urlsplit(dsn)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    given = [value for name, value in query if name == "connect_timeout"]
+    if not given:
+        return dsn, DEFAULT_CONNECT_TIMEOUT
+    try:
+        seconds = float(given[-1])
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 1e9:
+        raise InvalidParameterError(
+            "connect_timeout in the PostgreSQL DSN must be a number of seconds (0: the "
+            f"default, {DEFAULT_CONNECT_TIMEOUT:g} s)"
+        )
+    rest = urllib.parse.urlencode([(n, v) for n, v in query if n != "connect_timeout"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), seconds or DEFAULT_CONNECT_TIMEOUT
+
+
 class PostgresDatabase:
     """Keys in PostgreSQL, through an asyncpg pool."""
 
@@ -288,24 +354,36 @@ class PostgresDatabase:
         owns_pool: bool,
         dsn: str | None = None,
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.queries = PostgresQueries(prefix)
         self._pool = pool
         self._owns_pool = owns_pool
         self._dsn = dsn
         self.pool_timeout = pool_timeout
+        self._connect_timeout = connect_timeout
 
     @classmethod
     async def connect(
         cls, dsn: str, *, prefix: str, pool_timeout: float = DEFAULT_POOL_TIMEOUT
     ) -> PostgresDatabase:
         try:
+            dsn, connect_timeout = _split_connect_timeout(dsn)
             with translate_errors():
-                # The default reset costs a round trip on every release; the KMS
-                # changes no session state, so only an open transaction needs
-                # undoing. No server_settings of its own: a pooler such as
-                # PgBouncer refuses startup parameters it does not know.
-                pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, reset=_reset)
+                try:
+                    # The default reset costs a round trip on every release; the KMS
+                    # changes no session state, so only an open transaction needs
+                    # undoing. No server_settings of its own: a pooler such as
+                    # PgBouncer refuses startup parameters it does not know.
+                    pool = await asyncpg.create_pool(
+                        dsn, min_size=1, max_size=10, reset=_reset, timeout=connect_timeout
+                    )
+                except asyncio.TimeoutError as exc:
+                    raise TransientStorageError(
+                        f"the database at {_host_of(dsn)} did not answer within "
+                        f"{connect_timeout:g} s (connect_timeout); check that the server is up "
+                        "and reachable, then retry"
+                    ) from exc
         except KMSError:
             raise
         except (ValueError, OverflowError) as exc:
@@ -314,7 +392,14 @@ class PostgresDatabase:
                 f"the PostgreSQL DSN is malformed ({exc}); write "
                 "postgresql://user[:password]@host[:port]/dbname[?options]"
             ) from None
-        return cls(pool, prefix=prefix, owns_pool=True, dsn=dsn, pool_timeout=pool_timeout)
+        return cls(
+            pool,
+            prefix=prefix,
+            owns_pool=True,
+            dsn=dsn,
+            pool_timeout=pool_timeout,
+            connect_timeout=connect_timeout,
+        )
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -411,7 +496,7 @@ class PostgresDatabase:
             try:
                 with translate_errors():
                     if self._dsn is not None:
-                        conn = await asyncpg.connect(self._dsn)
+                        conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
                     else:
                         conn = await self._pool.acquire(timeout=self.pool_timeout)
             except TransientStorageError as exc:

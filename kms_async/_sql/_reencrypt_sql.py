@@ -73,6 +73,26 @@ class ReencryptQueries:
             f" join {p}_root_key r on r.private_id = k.root_key_id"
             " where v.private_id = $1"
         )
+        # What describe_key_version shows: scope, purpose, number, creation,
+        # whether it is the newest, and (root) how many data versions it wraps.
+        self.data_version_facts = (
+            "select r.scope_id, k.purpose, v.version, v.create_time,"
+            f" (select max(y.version) from {p}_data_key_version y"
+            "   where y.data_key_id = v.data_key_id) = v.version"
+            f" from {p}_data_key_version v"
+            f" join {p}_data_key k on k.private_id = v.data_key_id"
+            f" join {p}_root_key r on r.private_id = k.root_key_id"
+            " where v.private_id = $1"
+        )
+        self.root_version_facts = (
+            "select r.scope_id, v.version, v.create_time,"
+            f" (select max(y.version) from {p}_root_key_version y"
+            "   where y.root_key_id = v.root_key_id) = v.version,"
+            f" (select count(*) from {p}_data_key_version d"
+            "   where d.root_key_version_id = v.private_id)"
+            f" from {p}_root_key_version v join {p}_root_key r on r.private_id = v.root_key_id"
+            " where v.private_id = $1"
+        )
 
     def table(self, schema: str | None, table: str) -> str:
         """The quoted (and, where schemas exist, qualified) name of a table."""

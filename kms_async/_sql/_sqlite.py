@@ -17,13 +17,46 @@ import aiosqlite
 from .._errors import (
     InvalidParameterError,
     KMSError,
+    Remedy,
     SchemaVersionError,
     StorageError,
     TransientStorageError,
+    advised,
 )
 from ._base import IntegrityError, Queries, Row, run_to_completion, savepoint
 
-__all__ = ["SqliteDatabase", "SqliteQueries", "translate_errors"]
+__all__ = ["SqliteDatabase", "SqliteQueries", "is_memory_path", "translate_errors"]
+
+
+def is_memory_path(path: str) -> bool:
+    """Whether a ``sqlite:///`` path names an in-memory database."""
+    return path == ":memory:" or path.startswith("file::memory:") or "mode=memory" in path
+
+
+def _check_file(path: str, *, create: bool) -> None:
+    """Refuse a path with no database (unless creating one), or where none can be."""
+    try:
+        is_dir, exists = os.path.isdir(path), os.path.exists(path)
+    except (ValueError, UnicodeEncodeError):
+        raise InvalidParameterError(f"{path!r} is not a valid file path") from None
+    if is_dir:
+        raise InvalidParameterError(f"{path} is a directory, not a SQLite database file")
+    if exists:
+        return
+    if not create:
+        raise advised(
+            InvalidParameterError,
+            f"there is no SQLite database at {path} (check the path: sqlite:///FILE is "
+            "relative to the current directory, sqlite:////FILE absolute)",
+            "to create one, run kms_async.migrate()",
+            Remedy("migrate"),
+        )
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise InvalidParameterError(
+            f"cannot create the SQLite database {path}: directory {parent} does not exist"
+        )
+
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -65,8 +98,11 @@ def translate_errors() -> Iterator[None]:
     except sqlite3.OperationalError as exc:
         text = str(exc)
         if "no such table" in text:
-            raise SchemaVersionError(
-                f"kms tables are missing ({text}); run kms_async.migrate() or apply sql/sqlite/"
+            raise advised(
+                SchemaVersionError,
+                f"kms tables are missing ({text})",
+                "run kms_async.migrate() or apply sql/sqlite/",
+                Remedy("migrate"),
             ) from exc
         if "locked" in text or "busy" in text:
             raise TransientStorageError(f"database is busy, retry: {text}") from exc
@@ -234,8 +270,10 @@ class SqliteDatabase:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def connect(cls, path: str, *, prefix: str) -> SqliteDatabase:
-        memory = path == ":memory:" or path.startswith("file::memory:")
+    async def connect(cls, path: str, *, prefix: str, create: bool = False) -> SqliteDatabase:
+        memory = is_memory_path(path)
+        if not memory:
+            _check_file(path, create=create)
         with translate_errors():
             writer = await aiosqlite.connect(path, isolation_level=None)
         try:

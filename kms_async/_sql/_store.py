@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .._errors import KeyNotFoundError, SchemaVersionError, StorageError
+from .._errors import KeyNotFoundError, Remedy, SchemaVersionError, StorageError, advised
 from .._types import KeyVersion, Scope
 from ._base import Connection, Queries, Row
 
@@ -128,9 +128,11 @@ class NewDataKey:
 async def schema_version(conn: Connection, q: Queries) -> str:
     rows = await conn.fetch(q.schema_version)
     if len(rows) != 1:
-        raise SchemaVersionError(
-            f"{q.prefix}_schema_version holds {len(rows)} rows instead of one; "
+        raise advised(
+            SchemaVersionError,
+            f"{q.prefix}_schema_version holds {len(rows)} rows instead of one",
             "run kms_async.migrate() on a fresh database or restore the row",
+            Remedy("migrate"),
         )
     return str(rows[0][0])
 
@@ -138,9 +140,11 @@ async def schema_version(conn: Connection, q: Queries) -> str:
 async def collection_version(conn: Connection, q: Queries) -> int:
     value = await conn.fetchval(q.collection_version)
     if value is None:
-        raise StorageError(
-            f"{q.prefix}_collection_version has no row; re-run kms_async.migrate() "
-            "or insert the row (version 1) by hand"
+        raise advised(
+            StorageError,
+            f"{q.prefix}_collection_version has no row",
+            "re-run kms_async.migrate() or insert the row (version 1) by hand",
+            Remedy("migrate"),
         )
     return int(value)
 

@@ -14,11 +14,20 @@ and SQLite (polling ``PRAGMA data_version``); max_staleness is the default
 Targeted invalidation: B caches many scopes, A rotates one; once B serves
 the new version, every cached entry object of B is compared by identity
 with the one it held before.
+
+Other writers (PostgreSQL, schema file 05's triggers): the same latency when
+the rotation is done by plain SQL the way the Go package does it (the
+version bump first, then a root key version and a data key version per
+purpose, in one transaction), and when a tenant is deleted with the
+README's SQL (its row's foreign key cascades to the root key; then the
+bump): from the commit to B serving the new version, or no longer serving
+the deleted scope.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from typing import Any
@@ -93,6 +102,112 @@ async def _targeted(
         own = sum(1 for k in before if k[0] == target)
         results.append((changed, own, seen))
     return results
+
+
+async def _rotate_by_sql(conn: Any, root: Any, scope: str) -> None:
+    """RotateKeys the Go package's way, as plain SQL in one transaction."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from kms_async._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, new_id
+    from kms_async._wrappers import wrap_key
+
+    root_version_id, root_version_key = new_id(ROOT_KEY_VERSION_PREFIX), os.urandom(32)
+    wrapped_root = (await root.encrypt(root_version_key)).to_bytes()
+    aead = AESGCM(root_version_key)
+    async with conn.transaction():
+        await conn.execute("update kms_collection_version set version = version + 1")
+        root_key_id = await conn.fetchval(
+            "select private_id from kms_root_key where scope_id = $1", scope
+        )
+        await conn.execute(
+            "insert into kms_root_key_version (private_id, root_key_id, key) values ($1, $2, $3)",
+            root_version_id,
+            root_key_id,
+            wrapped_root,
+        )
+        for (data_key_id,) in await conn.fetch(
+            "select private_id from kms_data_key where root_key_id = $1", root_key_id
+        ):
+            await conn.execute(
+                "insert into kms_data_key_version"
+                " (private_id, data_key_id, root_key_version_id, key) values ($1, $2, $3, $4)",
+                new_id(DATA_KEY_VERSION_PREFIX),
+                data_key_id,
+                root_version_id,
+                wrap_key(aead, root_version_id, os.urandom(32)),
+            )
+
+
+async def _other_writers(bench: Bench, samples: int) -> None:
+    """PostgreSQL, B listening: a Go-style SQL rotation and the README's tenant deletion."""
+    report = bench.report
+    label = "postgres, LISTEN/NOTIFY"
+    async with c.database(bench, "postgres") as db:
+        a = await db.open(max_staleness=None)
+        b = await db.open()
+        conn = await db.raw_connect()
+        try:
+            tenants = c.scope_ids("tenant", samples // 5)
+            await conn.execute("create table tenant (id text primary key)")
+            await conn.execute("insert into tenant select unnest($1::text[])", [SCOPE, *tenants])
+            await conn.execute(
+                "alter table kms_root_key add constraint kms_root_key_scope_fkey"
+                " foreign key (scope_id) references tenant (id) on delete cascade"
+            )
+            await c.create_scopes(a, [SCOPE, *tenants], [PURPOSE])
+            await b.encrypt(SCOPE, PURPOSE, b"warm")
+            await asyncio.sleep(0.2)
+            rotated = []
+            for _ in range(samples):
+                before = _key_id(await b.encrypt(SCOPE, PURPOSE, b"x"))
+                await _rotate_by_sql(conn, db.root, SCOPE)
+                committed = time.perf_counter()
+                while _key_id(await b.encrypt(SCOPE, PURPOSE, b"x")) == before:
+                    if time.perf_counter() - committed > 5:
+                        raise RuntimeError("B never saw the SQL rotation")
+                    await asyncio.sleep(POLL)
+                rotated.append((time.perf_counter() - committed) * 1e3)
+                await asyncio.sleep(random.uniform(0.0, 0.05))
+            report.add(
+                TARGET,
+                f"SQL rotation the Go way visible to B, p50 [{label}]",
+                c.percentile(rotated, 50),
+                "ms",
+                note=f"{len(rotated)} samples",
+            )
+            report.add(
+                TARGET,
+                f"SQL rotation the Go way visible to B, p99 [{label}]",
+                c.percentile(rotated, 99),
+                "ms",
+                "<= 50",
+                note=f"max {max(rotated):.1f} ms",
+            )
+            deleted = []
+            for tenant in tenants:
+                await b.encrypt(tenant, PURPOSE, b"x")
+                async with conn.transaction():
+                    await conn.execute("delete from tenant where id = $1", tenant)
+                    await conn.execute("update kms_collection_version set version = version + 1")
+                committed = time.perf_counter()
+                while (tenant, PURPOSE) in b._entries:
+                    if time.perf_counter() - committed > 5:
+                        raise RuntimeError("B never dropped the deleted tenant")
+                    await asyncio.sleep(POLL)
+                deleted.append((time.perf_counter() - committed) * 1e3)
+                await asyncio.sleep(random.uniform(0.0, 0.05))
+            report.add(
+                TARGET,
+                f"README tenant deletion reaching B (its keys dropped), p99 [{label}]",
+                c.percentile(deleted, 99),
+                "ms",
+                "<= 50",
+                note=f"p50 {c.percentile(deleted, 50):.1f} ms, {len(deleted)} samples",
+            )
+        finally:
+            await conn.close()
+            await c.close(b)
+            await c.close(a)
 
 
 async def run(bench: Bench) -> None:
@@ -180,6 +295,8 @@ async def run(bench: Bench) -> None:
             finally:
                 await c.close(b)
                 await c.close(a)
+    if bench.postgres:
+        await _other_writers(bench, n_notify)
 
 
 if __name__ == "__main__":

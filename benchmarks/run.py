@@ -35,6 +35,7 @@ BENCHMARKS = {
     "bulk": "6. bulk create / reconcile / rotate vs loops",
     "memory": "7. heap per cached version; LRU bound",
     "large_payloads": "8. large payloads: event-loop lag, offloading",
+    "scale": "issue 12: bulk writes' memory and CPU, cold loads, freshness at N cached pairs",
 }
 
 

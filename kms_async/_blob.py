@@ -197,6 +197,10 @@ def _fields(data: bytes | memoryview) -> list[tuple[int, int, object]]:
 
 def decode(data: bytes | bytearray | memoryview) -> BlobInfo:
     """Decode a BlobInfo, skipping unknown fields; raise DecryptionError if malformed."""
+    if type(data) is bytes:
+        simple = _decode_simple(data)
+        if simple is not None:
+            return simple
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecryptionError("ciphertext must be bytes")
     values: dict[str, object] = {}
@@ -221,6 +225,28 @@ def decode(data: bytes | bytearray | memoryview) -> BlobInfo:
     if "ciphertext" not in values:
         raise DecryptionError("ciphertext is not a valid BlobInfo envelope")
     return BlobInfo(**values)  # type: ignore[arg-type]
+
+
+def _decode_simple(data: bytes) -> BlobInfo | None:
+    """The envelope this library writes (field 1, then key_info holding only a
+    key id, each shorter than 128 bytes), read without the general parser;
+    ``None`` for anything else. Wrapped keys all have this shape."""
+    if len(data) < 6 or data[0] != 0x0A or data[1] >= 0x80:
+        return None
+    info = 2 + data[1]
+    if (
+        len(data) < info + 4
+        or data[info] != 0x2A
+        or data[info + 1] != len(data) - info - 2
+        or data[info + 2] != 0x1A
+        or data[info + 3] != len(data) - info - 4
+    ):
+        return None
+    try:
+        key_id = data[info + 4 :].decode()
+    except UnicodeDecodeError:
+        return None
+    return BlobInfo(data[2:info], key_id)
 
 
 _NONCE_BATCH = 512

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -29,6 +29,8 @@ __all__ = ["CacheKey", "KeyCache", "PurposeKeys", "Refusal", "VersionKey"]
 CacheKey = tuple[str, str]
 
 _MAX_ROOTS = 10_000
+#: invalidate_scopes() counts generations per scope up to this many scopes.
+_COUNTED_SCOPES = 1_000
 
 
 class Refusal:
@@ -203,6 +205,22 @@ class KeyCache:
         for purpose in self.purposes:
             self.entries.pop((scope_id, purpose), None)
             self.demoted.pop((scope_id, purpose), None)
+
+    def invalidate_scopes(self, scope_ids: Sequence[str]) -> None:
+        """:meth:`invalidate_scope` for each scope; for many, one new epoch
+        instead of a counter per scope (a bulk write over a million scopes
+        would otherwise grow the counters by a million)."""
+        if len(scope_ids) <= _COUNTED_SCOPES:
+            for scope_id in scope_ids:
+                self.invalidate_scope(scope_id)
+            return
+        self._epoch += 1
+        if not self.entries and not self.demoted:
+            return
+        for scope_id in scope_ids:
+            for purpose in self.purposes:
+                self.entries.pop((scope_id, purpose), None)
+                self.demoted.pop((scope_id, purpose), None)
 
     def demote_all(self) -> None:
         """Move every entry out of the hot path's reach (see ``demoted``)."""

@@ -9,10 +9,12 @@ Concurrent misses of one pair share a single load (see :class:`KeyCache`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -180,17 +182,40 @@ class Keyring:
     ) -> None:
         """Unwrap each scope's newest root key version with the root wrapper.
 
-        With ``conn`` (the caller's transaction) the rows are read there.
-        With ``replace_unusable``, a newest version the wrapper cannot unwrap
-        is accepted if an older version of the scope unwraps instead: the
+        With ``conn`` (the caller's transaction) the rows are read there; the
+        connection goes back before the root wrapper is called. With
+        ``replace_unusable``, a newest version the wrapper cannot unwrap is
+        accepted if an older version of the scope unwraps instead: the
         recovery from a version written under another root key.
 
         Raises:
             WrapperError: it cannot: nothing may be written with it.
         """
         async with self.reading(conn) as reader:
-            owners = await repo.root_keys_of_scopes(reader, self._q, scope_ids)
-            latest = await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
+            owners, latest = await self._newest_roots(reader, scope_ids)
+        await self._prove(owners, latest, lambda: self.reading(conn), replace_unusable)
+
+    async def prove_scopes_in(
+        self, tx: Connection, scope_ids: list[str], *, replace_unusable: bool = False
+    ) -> None:
+        """:meth:`prove_scopes`, reading through a transaction already open (a bulk
+        write's later chunks, under its write lock)."""
+        owners, latest = await self._newest_roots(tx, scope_ids)
+        await self._prove(owners, latest, lambda: contextlib.nullcontext(tx), replace_unusable)
+
+    async def _newest_roots(
+        self, reader: Connection, scope_ids: list[str]
+    ) -> tuple[dict[str, str], dict[str, repo.RootKeyVersionRow]]:
+        owners = await repo.root_keys_of_scopes(reader, self._q, scope_ids)
+        return owners, await repo.latest_root_key_versions(reader, self._q, list(owners.values()))
+
+    async def _prove(
+        self,
+        owners: dict[str, str],
+        latest: dict[str, repo.RootKeyVersionRow],
+        reading: Callable[[], AbstractAsyncContextManager[Connection]],
+        replace_unusable: bool,
+    ) -> None:
         scope_of = {root_key_id: scope_id for scope_id, root_key_id in owners.items()}
         for root_key_id, row in latest.items():
             try:
@@ -198,7 +223,7 @@ class Keyring:
             except WrapperError as exc:
                 if exc.retryable:
                     raise
-                older = await self._older_unwraps(root_key_id, row.id, conn)
+                older = await self._older_unwraps(root_key_id, row.id, reading)
                 if older is None:
                     if replace_unusable:
                         raise KeyUnusableError(
@@ -232,9 +257,14 @@ class Keyring:
         if latest:
             self._proven_any = True
 
-    async def _older_unwraps(self, root_key_id: str, newest_id: str, conn: Any) -> str | None:
+    async def _older_unwraps(
+        self,
+        root_key_id: str,
+        newest_id: str,
+        reading: Callable[[], AbstractAsyncContextManager[Connection]],
+    ) -> str | None:
         """The id of an older root key version the root wrapper unwraps, if any."""
-        async with self.reading(conn) as reader:
+        async with reading() as reader:
             rows = await repo.root_key_versions(reader, self._q, root_key_id)
         for row in sorted(rows, key=lambda r: r.version, reverse=True):
             if row.id == newest_id:

@@ -16,6 +16,13 @@ Rotations with ``rewrap`` and rewraps follow one path, read top to bottom:
    where nobody can overtake (contention costs holding the lock, never a
    failure);
 3. **apply** the inserts and updates, announce the change, commit.
+
+Bulk calls keep that shape and bounded memory: their scopes are handled
+``CHUNK`` at a time, each chunk made, written and dropped before the next,
+all in the call's one transaction (all or nothing). The first chunk (the
+only one of most calls) is made before the transaction opens; later chunks
+are made under the write lock, so a call over more than ``CHUNK`` scopes
+calls the root wrapper while it holds that lock.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -62,12 +69,44 @@ logger = logging.getLogger("kms_async")
 WRITE_ATTEMPTS = 5
 #: Bulk writes of at most this many scopes put the new keys in the cache.
 PRIME_LIMIT = 100
+#: Bulk writes make and write this many scopes at a time (one transaction).
+CHUNK = 5_000
 
 Snapshot = tuple[str, list[repo.RootKeyVersionRow], list[repo.DataKeyVersionRow]]
 
 
 class _StraddledCommit(Exception):
     """An unlocked snapshot's two reads saw different commits of another writer."""
+
+
+class _ReadAgain(Exception):
+    """Another writer changed what a reconcile read before it took the write lock."""
+
+
+def _chunks(scopes: list[str]) -> Iterator[list[str]]:
+    """The scopes ``CHUNK`` at a time (at least one chunk)."""
+    for start in range(0, max(len(scopes), 1), CHUNK):
+        yield scopes[start : start + CHUNK]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _NewScopes:
+    """Keys for one chunk of new scopes, wrapped and ready to insert."""
+
+    roots: list[tuple[VersionKey, bytes]]
+    root_keys: list[repo.NewRootKey]
+    data_keys: list[tuple[str, repo.NewDataKey, bytes]]  # scope, row, unwrapped key
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Reconciliation:
+    """The missing keys of one chunk of scopes, wrapped and ready to insert."""
+
+    root_keys: list[repo.NewRootKey]
+    data_keys: list[repo.NewDataKey]
+    created: list[tuple[str, str]]  # (scope, purpose)
+    fresh_roots: list[VersionKey]
+    new_keys: dict[str, bytes]  # version id -> key, for the bindings
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,97 +151,128 @@ class Writer:
         try:
             yield
         finally:
-            for scope_id in scope_ids:
-                self._cache.invalidate_scope(scope_id)
+            self._cache.invalidate_scopes(scope_ids)
 
     # -- create ------------------------------------------------------------
 
     async def create(self, scopes: list[str], purposes: list[str], conn: Any) -> None:
         await self._keyring.prove_any(conn)
+        chunks = _chunks(scopes)
+        first = await self._new_scopes(next(chunks), purposes)
+        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
+            changed = await repo.bump_collection_version(tx, self._q)
+            await self._insert_scopes(tx, scopes, first)
+            for chunk in chunks:
+                await self._insert_scopes(tx, scopes, await self._new_scopes(chunk, purposes))
+            await repo.announce(tx, self._q, changed, scopes)
+        if conn is None and len(scopes) <= PRIME_LIMIT:
+            # Committed: the first encrypt for a new scope needs no query.
+            for root, _ in first.roots:
+                self._cache.put_root(root.id, root)
+            for scope_id, row, key in first.data_keys:
+                version = VersionKey(row.version_id, 1, AESGCM(key), key)
+                self._cache.put((scope_id, row.purpose), PurposeKeys([version]))
+        logger.debug("kms_async: created keys for %d scope(s): %s", len(scopes), purposes)
+
+    async def _new_scopes(self, scopes: list[str], purposes: list[str]) -> _NewScopes:
+        """Root and data keys for new scopes, wrapped (root wrapper calls)."""
         roots = await self._keyring.new_roots(len(scopes))
-        prime = conn is None and len(scopes) <= PRIME_LIMIT
-        new_roots = []
-        rows: list[tuple[str, repo.NewDataKey]] = []
-        primed: list[tuple[str, VersionKey]] = []
-        new_keys: dict[str, bytes] = {}
+        root_keys = []
+        data_keys = []
         for scope_id, (root, wrapped) in zip(scopes, roots, strict=True):
-            new_root = repo.NewRootKey(new_id(ROOT_KEY_PREFIX), scope_id, root.id, wrapped)
-            new_roots.append(new_root)
-            new_keys[root.id] = root.key
+            root_key = repo.NewRootKey(new_id(ROOT_KEY_PREFIX), scope_id, root.id, wrapped)
+            root_keys.append(root_key)
             for purpose in purposes:
                 key = os.urandom(KEY_SIZE)
-                version_id = new_id(DATA_KEY_VERSION_PREFIX)
-                new_keys[version_id] = key
                 row = repo.NewDataKey(
                     new_id(DATA_KEY_PREFIX),
-                    new_root.id,
+                    root_key.id,
                     purpose,
-                    version_id,
+                    new_id(DATA_KEY_VERSION_PREFIX),
                     root.id,
                     wrap_key(root.cipher, root.id, key),
                 )
-                rows.append((scope_id, row))
-                if prime:
-                    # Only keys that will be cached get an AESGCM object (2.4 kB each).
-                    primed.append((scope_id, VersionKey(version_id, 1, AESGCM(key), key)))
-        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
-            try:
-                await repo.insert_root_keys(tx, self._q, new_roots)
-            except IntegrityError as exc:
-                if exc.kind != "unique":
-                    raise
-                which = (
-                    f"scope {show(scopes[0])} already has"
-                    if len(scopes) == 1
-                    else "one of the scopes already has"
-                )
-                raise advised(
-                    KeyExistsError,
-                    f"{which} keys and nothing was created",
-                    "use rotate_keys() to make new versions or reconcile_keys() to add purposes",
-                    Remedy("reconcile_keys", scope_id=scopes[0] if len(scopes) == 1 else None),
-                ) from exc
-            await repo.insert_data_keys(tx, self._q, [row for _, row in rows])
-            await self._seal(tx, scopes, new_keys)
-            await repo.announce(tx, self._q, changed, scopes)
-        if prime:
-            # Committed: the first encrypt for a new scope needs no query.
-            for root, _ in roots:
-                self._cache.put_root(root.id, root)
-            for (scope_id, row), (_, version) in zip(rows, primed, strict=True):
-                self._cache.put((scope_id, row.purpose), PurposeKeys([version]))
-        logger.debug("kms_async: created keys for %d scope(s): %s", len(scopes), purposes)
+                data_keys.append((scope_id, row, key))
+        return _NewScopes(roots, root_keys, data_keys)
+
+    async def _insert_scopes(self, tx: Connection, scopes: list[str], new: _NewScopes) -> None:
+        try:
+            await repo.insert_root_keys(tx, self._q, new.root_keys)
+        except IntegrityError as exc:
+            if exc.kind != "unique":
+                raise
+            which = (
+                f"scope {show(scopes[0])} already has"
+                if len(scopes) == 1
+                else "one of the scopes already has"
+            )
+            raise advised(
+                KeyExistsError,
+                f"{which} keys and nothing was created",
+                "use rotate_keys() to make new versions or reconcile_keys() to add purposes",
+                Remedy("reconcile_keys", scope_id=scopes[0] if len(scopes) == 1 else None),
+            ) from exc
+        await repo.insert_data_keys(tx, self._q, [row for _, row, _ in new.data_keys])
+        new_keys = {root.id: root.key for root, _ in new.roots}
+        new_keys.update((row.version_id, key) for _, row, key in new.data_keys)
+        await self._seal(tx, [k.scope_id for k in new.root_keys], new_keys)
 
     # -- rotate and rewrap -------------------------------------------------
 
     async def rotate(
         self, scopes: list[str], *, rewrap: bool, conn: Any, replace_unusable: bool = False
     ) -> None:
-        await self._keyring.prove_scopes(scopes, conn, replace_unusable=replace_unusable)
-        roots = dict(zip(scopes, await self._keyring.new_roots(len(scopes)), strict=True))
-        targets = {scope_id: root for scope_id, (root, _) in roots.items()}
-        plans = await self._plan_outside(scopes, conn, targets) if rewrap else None
+        chunks = _chunks(scopes)
+        first = next(chunks)
+        await self._keyring.prove_scopes(first, conn, replace_unusable=replace_unusable)
+        roots = await self._new_rotation(first)
+        plans = await self._plan_outside(first, conn, _targets(roots)) if rewrap else None
         async with self._invalidating(scopes), self._db.transaction(conn) as tx:
             changed = await repo.bump_collection_version(tx, self._q)
             if rewrap:
-                plans = await self._plan_checked(tx, scopes, plans, targets)
-            new_keys = await self._insert_rotation(tx, roots)
-            if plans:
-                await self._apply(tx, plans)
-            await self._seal(tx, scopes, new_keys)
+                plans = await self._plan_checked(tx, first, plans, _targets(roots))
+            await self._write_rotation(tx, roots, plans)
+            for chunk in chunks:
+                # Under the write lock: nobody can change these rows before we commit.
+                await self._keyring.prove_scopes_in(tx, chunk, replace_unusable=replace_unusable)
+                more = await self._new_rotation(chunk)
+                plans = None
+                if rewrap:
+                    snapshots = await self._snapshots(tx, chunk)
+                    plans = await self._plans(chunk, snapshots, _targets(more), locked=True)
+                await self._write_rotation(tx, more, plans)
             await repo.announce(tx, self._q, changed, scopes)
         if conn is None and len(scopes) <= PRIME_LIMIT:
             for root, _ in roots.values():
                 self._cache.put_root(root.id, root)
         logger.debug("kms_async: rotated %d scope(s) (rewrap=%s)", len(scopes), rewrap)
 
+    async def _new_rotation(self, scopes: list[str]) -> dict[str, tuple[VersionKey, bytes]]:
+        """A new root key version per scope, wrapped (root wrapper calls)."""
+        return dict(zip(scopes, await self._keyring.new_roots(len(scopes)), strict=True))
+
+    async def _write_rotation(
+        self,
+        tx: Connection,
+        roots: dict[str, tuple[VersionKey, bytes]],
+        plans: dict[str, _RewrapPlan] | None,
+    ) -> None:
+        new_keys = await self._insert_rotation(tx, roots)
+        if plans:
+            await self._apply(tx, plans)
+        await self._seal(tx, list(roots), new_keys)
+
     async def rewrap(self, scopes: list[str], *, conn: Any) -> None:
-        plans = await self._plan_outside(scopes, conn, None)
+        chunks = _chunks(scopes)
+        first = next(chunks)
+        plans = await self._plan_outside(first, conn, None)
         async with self._invalidating(scopes), self._db.transaction(conn) as tx:
             changed = await repo.bump_collection_version(tx, self._q)
-            plans = await self._plan_checked(tx, scopes, plans, None)
-            await self._apply(tx, plans)
+            await self._apply(tx, await self._plan_checked(tx, first, plans, None))
+            for chunk in chunks:
+                # Under the write lock: nobody can change these rows before we commit.
+                snapshots = await self._snapshots(tx, chunk)
+                await self._apply(tx, await self._plans(chunk, snapshots, None, locked=True))
             await repo.announce(tx, self._q, changed, scopes)
         logger.debug("kms_async: rewrapped %d scope(s)", len(scopes))
 
@@ -720,71 +790,129 @@ class Writer:
     async def reconcile(self, scopes: list[str], purposes: list[str]) -> list[tuple[str, str]]:
         if not purposes:
             raise InvalidParameterError("missing purposes")
+        # Before any new scope's root key is wrapped, and outside the transaction.
+        await self._keyring.prove_any(None)
         for _attempt in range(WRITE_ATTEMPTS):
-            async with self._db.read() as reader:
-                missing = await repo.missing_data_keys(reader, self._q, scopes, purposes)
-                with_root = sorted({m[2] for m in missing if m[2] is not None})
-                latest = await repo.latest_root_key_versions(reader, self._q, with_root)
-            if not missing:
-                return []
-            roots: dict[str, VersionKey] = {}
-            for root_key_id, row in latest.items():
-                roots[root_key_id] = await self._keyring.unwrap_root(
-                    row.id, row.version, row.wrapped
-                )
-            rootless = list(dict.fromkeys(m[0] for m in missing if m[2] is None))
-            if rootless:
-                await self._keyring.prove_any(None)
-            new_roots: dict[str, repo.NewRootKey] = {}
-            fresh: list[VersionKey] = []
-            for scope_id, (root, wrapped) in zip(
-                rootless, await self._keyring.new_roots(len(rootless)), strict=True
-            ):
-                new_roots[scope_id] = repo.NewRootKey(
-                    new_id(ROOT_KEY_PREFIX), scope_id, root.id, wrapped
-                )
-                roots[new_roots[scope_id].id] = root
-                fresh.append(root)
-            rows = []
-            new_keys = {root.id: root.key for root in fresh}
-            for scope_id, purpose, existing_root in missing:
-                owner = existing_root if existing_root is not None else new_roots[scope_id].id
-                if owner not in roots:
-                    break  # a root key without versions appeared; read again
-                root = roots[owner]
-                version_id = new_id(DATA_KEY_VERSION_PREFIX)
-                new_keys[version_id] = key = os.urandom(KEY_SIZE)
-                rows.append(
-                    repo.NewDataKey(
-                        new_id(DATA_KEY_PREFIX),
-                        owner,
-                        purpose,
-                        version_id,
-                        root.id,
-                        wrap_key(root.cipher, root.id, key),
-                    )
-                )
-            else:
-                changed_scopes = [m[0] for m in missing]
-                try:
-                    async with self._invalidating(changed_scopes), self._db.transaction() as tx:
-                        changed = await repo.bump_collection_version(tx, self._q)
-                        await repo.insert_root_keys(tx, self._q, list(new_roots.values()))
-                        await repo.insert_data_keys(tx, self._q, rows)
-                        await self._seal(tx, list(dict.fromkeys(changed_scopes)), new_keys)
-                        await repo.announce(tx, self._q, changed, changed_scopes)
-                except IntegrityError as exc:
-                    # Another process created some of these keys, or revoked a
-                    # root version we used, since the read: read again.
-                    if exc.kind not in ("unique", "foreign_key"):
-                        raise
-                    continue
-                for version in fresh[:PRIME_LIMIT]:
-                    self._cache.put_root(version.id, version)
-                created = sorted((m[0], m[1]) for m in missing)
-                logger.debug("kms_async: reconcile created %d data keys", len(created))
-                return created
+            try:
+                created = await self._reconcile(scopes, purposes)
+            except _ReadAgain:
+                continue
+            created.sort()
+            logger.debug("kms_async: reconcile created %d data keys", len(created))
+            return created
         raise TransientStorageError("other processes kept creating the same keys; retry")
+
+    async def _reconcile(self, scopes: list[str], purposes: list[str]) -> list[tuple[str, str]]:
+        """One attempt: plan the first chunk that lacks keys outside the transaction,
+        the chunks after it under the write lock; write nothing if nothing lacks keys.
+
+        Raises:
+            _ReadAgain: another process changed the keys since they were read.
+        """
+        chunks = _chunks(scopes)
+        for chunk in chunks:
+            async with self._db.read() as reader:
+                missing, latest = await self._missing(reader, chunk, purposes)
+            if missing:
+                first = await self._reconciliation(missing, latest)
+                break
+        else:
+            return []
+        created: list[tuple[str, str]] = []
+        changed: list[str] = []
+        try:
+            async with self._invalidating(changed), self._db.transaction() as tx:
+                version = await repo.bump_collection_version(tx, self._q)
+                await self._insert_reconciliation(tx, first, created, changed)
+                for chunk in chunks:
+                    missing, latest = await self._missing(tx, chunk, purposes)
+                    if missing:
+                        plan = await self._reconciliation(missing, latest)
+                        await self._insert_reconciliation(tx, plan, created, changed)
+                await repo.announce(tx, self._q, version, changed)
+        except IntegrityError as exc:
+            # Another process created some of these keys, or revoked a root
+            # version we used, since the read.
+            if exc.kind not in ("unique", "foreign_key"):
+                raise
+            raise _ReadAgain from exc
+        for version_key in first.fresh_roots[:PRIME_LIMIT]:
+            self._cache.put_root(version_key.id, version_key)
+        return created
+
+    async def _missing(
+        self, reader: Connection, scopes: list[str], purposes: list[str]
+    ) -> tuple[list[tuple[str, str, str | None]], dict[str, repo.RootKeyVersionRow]]:
+        """(scope, purpose, root key id or None) of each missing data key, and the
+        newest version of each root key they have."""
+        missing = await repo.missing_data_keys(reader, self._q, scopes, purposes)
+        with_root = sorted({m[2] for m in missing if m[2] is not None})
+        return missing, await repo.latest_root_key_versions(reader, self._q, with_root)
+
+    async def _reconciliation(
+        self,
+        missing: list[tuple[str, str, str | None]],
+        latest: dict[str, repo.RootKeyVersionRow],
+    ) -> _Reconciliation:
+        """Wrap the missing keys (root wrapper calls: unwrap existing roots, wrap new ones).
+
+        Raises:
+            _ReadAgain: a root key has no versions (deleted since it was read).
+        """
+        roots: dict[str, VersionKey] = {}
+        for root_key_id, row in latest.items():
+            roots[root_key_id] = await self._keyring.unwrap_root(row.id, row.version, row.wrapped)
+        rootless = list(dict.fromkeys(m[0] for m in missing if m[2] is None))
+        new_roots: dict[str, repo.NewRootKey] = {}
+        fresh: list[VersionKey] = []
+        for scope_id, (root, wrapped) in zip(
+            rootless, await self._keyring.new_roots(len(rootless)), strict=True
+        ):
+            new_roots[scope_id] = repo.NewRootKey(
+                new_id(ROOT_KEY_PREFIX), scope_id, root.id, wrapped
+            )
+            roots[new_roots[scope_id].id] = root
+            fresh.append(root)
+        rows = []
+        new_keys = {root.id: root.key for root in fresh}
+        for scope_id, purpose, existing_root in missing:
+            owner = existing_root if existing_root is not None else new_roots[scope_id].id
+            if owner not in roots:
+                raise _ReadAgain
+            root = roots[owner]
+            version_id = new_id(DATA_KEY_VERSION_PREFIX)
+            new_keys[version_id] = key = os.urandom(KEY_SIZE)
+            rows.append(
+                repo.NewDataKey(
+                    new_id(DATA_KEY_PREFIX),
+                    owner,
+                    purpose,
+                    version_id,
+                    root.id,
+                    wrap_key(root.cipher, root.id, key),
+                )
+            )
+        created = [(m[0], m[1]) for m in missing]
+        return _Reconciliation(list(new_roots.values()), rows, created, fresh, new_keys)
+
+    async def _insert_reconciliation(
+        self,
+        tx: Connection,
+        plan: _Reconciliation,
+        created: list[tuple[str, str]],
+        changed: list[str],
+    ) -> None:
+        # Listed first: the cache drops them however the transaction ends.
+        changed.extend(dict.fromkeys(scope_id for scope_id, _ in plan.created))
+        await repo.insert_root_keys(tx, self._q, plan.root_keys)
+        await repo.insert_data_keys(tx, self._q, plan.data_keys)
+        await self._seal(tx, list(dict.fromkeys(s for s, _ in plan.created)), plan.new_keys)
+        created.extend(plan.created)
+
+
+def _targets(roots: dict[str, tuple[VersionKey, bytes]]) -> dict[str, VersionKey]:
+    """A rotation's new root key version of each scope."""
+    return {scope_id: root for scope_id, (root, _) in roots.items()}
 
 
 def _rows_of(

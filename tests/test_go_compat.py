@@ -22,7 +22,7 @@ import secrets
 from typing import Any
 
 import pytest
-from conftest import POSTGRES_DSN, TestDB, _with_search_path
+from conftest import POSTGRES_DSN, TestDB, _with_search_path, sqlite_args, sqlite_sql
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import kms_async
@@ -303,6 +303,13 @@ OWN_TABLES = (
     "kms_key_version_binding",
     "kms_key_state",
 )
+#: Triggers (on the Go tables) and functions of kms_async's own (PostgreSQL file 05).
+OWN_OBJECTS = {
+    ("function", "kms_key_change_log_version"),
+    ("function", "kms_key_change_note_scope"),
+    ("trigger", "kms_key_change_log"),
+    ("trigger", "kms_key_change_scope"),
+}
 
 
 async def _schema_objects(db: TestDB) -> list[tuple[object, ...]]:
@@ -319,6 +326,7 @@ async def _schema_objects(db: TestDB) -> list[tuple[object, ...]]:
         f" and c.relname not in {OWN_TABLES!r}"
         " union all select 'trigger', t.tgname::text, pg_get_triggerdef(t.oid) from pg_trigger t"
         " join pg_class c on c.oid = t.tgrelid where c.relnamespace = $1::regnamespace"
+        " and not t.tgisinternal"
         " union all select 'function', p.proname::text, pg_get_functiondef(p.oid) from pg_proc p"
         " where p.pronamespace = $1::regnamespace order by 1, 2",
         db.schema,
@@ -329,12 +337,59 @@ async def test_migrate_records_a_go_schema_without_changing_it(go_db: TestDB) ->
     later = [m.name for m in kms_async.migrations(go_db.dialect) if m.number > 1]  # type: ignore[arg-type]
     before = await _schema_objects(go_db)
     # The later files run, and leave a Go-made schema as it was, beside
-    # tables of kms_async's own.
+    # tables, triggers and functions of kms_async's own.
     assert await kms_async.migrate(go_db.dsn) == later
-    assert await _schema_objects(go_db) == before
+    after = await _schema_objects(go_db)
+    assert [o for o in after if (o[0], o[1]) not in OWN_OBJECTS] == before
+    if go_db.dialect == "postgres":
+        assert {(o[0], o[1]) for o in after} - {(o[0], o[1]) for o in before} == OWN_OBJECTS
     assert await go_db.fetchval("select count(*) from kms_key_change") == 0
     assert await go_db.fetchval("select version from kms_schema_version") == "v0.0.2"
     assert await go_db.fetchval("select count(*) from kms_migration") >= 1
+
+
+async def test_go_writes_work_on_a_migrated_go_schema(go_db: TestDB) -> None:
+    """The Go package writes as before once kms_async's files ran (on PostgreSQL
+    the triggers log each write with its scope)."""
+    await kms_async.migrate(go_db.dsn)
+    root_key = secrets.token_bytes(32)
+    rkv_key = secrets.token_bytes(32)
+    conn = await go_db.connect()
+    try:
+        statements: list[tuple[str, tuple[bytes, ...]]] = [
+            ("update kms_collection_version set version = version + 1", ()),
+            ("insert into kms_root_key (private_id, scope_id) values ('krk_GoGoGoGoGo', 'go')", ()),
+            (
+                "insert into kms_root_key_version (private_id, root_key_id, key)"
+                " values ('krkv_GoGoGoGoGo', 'krk_GoGoGoGoGo', $1)",
+                (go_seal(rkv_key, root_key, "root-go"),),
+            ),
+            (
+                "insert into kms_data_key (private_id, root_key_id, purpose)"
+                " values ('kdk_GoGoGoGoGo', 'krk_GoGoGoGoGo', 'database')",
+                (),
+            ),
+            (
+                "insert into kms_data_key_version"
+                " (private_id, data_key_id, root_key_version_id, key)"
+                " values ('kdkv_GoGoGoGoGo', 'kdk_GoGoGoGoGo', 'krkv_GoGoGoGoGo', $1)",
+                (go_seal(b"d" * 32, rkv_key, "krkv_GoGoGoGoGo"),),
+            ),
+        ]
+        if go_db.dialect == "postgres":
+            async with conn.transaction():
+                for sql, args in statements:
+                    await conn.execute(sql, *args)
+        else:
+            await conn.execute("begin immediate")
+            for sql, args in statements:
+                await conn.execute(sqlite_sql(sql), sqlite_args(args))
+            await conn.execute("commit")
+    finally:
+        await conn.close()
+    assert await go_db.fetchval("select version from kms_root_key_version") == 1
+    log = await go_db.fetch("select version, scopes from kms_key_change")
+    assert log == ([(2, '["go"]')] if go_db.dialect == "postgres" else [])
 
 
 async def test_every_operation_works_on_a_go_schema(go_db: TestDB) -> None:

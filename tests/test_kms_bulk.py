@@ -1,25 +1,36 @@
 """The bulk key operations over more scopes than one query batch (1,000) holds.
 
-create_keys_many, rotate_keys_many (with and without rewrap) and
-rewrap_keys_many: all or nothing, the same result as the per-scope calls,
-and safe next to another instance writing the same scopes.
+create_keys_many, rotate_keys_many (with and without rewrap),
+rewrap_keys_many and reconcile_keys: all or nothing, the same result as the
+per-scope calls, and safe next to another instance writing the same scopes.
+The writer's chunk is made small here, so each call spans several chunks
+(the first made before the transaction opens, the others inside it) and a
+failure in a later chunk must undo the earlier ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 
 import pytest
 from conftest import TestDB
 
-from kms_async import KMS, KeyExistsError, KeyNotFoundError
+import kms_async
+from kms_async import KMS, AeadWrapper, BlobInfo, KeyExistsError, KeyNotFoundError, WrapperError
 
 OpenKMS = Callable[..., Awaitable[KMS]]
 
 N = 1_200  # crosses the 1,000-scope query batch
 SCOPES = [f"bulk-{i:05d}" for i in range(N)]
 SAMPLE = [SCOPES[0], SCOPES[999], SCOPES[1000], SCOPES[-1]]
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three chunks of 500, 500 and 200 scopes."""
+    monkeypatch.setattr(kms_async._writer, "CHUNK", 500)
 
 
 async def _wrapped_keys(db: TestDB) -> dict[str, bytes]:
@@ -146,6 +157,48 @@ async def test_rewrap_keys_many_next_to_another_instance_rotating(
         await _check_decrypts(fresh, await _encrypt_sample(fresh))
 
 
+class FailingWrapper(AeadWrapper):
+    """A root wrapper that fails from its ``fail_after``-th wrap on."""
+
+    def __init__(self, key: bytes, fail_after: int) -> None:
+        super().__init__(key, key_id="root-1")
+        self.wraps_left = fail_after
+
+    async def encrypt(self, plaintext: bytes, *, aad: bytes | None = None) -> BlobInfo:
+        self.wraps_left -= 1
+        if self.wraps_left < 0:
+            raise RuntimeError("the root key service is down")
+        return await super().encrypt(plaintext, aad=aad)
+
+
+async def test_reconcile_keys_over_many_chunks(
+    kms: KMS, db: TestDB, open_kms: OpenKMS, root_wrapper: AeadWrapper
+) -> None:
+    await kms.create_keys_many(SCOPES[:600], ["database"])
+    # Chunk 1 lacks only oidc keys; chunk 2 has both kinds; chunk 3 lacks all keys.
+    wanted = [*SCOPES, "bulk-extra"]
+    expected = sorted(
+        [(s, "oidc") for s in SCOPES[:600]]
+        + [(s, p) for s in [*SCOPES[600:], "bulk-extra"] for p in ("database", "oidc")]
+    )
+    tables = "select (select count(*) from kms_root_key), (select count(*) from kms_data_key)"
+    before = await db.fetch(tables)
+
+    # The root wrapper fails in the last chunk (a new scope's root key):
+    # the chunks written before it are undone.
+    failing = FailingWrapper(root_wrapper.key_bytes(), fail_after=N - 600)
+    async with await open_kms(root_wrapper=failing) as other:
+        with pytest.raises(WrapperError):
+            await other.reconcile_keys(wanted)
+    assert await db.fetch(tables) == before
+
+    assert await kms.reconcile_keys(wanted) == expected
+    assert await db.fetch(tables) == [(N + 1, 2 * (N + 1))]
+    assert await kms.reconcile_keys(wanted) == []
+    async with await open_kms() as fresh:
+        await _check_decrypts(fresh, await _encrypt_sample(kms))
+
+
 # -- query plans right after a bulk load (PostgreSQL) ----------------------------
 
 
@@ -177,5 +230,11 @@ async def test_reads_use_the_version_indexes_before_any_analyze(kms: KMS, db: Te
             plan = "\n".join(r[0] for r in await conn.fetch("explain " + sql, *args))
             assert "Seq Scan on kms_data_key_version" not in plan, plan
             assert "Seq Scan on kms_root_key_version" not in plan, plan
+        # The load's estimate stays near the truth (1 row of each kind), so
+        # it never crosses jit_above_cost however many keys the tables hold.
+        plan = json.loads(
+            await conn.fetchval("explain (format json) " + q.load_purpose, "plan-00007", "database")
+        )
+        assert plan[0]["Plan"]["Plan Rows"] <= 10, plan
     finally:
         await conn.close()

@@ -370,6 +370,11 @@ class Queries:
         # The clock that sets every create_time.
         self.database_time = "select current_timestamp"
 
+    def every_version(self, alias: str) -> str:
+        """A condition every key version row meets, added to the cold load's lookups
+        where it makes the planner's estimate honest (PostgreSQL), else nothing."""
+        return ""
+
     def seconds_since(self, timestamp: str) -> str:
         """SQL for the seconds elapsed since ``timestamp`` by the database clock.
 
@@ -386,9 +391,10 @@ class Queries:
         """
         raise NotImplementedError
 
-    def insert_many(self, statement: str) -> str | None:
-        """The statement inserting many rows at once with column arrays, if the
-        dialect has one (PostgreSQL); ``None`` means one execution per row."""
+    def for_many_rows(self, statement: str) -> str | None:
+        """The statement that does what ``statement`` does for many rows at once,
+        bound as column arrays, if the dialect has one (PostgreSQL inserts and
+        re-wrapping updates); ``None`` means one execution per row."""
         return None
 
     #: Whether ``bump_collection_version`` returns the new version (PostgreSQL).
@@ -461,14 +467,15 @@ class Queries:
             f"select 'd', v.private_id, v.version, v.key, v.root_key_version_id, {suspended},"
             f" {data_binding}, v.data_key_id"
             f" from {p}_data_key_version v where v.data_key_id = {data_key_of_pair}"
+            f"{self.every_version('v')}"
             " union all"
             f" select 'r', rv.private_id, rv.version, rv.key, null, false, {root_binding},"
             " rv.root_key_id"
             f" from {p}_root_key_version rv"
             f" where rv.root_key_id = (select private_id from {p}_root_key where scope_id = $1)"
-            " and (rv.private_id in ("
+            f"{self.every_version('rv')} and (rv.private_id in ("
             f"  select v.root_key_version_id from {p}_data_key_version v"
-            f"  where v.data_key_id = {data_key_of_pair}){state_root})"
+            f"  where v.data_key_id = {data_key_of_pair}{self.every_version('v')}){state_root})"
             f"{state_row}"
         )
         self.version_ids_of_pairs = self._version_ids_of_pairs(suspended)

@@ -33,11 +33,11 @@ __all__ = [
     "collection_version",
     "data_keys",
     "data_keys_of_roots",
+    "each_row",
     "find_bindings",
     "find_suspensions",
     "insert_data_keys",
     "insert_root_keys",
-    "insert_rows",
     "key_versions_of_roots",
     "latest_root_key_versions",
     "load_purpose",
@@ -180,16 +180,16 @@ PRUNE_EVERY = 100
 MAX_CHANGES_READ = 1000
 
 
-async def announce(conn: Connection, q: Queries, version: int, scope_ids: Iterable[str]) -> None:
+async def announce(conn: Connection, q: Queries, version: int, scope_ids: Sequence[str]) -> None:
     """Record which scopes this write changed (change log) and tell listeners.
 
     Both take effect only if this transaction commits.
     """
-    scopes = sorted(set(scope_ids))
+    # A bulk write over more scopes than a row lists is logged as "all"
+    # without sorting (or holding a second copy of) its scope list.
+    scopes = sorted(set(scope_ids)) if len(scope_ids) <= MAX_LOGGED_SCOPES else None
     if q.has_change_log:
-        listed = (
-            json.dumps(scopes, ensure_ascii=False) if len(scopes) <= MAX_LOGGED_SCOPES else None
-        )
+        listed = None if scopes is None else json.dumps(scopes, ensure_ascii=False)
         await conn.execute(q.insert_key_change, version, listed)
         if version % PRUNE_EVERY == 0:
             await conn.execute(q.prune_key_changes, version - KEEP_CHANGES)
@@ -403,13 +403,13 @@ async def put_states(
         await conn.executemany(q.upsert_state, rows)
 
 
-async def insert_rows(
+async def each_row(
     conn: Connection, q: Queries, statement: str, rows: Sequence[Sequence[Any]]
 ) -> None:
-    """Run an insert statement for every row, in one statement where the dialect can."""
+    """Run a statement for every row, in one statement where the dialect can."""
     if not rows:
         return
-    many = q.insert_many(statement)
+    many = q.for_many_rows(statement)
     if many is None or len(rows) == 1:
         await conn.executemany(statement, rows)
     else:
@@ -420,7 +420,7 @@ async def insert_root_key_versions(
     conn: Connection, q: Queries, rows: Sequence[tuple[str, str, bytes]]
 ) -> None:
     """(version id, root key id, wrapped key) rows; the database numbers them."""
-    await insert_rows(conn, q, q.insert_root_key_version, rows)
+    await each_row(conn, q, q.insert_root_key_version, rows)
 
 
 async def update_wrapped_keys(
@@ -431,8 +431,8 @@ async def update_wrapped_keys(
 ) -> None:
     """Re-wrapped keys: (new, id, old) for root versions and (new, root version, id,
     old) for data versions; a row whose key is no longer ``old`` is left alone."""
-    await conn.executemany(q.update_root_key_version_key, root_updates)
-    await conn.executemany(q.update_data_key_version_key, data_updates)
+    await each_row(conn, q, q.update_root_key_version_key, root_updates)
+    await each_row(conn, q, q.update_data_key_version_key, data_updates)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -471,20 +471,20 @@ async def delete_key_version(conn: Connection, q: Queries, version_id: str, *, r
 
 
 async def insert_root_keys(conn: Connection, q: Queries, keys: Sequence[NewRootKey]) -> None:
-    await insert_rows(conn, q, q.insert_root_key, [(k.id, k.scope_id) for k in keys])
-    await insert_rows(
+    await each_row(conn, q, q.insert_root_key, [(k.id, k.scope_id) for k in keys])
+    await each_row(
         conn, q, q.insert_root_key_version, [(k.version_id, k.id, k.wrapped) for k in keys]
     )
 
 
 async def insert_data_keys(conn: Connection, q: Queries, keys: Sequence[NewDataKey]) -> None:
-    await insert_rows(
+    await each_row(
         conn,
         q,
         q.insert_data_key,
         [(k.key_id, k.root_key_id, k.purpose) for k in keys if k.new_key],
     )
-    await insert_rows(
+    await each_row(
         conn,
         q,
         q.insert_data_key_version,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from itertools import repeat, starmap
 
 from ._errors import DecryptionError, InvalidParameterError
 
@@ -24,6 +25,7 @@ __all__ = [
     "encode_prefix",
     "encode_suffix",
     "envelope_header",
+    "nonce_batch",
     "nonces",
     "reset_nonces",
 ]
@@ -252,10 +254,35 @@ def nonces(pop: Callable[[], bytes] = _nonce_pool.pop) -> bytes:
             return pop()
         except IndexError:
             # Other threads may drain the refill before this one pops: loop.
-            batch = os.urandom(NONCE_SIZE * _NONCE_BATCH)
-            _nonce_pool.extend(
-                [batch[i : i + NONCE_SIZE] for i in range(0, len(batch), NONCE_SIZE)]
-            )
+            _refill()
+
+
+def _refill() -> None:
+    _nonce_pool.extend(_split(os.urandom(NONCE_SIZE * _NONCE_BATCH)))
+
+
+def _split(batch: bytes) -> list[bytes]:
+    return [batch[i : i + NONCE_SIZE] for i in range(0, len(batch), NONCE_SIZE)]
+
+
+def nonce_batch(count: int) -> list[bytes]:
+    """``count`` fresh random 96-bit nonces, for the batch calls.
+
+    Each one is popped from the buffer on its own (``list.pop`` is atomic, so
+    no two threads receive the same one). If the buffer runs dry midway, the
+    nonces already popped are dropped, never handed out again, and the
+    buffer is refilled; a batch larger than the buffer is drawn from the OS
+    CSPRNG at once.
+    """
+    if count <= _NONCE_BATCH:
+        for _ in range(2):
+            if count <= len(_nonce_pool):
+                try:
+                    return list(starmap(_nonce_pool.pop, repeat((), count)))
+                except IndexError:
+                    pass  # other threads drained it meanwhile
+            _refill()
+    return _split(os.urandom(NONCE_SIZE * count))
 
 
 if hasattr(os, "register_at_fork"):

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _reencrypt
+from ._batch import aad_list, item_list, open_many, seal_many
 from ._blob import (
     ENVELOPE_HEADERS,
     NONCE_SIZE,
@@ -35,6 +36,7 @@ from ._blob import (
     encode_suffix,
     envelope_header,
     field_length,
+    nonce_batch,
     nonces,
     take_nonce,
 )
@@ -88,6 +90,10 @@ DEFAULT_REVOKE_GRACE = 60.0
 _SUFFIX_SIZE = len(encode_suffix(f"{DATA_KEY_VERSION_PREFIX}_{'0' * ID_LENGTH}"))
 #: Above this size, decrypt slices through a memoryview instead of copying.
 _COPY_LIMIT = 4096
+#: What one item of a batch weighs against ``offload_threshold``, on top of its
+#: bytes: a batch of many small items also runs in a worker thread once it
+#: would hold the event loop about as long as one large payload.
+_ITEM_WEIGHT = 1024
 
 #: Open instances, so a forked child can make the ones it inherited unusable.
 _instances: weakref.WeakSet[KMS] = weakref.WeakSet()
@@ -516,6 +522,135 @@ class KMS(AsyncResource):
             ) from None
         except (TypeError, BufferError, OverflowError):
             raise InvalidParameterError("aad must be contiguous bytes") from None
+
+    # -- many values for one pair ------------------------------------------
+
+    async def encrypt_many(
+        self,
+        scope_id: str,
+        purpose: str,
+        plaintexts: Sequence[bytes],
+        *,
+        aad: Sequence[bytes | None] | None = None,
+    ) -> list[bytes]:
+        """:meth:`encrypt` each plaintext with the newest key of (scope, purpose), in order.
+
+        Each envelope is the one :meth:`encrypt` would return, under its own
+        nonce, so :meth:`decrypt` reads it. ``aad`` is ``None`` or one AAD per
+        plaintext (``None`` or ``b""`` for none). An empty list returns ``[]``
+        without reading any key. Large batches (their bytes plus 1 KiB per
+        item reaching ``offload_threshold``) are encrypted in a worker thread.
+
+        Raises:
+            InvalidParameterError: bad scope or purpose; ``plaintexts`` or
+                ``aad`` not a list, or of different lengths; an item that is
+                not bytes (its position is in the message and in ``index``).
+            KeyNotFoundError: the scope has no key for the purpose.
+        """
+        items = item_list("plaintexts", plaintexts)
+        aads = aad_list(aad, len(items), "plaintexts")
+        if not items:
+            self._check_pair(scope_id, purpose)
+            return []
+        try:
+            keys = self._entries[(scope_id, purpose)]
+            keys.used = True
+        except KeyError:
+            keys = None
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            keys = await self._missed(scope_id, purpose)
+        try:
+            weight = sum(map(len, items)) + _ITEM_WEIGHT * len(items)
+            if weight < self._offload_threshold:
+                return seal_many(keys.aead, keys.suffix, nonce_batch(len(items)), items, aads)
+            return await anyio.to_thread.run_sync(
+                seal_many, keys.aead, keys.suffix, nonce_batch(len(items)), items, aads
+            )
+        except (TypeError, BufferError, OverflowError):
+            pass  # an unusable item: encrypt them one by one to name it
+        return await self._each(self.encrypt, "plaintexts", scope_id, purpose, items, aads)
+
+    async def decrypt_many(
+        self,
+        scope_id: str,
+        purpose: str,
+        ciphertexts: Sequence[bytes],
+        *,
+        aad: Sequence[bytes | None] | None = None,
+    ) -> list[bytes]:
+        """:meth:`decrypt` each ciphertext of (scope, purpose), in order.
+
+        Takes any mix of envelopes :meth:`encrypt` and :meth:`encrypt_many`
+        made, under any version of the pair. ``aad`` is ``None`` or one AAD
+        per ciphertext. All or nothing: if any item cannot be decrypted, the
+        call raises the error :meth:`decrypt` raises for the first such item,
+        with its position in the message and in the error's ``index``, and
+        returns no plaintext. An empty list returns ``[]`` without reading
+        any key.
+
+        Raises:
+            DecryptionError: an item is tampered, malformed, under the wrong
+                AAD or the wrong key (``index`` says which).
+            UnknownKeyVersionError: an item names a version that is revoked
+                or not this pair's (``index`` says which).
+            InvalidParameterError: bad scope or purpose; ``ciphertexts`` or
+                ``aad`` not a list, or of different lengths; an unusable AAD.
+            KeyNotFoundError: the scope has no key for the purpose.
+        """
+        items = item_list("ciphertexts", ciphertexts)
+        aads = aad_list(aad, len(items), "ciphertexts")
+        if not items:
+            self._check_pair(scope_id, purpose)
+            return []
+        try:
+            keys = self._entries[(scope_id, purpose)]
+            keys.used = True
+        except KeyError:
+            keys = None
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            keys = await self._missed(scope_id, purpose, decrypting=True)
+        try:
+            sizes = list(map(len, items))
+            if sum(sizes) + _ITEM_WEIGHT * len(items) < self._offload_threshold:
+                opened = open_many(keys.aead, keys.suffix, keys.older, items, sizes, aads)
+            else:
+                opened = await anyio.to_thread.run_sync(
+                    open_many, keys.aead, keys.suffix, keys.older, items, sizes, aads
+                )
+        except (InvalidTag, TypeError, BufferError, OverflowError):
+            opened = None  # one by one below, to name the item
+        if opened is not None:
+            return opened
+        return await self._each(self.decrypt, "ciphertexts", scope_id, purpose, items, aads)
+
+    async def _each(
+        self,
+        call: Callable[..., Awaitable[bytes]],
+        name: str,
+        scope_id: str,
+        purpose: str,
+        items: Sequence[Any],
+        aads: Sequence[Any],
+    ) -> list[bytes]:
+        """A batch item by item: the general path, which names the item that fails."""
+        done = []
+        for index, (item, item_aad) in enumerate(zip(items, aads, strict=True)):
+            try:
+                done.append(await call(scope_id, purpose, item, aad=item_aad))
+            except (DecryptionError, InvalidParameterError) as exc:
+                exc.index = index
+                exc.args = (f"{name}[{index}]: {exc}",)
+                raise
+        return done
+
+    def _check_pair(self, scope_id: str, purpose: str) -> None:
+        self._check_open()
+        check_scope(scope_id)
+        check_data_purpose(purpose, self._purposes)
 
     async def _missed(
         self, scope_id: str, purpose: str, *, decrypting: bool = False

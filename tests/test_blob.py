@@ -174,6 +174,25 @@ async def test_kms_encrypt_matches_an_aead_wrapper_over_the_same_key_byte_for_by
     assert await kms.decrypt("s1", "database", from_kms, aad=aad) == plaintext
 
 
+@pytest.mark.parametrize("name", DATA_VECTORS)
+async def test_encrypt_many_writes_what_encrypt_writes_byte_for_byte(
+    kms: KMS, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    vector = VECTORS[name]
+    plaintext = bytes.fromhex(vector["plaintext"])
+    aad = unhex(vector["aad"])
+    nonce = bytes.fromhex(vector["nonce"])
+    await kms.create_keys("s1")
+    fixed_nonce(monkeypatch, _kms, nonce)
+    monkeypatch.setattr(_kms, "nonce_batch", lambda count: [nonce] * count)
+
+    single = await kms.encrypt("s1", "oidc", plaintext, aad=aad)
+    batch = await kms.encrypt_many("s1", "oidc", [plaintext, plaintext], aad=[aad, aad])
+
+    assert batch == [single, single]
+    assert await kms.decrypt_many("s1", "oidc", batch, aad=[aad, aad]) == [plaintext] * 2
+
+
 def test_the_extra_fields_vector_decodes_with_its_extra_fields() -> None:
     blob = BlobInfo.from_bytes(bytes.fromhex(VECTORS["data_with_extra_fields"]["ciphertext"]))
     assert blob.key_id == DATA_VERSION["private_id"]
@@ -447,6 +466,26 @@ def test_nonces_drawn_from_many_threads_are_distinct() -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         drawn = [n for batch in pool.map(draw, range(8)) for n in batch]
     assert len(set(drawn)) == 16_000
+
+
+def test_nonce_batches_are_distinct_from_each_other_and_from_single_nonces() -> None:
+    drawn = [_blob.nonces() for _ in range(100)]
+    for count in (0, 1, 64, 511, 512, 513, 2000, 64, 64):
+        batch = _blob.nonce_batch(count)
+        assert len(batch) == count
+        assert all(type(n) is bytes and len(n) == NONCE_SIZE for n in batch)
+        drawn += batch
+    drawn += [_blob.nonces() for _ in range(100)]
+    assert len(set(drawn)) == len(drawn)
+
+
+def test_nonce_batches_drawn_from_many_threads_are_distinct() -> None:
+    def draw(_: int) -> list[bytes]:
+        return [n for _ in range(100) for n in _blob.nonce_batch(37)] + [_blob.nonces()]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        drawn = [n for batch in pool.map(draw, range(8)) for n in batch]
+    assert len(set(drawn)) == 8 * 3701
 
 
 def test_the_wrappers_draw_their_nonces_from_the_shared_source(

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import repeat
 from operator import getitem
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ._blob import NONCE_SIZE, TAG_SIZE, envelope_header
+from ._blob import Layout, envelope_layout, sealed_header
 from ._errors import InvalidParameterError
 
 __all__ = ["aad_list", "item_list", "open_many", "seal_many"]
@@ -31,6 +31,16 @@ __all__ = ["aad_list", "item_list", "open_many", "seal_many"]
 _COPY_LIMIT = 4096
 
 _join = b"".join
+
+
+class Cipher(Protocol):
+    """An AESGCM, or what stands in for a version that must not be used."""
+
+    def encrypt(self, nonce: bytes, data: Any, aad: Any, /) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, data: Any, aad: Any, /) -> bytes: ...
+
+
 _aead_decrypt = AESGCM.decrypt
 _BUFFERS = (str, bytes, bytearray, memoryview)
 
@@ -70,7 +80,7 @@ def aad_list(aad: object, count: int, name: str) -> Sequence[Any]:
 
 
 def seal_many(
-    aead: AESGCM,
+    aead: Cipher,
     suffix: bytes,
     nonces: list[bytes],
     plaintexts: Sequence[Any],
@@ -84,50 +94,32 @@ def seal_many(
     sealed = list(map(aead.encrypt, nonces, plaintexts, aads))
     sizes = list(map(len, sealed))
     if sizes.count(sizes[0]) == len(sizes):
-        headers: Any = repeat(envelope_header(sizes[0] + NONCE_SIZE))
+        headers: Any = repeat(sealed_header(sizes[0]))
     else:
-        by_size = {size: envelope_header(size + NONCE_SIZE) for size in set(sizes)}
+        by_size = {size: sealed_header(size) for size in set(sizes)}
         headers = map(by_size.__getitem__, sizes)
     return list(map(_join, zip(headers, nonces, sealed, repeat(suffix))))
 
 
-_Layout = tuple[bytes, slice, slice]
-_layouts: dict[tuple[int, int], _Layout | None] = {}
+_layouts: dict[tuple[int, int], Layout | None] = {}
 
 
-def _layout(size: int, suffix_size: int) -> _Layout | None:
-    """Header, nonce slice and body slice of an envelope of ``size`` bytes, if any.
-
-    Only the canonical (shortest) length varint is accepted here; any other
-    well-formed envelope goes the item-by-item way.
-    """
+def _layout(size: int, suffix_size: int) -> Layout | None:
     key = (size, suffix_size)
     try:
         return _layouts[key]
     except KeyError:
         pass
-    found = None
-    payload = size - suffix_size - 1  # field 1's length varint and value
-    for varint_size in range(1, 6):
-        length = payload - varint_size
-        if length < NONCE_SIZE + TAG_SIZE:
-            break
-        header = envelope_header(length)
-        if len(header) == varint_size + 1:
-            start = varint_size + 1
-            end = start + length
-            found = header, slice(start, start + NONCE_SIZE), slice(start + NONCE_SIZE, end)
-            break
     if len(_layouts) >= 4096:
         _layouts.clear()
-    _layouts[key] = found
+    found = _layouts[key] = envelope_layout(size, suffix_size)
     return found
 
 
 def open_many(
-    aead: AESGCM,
+    aead: Cipher,
     suffix: bytes,
-    older: dict[bytes, AESGCM] | None,
+    older: dict[bytes, Any] | None,
     ciphertexts: Sequence[Any],
     sizes: list[int],
     aads: Sequence[Any],
@@ -151,7 +143,7 @@ def open_many(
     if tails.count(suffix) != count:
         if older is None:
             return None
-        by_suffix: dict[Any, AESGCM] = {suffix: aead, **older}
+        by_suffix: dict[Any, Any] = {suffix: aead, **older}
         keys = list(map(by_suffix.get, tails))
         if None in keys:
             return None
@@ -160,8 +152,8 @@ def open_many(
         layout = _layout(size, suffix_size)
         if layout is None:
             return None
-        header, nonce_at, body_at = layout
-        heads = list(map(getitem, ciphertexts, repeat(slice(0, len(header)))))
+        header, head_at, nonce_at, body_at = layout
+        heads = list(map(getitem, ciphertexts, repeat(head_at)))
         if heads.count(header) != count:
             return None
         nonces: list[Any] = list(map(getitem, ciphertexts, repeat(nonce_at)))
@@ -176,12 +168,12 @@ def open_many(
                 return None
             layouts[size] = layout
         per_item = list(map(layouts.__getitem__, sizes))
-        heads = list(map(getitem, ciphertexts, [slice(0, len(x[0])) for x in per_item]))
+        heads = list(map(getitem, ciphertexts, [x[1] for x in per_item]))
         if heads != [x[0] for x in per_item]:
             return None
-        nonces = list(map(getitem, ciphertexts, [x[1] for x in per_item]))
+        nonces = list(map(getitem, ciphertexts, [x[2] for x in per_item]))
         views = ciphertexts if max(distinct) < _COPY_LIMIT else map(memoryview, ciphertexts)
-        bodies = map(getitem, views, [x[2] for x in per_item])
+        bodies = map(getitem, views, [x[3] for x in per_item])
     if keys is None:
         return list(map(aead.decrypt, nonces, bodies, aads))
     return list(map(_aead_decrypt, keys, nonces, bodies, aads))

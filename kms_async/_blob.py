@@ -25,9 +25,11 @@ __all__ = [
     "encode_prefix",
     "encode_suffix",
     "envelope_header",
+    "envelope_layout",
     "nonce_batch",
     "nonces",
     "reset_nonces",
+    "sealed_header",
 ]
 
 NONCE_SIZE = 12
@@ -299,4 +301,48 @@ def envelope_header(length: int) -> bytes:
         if header is None:
             header = ENVELOPE_HEADERS[length] = encode_prefix(length)
         return header
+    if length < 0x200000:  # up to 2 MiB: three varint bytes, written out
+        return bytes((0x0A, (length & 0x7F) | 0x80, ((length >> 7) & 0x7F) | 0x80, length >> 14))
     return encode_prefix(length)
+
+
+#: Envelope headers by the length of the AES-GCM output they precede (after
+#: the nonce), filled on first use: the hot path saves an addition this way.
+SEALED_HEADERS: list[bytes | None] = [None] * 0x4000
+
+
+def sealed_header(size: int) -> bytes:
+    """The bytes before the nonce and ``size`` bytes of AES-GCM output."""
+    header = envelope_header(size + NONCE_SIZE)
+    if size < len(SEALED_HEADERS):
+        SEALED_HEADERS[size] = header
+    return header
+
+
+#: Where the parts of an envelope of a given size are: its header, and the
+#: slices of the header, the nonce and the AES-GCM output.
+Layout = tuple[bytes, slice, slice, slice]
+
+
+def envelope_layout(size: int, suffix_size: int) -> Layout | None:
+    """The layout of a ``size``-byte envelope this library writes, if one fits.
+
+    That is field 1 with the shortest length varint, holding a nonce and at
+    least a tag, then ``suffix_size`` bytes of key_info. Other well-formed
+    envelopes (a longer varint, more fields) exist; they take the general path.
+    """
+    payload = size - suffix_size - 1  # field 1's length varint and value
+    for varint_size in range(1, 6):
+        length = payload - varint_size
+        if length < NONCE_SIZE + TAG_SIZE:
+            return None
+        header = envelope_header(length)
+        if len(header) == varint_size + 1:
+            start = varint_size + 1
+            return (
+                header,
+                slice(0, start),
+                slice(start, start + NONCE_SIZE),
+                slice(start + NONCE_SIZE, start + length),
+            )
+    return None

@@ -442,6 +442,27 @@ def test_arbitrary_bytes_decode_or_raise_decryption_error(data: bytes) -> None:
     assert isinstance(blob.ciphertext, bytes)
 
 
+# -- envelope layout ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "length", [0, 1, 0x7F, 0x80, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 0xFFFFFFF, 0x10000000]
+)
+def test_envelope_headers_hold_the_shortest_varint(length: int) -> None:
+    assert _blob.envelope_header(length) == _blob.encode_prefix(length)
+
+
+async def test_a_longer_length_varint_still_decrypts_through_the_general_path(kms: KMS) -> None:
+    await kms.create_keys("s1")
+    plaintext = b"sixteen bytes!!!"
+    canonical = await kms.encrypt("s1", "database", plaintext)
+    assert canonical[:2] == b"\x0a\x2c"  # 12 + 16 + 16 bytes
+    padded = b"\x0a\xac\x00" + canonical[2:]  # the same length as a two-byte varint
+    assert BlobInfo.from_bytes(padded) == BlobInfo.from_bytes(canonical)
+    assert await kms.decrypt("s1", "database", padded) == plaintext
+    assert await kms.decrypt_many("s1", "database", [canonical, padded]) == [plaintext] * 2
+
+
 # -- nonces --------------------------------------------------------------------------
 
 

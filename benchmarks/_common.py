@@ -229,10 +229,16 @@ async def calibrate(runner: Runner, slice_seconds: float) -> int:
 
 @dataclasses.dataclass
 class Rounds:
-    """Per contender, the seconds per operation of each round, by both clocks."""
+    """Per contender, the seconds per operation of each slice, by both clocks.
+
+    ``paired[name]`` holds, per slice of ``name``, the base's slice run just
+    before or after it (same round, adjacent in time).
+    """
 
     wall: dict[str, list[float]]
     cpu: dict[str, list[float]]
+    paired: dict[str, list[tuple[float, float]]] = dataclasses.field(default_factory=dict)
+    paired_base: str | None = None
 
     def per_op(self, name: str, clock: str) -> list[float]:
         return (self.cpu if clock == "cpu" else self.wall)[name]
@@ -240,34 +246,73 @@ class Rounds:
     def median(self, name: str, clock: str) -> float:
         return median(self.per_op(name, clock))
 
+    def ratios(self, name: str, base: str, clock: str) -> list[float]:
+        """(name / base) per slice of name, against the adjacent base slice if paired."""
+        times = self.per_op(name, clock)
+        if base == self.paired_base and name in self.paired:
+            index = 1 if clock == "cpu" else 0
+            bases = [pair[index] for pair in self.paired[name]]
+        else:
+            bases = self.per_op(base, clock)
+        return [t / b for t, b in zip(times, bases, strict=True)]
+
     def ratio(self, name: str, base: str, clock: str) -> float:
         """Median over rounds of (name / base) in the same round, by one clock."""
-        times, bases = self.per_op(name, clock), self.per_op(base, clock)
-        return median(t / b for t, b in zip(times, bases, strict=True))
+        return median(self.ratios(name, base, clock))
+
+    def spread(self, name: str, base: str, clock: str) -> tuple[float, float]:
+        """The 25th and 75th percentiles of the per-round ratios."""
+        values = self.ratios(name, base, clock)
+        return percentile(values, 25), percentile(values, 75)
 
 
-async def interleave(runners: dict[str, Runner], *, rounds: int, slice_seconds: float) -> Rounds:
+async def interleave(
+    runners: dict[str, Runner],
+    *,
+    rounds: int,
+    slice_seconds: float,
+    paired_with: str | None = None,
+) -> Rounds:
     """Time per operation of each runner, one value per round and clock.
 
     Contenders run one after another inside each round (A, B, C, A, B, C, ...),
     with the order rotated each round, so slow drifts of a noisy machine hit
-    them all alike. Each slice is timed by the wall clock and by the
-    process's CPU time (all its threads, so work handed to a worker thread
-    counts): while other processes hold the CPU, this one is not running and
-    its CPU time does not advance, so ratios by CPU time barely move with the
-    machine's load. Waiting for a server is not in it: contenders that wait
-    are compared by the wall clock.
+    them all alike. With ``paired_with`` (the base), the base runs again
+    right before each other contender's slice (after it, every other round),
+    and each ratio is taken against that adjacent slice: the two are a few
+    hundred milliseconds apart at most.
+
+    Each slice is timed by the wall clock and by the process's CPU time (all
+    its threads, so work handed to a worker thread counts): while other
+    processes hold the CPU, this one is not running and its CPU time does not
+    advance. Waiting for a server is not in it: contenders that wait are
+    compared by the wall clock.
     """
     counts = {name: await calibrate(r, slice_seconds) for name, r in runners.items()}
     names = list(runners)
     result = Rounds({name: [] for name in names}, {name: [] for name in names})
+    result.paired_base = paired_with
+
+    async def timed(name: str) -> tuple[float, float]:
+        n = counts[name]
+        wall, cpu = await runners[name](n)
+        result.wall[name].append(wall / n)
+        result.cpu[name].append(cpu / n)
+        return wall / n, cpu / n
+
     for i in range(rounds):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            n = counts[name]
-            wall, cpu = await runners[name](n)
-            result.wall[name].append(wall / n)
-            result.cpu[name].append(cpu / n)
+            if paired_with is None or name == paired_with:
+                await timed(name)
+                continue
+            if i % 2 == 0:
+                base = await timed(paired_with)
+                await timed(name)
+            else:
+                await timed(name)
+                base = await timed(paired_with)
+            result.paired.setdefault(name, []).append(base)
     return result
 
 

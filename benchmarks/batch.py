@@ -83,7 +83,7 @@ async def run(bench: Bench) -> None:
     # malloc arena, as for target 8, or each call page-faults its buffers in.
     report.note(TARGET, c.steady_allocator(one_arena=True))
     rounds = bench.pick(2, 15)
-    slice_seconds = bench.pick(0.01, 0.15)
+    slice_seconds = bench.pick(0.01, 0.08)
     print(
         f"  {rounds} rounds x {slice_seconds:.2f} s per contender per size, interleaved; "
         "ratio = median over rounds of (contender / floor) in the same round, by process CPU time"
@@ -104,7 +104,9 @@ async def run(bench: Bench) -> None:
             for dialect, kms in instances.items():
                 runners[f"encrypt_many + decrypt_many [{dialect}]"] = many_runner(kms, pts)
                 runners[f"{BATCH} x encrypt + decrypt [{dialect}]"] = loop_runner(kms, pts)
-            timed = await c.interleave(runners, rounds=rounds, slice_seconds=slice_seconds)
+            timed = await c.interleave(
+                runners, rounds=rounds, slice_seconds=slice_seconds, paired_with=FLOOR
+            )
             label = size_label(size)
             print(f"  -- {label}")
             for name in runners:
@@ -121,15 +123,18 @@ async def run(bench: Bench) -> None:
                 cell = f"{c.fmt(per_value)} µs"
                 if name != FLOOR:
                     goal = GOALS.get(size) if name.startswith("encrypt_many") else None
+                    low, high = timed.spread(name, FLOOR, "cpu")
                     figure = report.add(
                         TARGET,
                         f"{name} / floor @ {label}",
                         timed.ratio(name, FLOOR, "cpu"),
                         "x",
                         goal,
+                        note=f"rounds' middle half {low:.2f}-{high:.2f}",
                         kind="ratio",
                         contender=name,
                         size=size,
+                        rounds=timed.ratios(name, FLOOR, "cpu"),
                     )
                     cell += f" ({c.fmt(figure.value)}x)"
                     if goal is not None:

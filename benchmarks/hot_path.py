@@ -224,7 +224,7 @@ async def run(bench: Bench) -> None:
     report = bench.report
     report.note(TARGET, c.steady_allocator())
     rounds = bench.pick(2, 15)
-    slice_seconds = bench.pick(0.01, 0.15)
+    slice_seconds = bench.pick(0.01, 0.08)
     print(
         f"  {rounds} rounds x {slice_seconds:.2f} s per contender per size, contenders "
         "interleaved; ratio = median over rounds of (contender / floor) in the same round, "
@@ -277,7 +277,9 @@ async def run(bench: Bench) -> None:
                 runners[name] = c.sync_runner(factory(pt))
             for dialect, (go, go_scopes) in imitations.items():
                 runners[f"Go-design imitation [{dialect}]"] = go_design_runner(go, go_scopes, pt)
-            timed = await c.interleave(runners, rounds=rounds, slice_seconds=slice_seconds)
+            timed = await c.interleave(
+                runners, rounds=rounds, slice_seconds=slice_seconds, paired_with=FLOOR
+            )
             label = size_label(size)
             print(f"  -- {label}")
             for name in runners:
@@ -297,16 +299,19 @@ async def run(bench: Bench) -> None:
                 if name != FLOOR:
                     floor_ratio = timed.ratio(name, FLOOR, clock)
                     goal = GOALS.get(size) if name.startswith("kms_async [") else None
+                    low, high = timed.spread(name, FLOOR, clock)
                     floor_fig = report.add(
                         TARGET,
                         f"{name} / floor @ {label}",
                         floor_ratio,
                         "x",
                         goal,
+                        note=f"rounds' middle half {low:.2f}-{high:.2f}",
                         kind="ratio",
                         contender=name,
                         size=size,
                         clock=clock,
+                        rounds=timed.ratios(name, FLOOR, clock),
                     )
                     cell += f" ({c.fmt(floor_ratio)}x"
                     if name != URANDOM:

@@ -50,6 +50,7 @@ from ._errors import (
     ForeignContextError,
     InvalidParameterError,
     KeyNotFoundError,
+    KMSError,
     Remedy,
     SchemaVersionError,
     UnknownKeyVersionError,
@@ -607,8 +608,8 @@ class KMS(AsyncResource):
             return await anyio.to_thread.run_sync(
                 seal_many, keys.aead, keys.suffix, nonce_batch(len(items)), items, aads
             )
-        except (TypeError, BufferError, OverflowError):
-            pass  # an unusable item: encrypt them one by one to name it
+        except (TypeError, BufferError, OverflowError, KMSError):
+            pass  # an unusable item or version: encrypt them one by one to name it
         return await self._each(self.encrypt, "plaintexts", scope_id, purpose, items, aads)
 
     async def decrypt_many(
@@ -660,7 +661,7 @@ class KMS(AsyncResource):
                 opened = await anyio.to_thread.run_sync(
                     open_many, keys.aead, keys.suffix, keys.older, items, sizes, aads
                 )
-        except (InvalidTag, TypeError, BufferError, OverflowError):
+        except (InvalidTag, TypeError, BufferError, OverflowError, KMSError):
             opened = None  # one by one below, to name the item
         if opened is not None:
             return opened
@@ -680,7 +681,7 @@ class KMS(AsyncResource):
         for index, (item, item_aad) in enumerate(zip(items, aads, strict=True)):
             try:
                 done.append(await call(scope_id, purpose, item, aad=item_aad))
-            except (DecryptionError, InvalidParameterError) as exc:
+            except KMSError as exc:
                 exc.index = index
                 exc.args = (f"{name}[{index}]: {exc}",)
                 raise

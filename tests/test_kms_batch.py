@@ -17,6 +17,7 @@ from kms_async import (
     DecryptionError,
     InvalidParameterError,
     KeyNotFoundError,
+    KeySuspendedError,
     KMSError,
     UnknownKeyVersionError,
 )
@@ -151,6 +152,18 @@ async def test_a_revoked_version_names_the_item(scoped: KMS) -> None:
     with pytest.raises(UnknownKeyVersionError, match=r"ciphertexts\[1\]") as caught:
         await scoped.decrypt_many("s1", "database", [new[0], old[0]])
     assert caught.value.index == 1
+
+
+async def test_a_suspended_version_names_the_item(scoped: KMS) -> None:
+    old = await scoped.encrypt_many("s1", "database", [b"old"])
+    await scoped.rotate_keys("s1")
+    new = await scoped.encrypt_many("s1", "database", [b"new"])
+    await scoped.suspend_key_version(key_id(old[0]))
+    with pytest.raises(KeySuspendedError) as caught:
+        await scoped.decrypt_many("s1", "database", [new[0], old[0]])
+    assert caught.value.index == 1
+    await scoped.resume_key_version(key_id(old[0]))
+    assert await scoped.decrypt_many("s1", "database", [new[0], old[0]]) == [b"new", b"old"]
 
 
 async def test_another_scopes_ciphertext_is_refused(kms: KMS) -> None:

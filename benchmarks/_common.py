@@ -739,7 +739,15 @@ async def describe(bench: Bench) -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "postgres": None,
     }
-    for dist in ("cryptography", "asyncpg", "aiosqlite", "anyio", "tink", "aws-encryption-sdk"):
+    for dist in (
+        "cryptography",
+        "asyncpg",
+        "aiosqlite",
+        "anyio",
+        "tink",
+        "aws-encryption-sdk",
+        "psycopg",
+    ):
         meta[dist] = _version(dist)
     if bench.postgres:
         conn = await asyncpg.connect(bench.postgres)

@@ -339,10 +339,16 @@ def envelope_layout(size: int, suffix_size: int) -> Layout | None:
         header = envelope_header(length)
         if len(header) == varint_size + 1:
             start = varint_size + 1
+            # Header and nonce slices are shared: a table of layouts by size
+            # then holds one new slice per size.
             return (
                 header,
-                slice(0, start),
-                slice(start, start + NONCE_SIZE),
+                _HEADER_AT[start],
+                _NONCE_AT[start],
                 slice(start + NONCE_SIZE, start + length),
             )
     return None
+
+
+_HEADER_AT = [slice(0, start) for start in range(7)]
+_NONCE_AT = [slice(start, start + NONCE_SIZE) for start in range(7)]

@@ -3,14 +3,15 @@
 ``KMS.encrypt_many`` and ``KMS.decrypt_many`` make and read the very bytes
 ``encrypt`` and ``decrypt`` do. The work per item is what a hand-written loop
 of AES-GCM calls does, plus building or checking the envelope; written as
-``map`` pipelines over builtins, so that no Python bytecode runs per item,
-the envelope costs little more than the copies it needs.
+``map`` pipelines over builtins, so that no Python bytecode runs per item
+(for values of one size), the envelope costs little more than the copies
+it needs.
 
-The opening pipeline only accepts what it can check in bulk: ``bytes``
-envelopes that this library wrote (field 1 with a canonical length, then
-key_info naming a cached version) for one cached pair. Anything else returns
-``None`` and the caller decrypts item by item, the way ``decrypt`` does, so
-both calls accept and refuse exactly the same ciphertexts.
+The opening pipeline only accepts what it can check in bulk: envelopes
+that this library wrote (field 1 with the shortest length varint, then
+key_info naming a cached version) for one cached pair. Anything else makes
+it return ``None`` or raise, and the caller decrypts item by item, the way
+``decrypt`` does, so both calls accept and refuse the same ciphertexts.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ the layer that called them, with the original kept as ``__cause__``::
 operation left nothing behind, and the same call may succeed on a second try.
 That is every ``TransientStorageError``, and a ``WrapperError`` whose root
 key service failed for a while (throttling, a timeout), never one for a
-wrong key.
+wrong key. ``index`` is set on the errors ``encrypt_many`` and ``decrypt_many`` raise
+for one item: its position in the list (the message names it too).
 
 Messages never contain key material; they name the fix. Where the fix is
 another call, the error also carries it as data, ``remedy`` (a
@@ -113,6 +114,8 @@ class KMSError(Exception):
     remedy: Remedy | None = None
     #: The message without its advice, set along with ``remedy``.
     problem: str | None = None
+    #: The position of the item a batch call failed on, or None.
+    index: int | None = None
 
 
 E = TypeVar("E", bound=KMSError)

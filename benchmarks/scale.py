@@ -375,6 +375,8 @@ async def _fill(kms: Any, scopes: list[str]) -> None:
                     key = unwrap_key(root.aead, root.id, d.id, d.wrapped)
                     keys.append(VersionKey(d.id, d.version, AESGCM(key), key))
             kms._cache.put((scope, PURPOSE), PurposeKeys(keys, loaded_at=loaded_at))
+            if len(kms._cache.entries) % 100 == 0:
+                await asyncio.sleep(0)  # the watcher's checks go on meanwhile
 
 
 async def _freshness(
@@ -398,7 +400,6 @@ async def _freshness(
         # do after warming up.
         gc.disable()
         await _fill(watcher, scopes)
-        gc.collect()
         gc.freeze()
         gc.enable()
         cached = len(watcher._entries)
@@ -457,7 +458,8 @@ async def _freshness(
             max(delays),
             "ms",
             "<= 1000",
-            note=f"p50 {c.percentile(delays, 50):.0f} ms; max_staleness 1.0 s",
+            note=f"p50 {c.percentile(delays, 50):.0f} ms; max_staleness 1.0 s; "
+            f"{len(watcher._entries):,} pairs still cached at the end",
         )
     finally:
         await c.close(watcher)

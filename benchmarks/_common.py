@@ -198,16 +198,28 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
-Runner = Callable[[int], Awaitable[float]]
-"""Runs n operations and returns the seconds they took (timed inside)."""
+Timing = tuple[float, float]
+"""(wall seconds, seconds of the process's CPU time) of some work."""
+
+Runner = Callable[[int], Awaitable[Timing]]
+"""Runs n operations and returns what they took (timed inside, see :func:`now`)."""
+
+
+def now() -> Timing:
+    """Start a measurement: pass the result to :func:`since`."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: Timing) -> Timing:
+    return time.perf_counter() - start[0], time.process_time() - start[1]
 
 
 async def calibrate(runner: Runner, slice_seconds: float) -> int:
-    """How many operations fill ``slice_seconds`` (after a warm-up)."""
+    """How many operations fill ``slice_seconds`` of wall time (after a warm-up)."""
     await runner(1)
     n = 1
     while True:
-        elapsed = await runner(n)
+        elapsed = (await runner(n))[0]
         if elapsed >= min(0.05, slice_seconds / 2) or n >= 1 << 24:
             break
         n *= 2
@@ -215,40 +227,101 @@ async def calibrate(runner: Runner, slice_seconds: float) -> int:
     return max(1, round(slice_seconds / per_op))
 
 
+@dataclasses.dataclass
+class Rounds:
+    """Per contender, the seconds per operation of each slice, by both clocks.
+
+    ``paired[name]`` holds, per slice of ``name``, the base's slice run just
+    before or after it (same round, adjacent in time).
+    """
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+    paired: dict[str, list[tuple[float, float]]] = dataclasses.field(default_factory=dict)
+    paired_base: str | None = None
+
+    def per_op(self, name: str, clock: str) -> list[float]:
+        return (self.cpu if clock == "cpu" else self.wall)[name]
+
+    def median(self, name: str, clock: str) -> float:
+        return median(self.per_op(name, clock))
+
+    def ratios(self, name: str, base: str, clock: str) -> list[float]:
+        """(name / base) per slice of name, against the adjacent base slice if paired."""
+        times = self.per_op(name, clock)
+        if base == self.paired_base and name in self.paired:
+            index = 1 if clock == "cpu" else 0
+            bases = [pair[index] for pair in self.paired[name]]
+        else:
+            bases = self.per_op(base, clock)
+        return [t / b for t, b in zip(times, bases, strict=True)]
+
+    def ratio(self, name: str, base: str, clock: str) -> float:
+        """Median over rounds of (name / base) in the same round, by one clock."""
+        return median(self.ratios(name, base, clock))
+
+    def spread(self, name: str, base: str, clock: str) -> tuple[float, float]:
+        """The 25th and 75th percentiles of the per-round ratios."""
+        values = self.ratios(name, base, clock)
+        return percentile(values, 25), percentile(values, 75)
+
+
 async def interleave(
-    runners: dict[str, Runner], *, rounds: int, slice_seconds: float
-) -> dict[str, list[float]]:
-    """Seconds per operation of each runner, one value per round.
+    runners: dict[str, Runner],
+    *,
+    rounds: int,
+    slice_seconds: float,
+    paired_with: str | None = None,
+) -> Rounds:
+    """Time per operation of each runner, one value per round and clock.
 
     Contenders run one after another inside each round (A, B, C, A, B, C, ...),
     with the order rotated each round, so slow drifts of a noisy machine hit
-    them all alike.
+    them all alike. With ``paired_with`` (the base), the base runs again
+    right before each other contender's slice (after it, every other round),
+    and each ratio is taken against that adjacent slice: the two are a few
+    hundred milliseconds apart at most.
+
+    Each slice is timed by the wall clock and by the process's CPU time (all
+    its threads, so work handed to a worker thread counts): while other
+    processes hold the CPU, this one is not running and its CPU time does not
+    advance. Waiting for a server is not in it: contenders that wait are
+    compared by the wall clock.
     """
     counts = {name: await calibrate(r, slice_seconds) for name, r in runners.items()}
     names = list(runners)
-    per_op: dict[str, list[float]] = {name: [] for name in names}
+    result = Rounds({name: [] for name in names}, {name: [] for name in names})
+    result.paired_base = paired_with
+
+    async def timed(name: str) -> tuple[float, float]:
+        n = counts[name]
+        wall, cpu = await runners[name](n)
+        result.wall[name].append(wall / n)
+        result.cpu[name].append(cpu / n)
+        return wall / n, cpu / n
+
     for i in range(rounds):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            n = counts[name]
-            per_op[name].append(await runners[name](n) / n)
-    return per_op
-
-
-def ratios(per_op: dict[str, list[float]], base: str) -> dict[str, float]:
-    """Median over rounds of (contender time / base time) in the same round."""
-    return {
-        name: median(t / b for t, b in zip(times, per_op[base], strict=True))
-        for name, times in per_op.items()
-    }
+            if paired_with is None or name == paired_with:
+                await timed(name)
+                continue
+            if i % 2 == 0:
+                base = await timed(paired_with)
+                await timed(name)
+            else:
+                await timed(name)
+                base = await timed(paired_with)
+            result.paired.setdefault(name, []).append(base)
+    return result
 
 
 def sync_runner(op: Callable[[], object]) -> Runner:
-    async def run(n: int) -> float:
-        start = time.perf_counter()
+    async def run(n: int) -> Timing:
+        start = now()
         for _ in range(n):
             op()
-        return time.perf_counter() - start
+        return since(start)
 
     return run
 
@@ -666,7 +739,15 @@ async def describe(bench: Bench) -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "postgres": None,
     }
-    for dist in ("cryptography", "asyncpg", "aiosqlite", "anyio", "tink", "aws-encryption-sdk"):
+    for dist in (
+        "cryptography",
+        "asyncpg",
+        "aiosqlite",
+        "anyio",
+        "tink",
+        "aws-encryption-sdk",
+        "psycopg",
+    ):
         meta[dist] = _version(dist)
     if bench.postgres:
         conn = await asyncpg.connect(bench.postgres)

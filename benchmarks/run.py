@@ -35,6 +35,7 @@ BENCHMARKS = {
     "bulk": "6. bulk create / reconcile / rotate vs loops",
     "memory": "7. heap per cached version; LRU bound",
     "large_payloads": "8. large payloads: event-loop lag, offloading",
+    "batch": "9. encrypt_many + decrypt_many vs raw AES-GCM",
     "scale": "issue 12: bulk writes' memory and CPU, cold loads, freshness at N cached pairs",
 }
 
@@ -54,17 +55,22 @@ def _select(only: str | None) -> list[str]:
     return names
 
 
-def _summary(report: c.Report) -> None:
+def _summary(report: c.Report, failed: dict[str, int]) -> None:
     print("\n== Summary: figures with a goal")
     for f in report.figures:
         if f.goal is not None:
             print(
                 f"  [{f.status:>4}] {f.target}: {f.name}: {c.fmt(f.value, f.unit)} (goal {f.goal})"
             )
+    for name, code in failed.items():
+        print(f"  [FAIL] {name}: crashed (exit status {code}); its figures are missing or partial")
     counts = {
         s: sum(f.status == s for f in report.figures if f.goal) for s in ("PASS", "MISS", "n/a")
     }
-    print(f"  {counts['PASS']} PASS, {counts['MISS']} MISS, {counts['n/a']} not available")
+    print(
+        f"  {counts['PASS']} PASS, {counts['MISS']} MISS, {counts['n/a']} not available, "
+        f"{len(failed)} benchmark(s) FAILED"
+    )
 
 
 async def _prepare(quick: bool) -> c.Bench:
@@ -117,22 +123,26 @@ def main() -> int:
         f"{meta['cryptography']}, PostgreSQL {meta['postgres'] or 'unreachable'}, "
         f"SQLite {meta['sqlite']}"
     )
-    failed = []
+    failed: dict[str, int] = {}
     started = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
-        code = _run_child(name, bench, args)
+        try:
+            code = _run_child(name, bench, args)
+        except Exception as exc:  # the figures file was unreadable, say: the run failed
+            print(f"  {name}: collecting its figures failed: {exc!r}", flush=True)
+            code = 1
         if code != 0:
             print(f"  {name} exited with status {code}", flush=True)
-            failed.append(name)
+            failed[name] = code
         print(f"  ({name}: {time.perf_counter() - t0:.1f} s)", flush=True)
     meta["seconds"] = round(time.perf_counter() - started, 1)
-    meta["failed"] = failed
+    meta["failed"] = list(failed)
     meta["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    _summary(bench.report)
+    _summary(bench.report, failed)
     c.write_outputs(bench, args)
     if failed:
-        print(f"\nFAILED: {', '.join(failed)} raised (see the tracebacks above)")
+        print(f"\nFAILED: {', '.join(failed)} crashed (see the tracebacks above)")
         return 1
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from itertools import repeat, starmap
 
 from ._errors import DecryptionError, InvalidParameterError
 
@@ -24,8 +25,11 @@ __all__ = [
     "encode_prefix",
     "encode_suffix",
     "envelope_header",
+    "envelope_layout",
+    "nonce_batch",
     "nonces",
     "reset_nonces",
+    "sealed_header",
 ]
 
 NONCE_SIZE = 12
@@ -278,10 +282,35 @@ def nonces(pop: Callable[[], bytes] = _nonce_pool.pop) -> bytes:
             return pop()
         except IndexError:
             # Other threads may drain the refill before this one pops: loop.
-            batch = os.urandom(NONCE_SIZE * _NONCE_BATCH)
-            _nonce_pool.extend(
-                [batch[i : i + NONCE_SIZE] for i in range(0, len(batch), NONCE_SIZE)]
-            )
+            _refill()
+
+
+def _refill() -> None:
+    _nonce_pool.extend(_split(os.urandom(NONCE_SIZE * _NONCE_BATCH)))
+
+
+def _split(batch: bytes) -> list[bytes]:
+    return [batch[i : i + NONCE_SIZE] for i in range(0, len(batch), NONCE_SIZE)]
+
+
+def nonce_batch(count: int) -> list[bytes]:
+    """``count`` fresh random 96-bit nonces, for the batch calls.
+
+    Each one is popped from the buffer on its own (``list.pop`` is atomic, so
+    no two threads receive the same one). If the buffer runs dry midway, the
+    nonces already popped are dropped, never handed out again, and the
+    buffer is refilled; a batch larger than the buffer is drawn from the OS
+    CSPRNG at once.
+    """
+    if count <= _NONCE_BATCH:
+        for _ in range(2):
+            if count <= len(_nonce_pool):
+                try:
+                    return list(starmap(_nonce_pool.pop, repeat((), count)))
+                except IndexError:
+                    pass  # other threads drained it meanwhile
+            _refill()
+    return _split(os.urandom(NONCE_SIZE * count))
 
 
 if hasattr(os, "register_at_fork"):
@@ -298,4 +327,54 @@ def envelope_header(length: int) -> bytes:
         if header is None:
             header = ENVELOPE_HEADERS[length] = encode_prefix(length)
         return header
+    if length < 0x200000:  # up to 2 MiB: three varint bytes, written out
+        return bytes((0x0A, (length & 0x7F) | 0x80, ((length >> 7) & 0x7F) | 0x80, length >> 14))
     return encode_prefix(length)
+
+
+#: Envelope headers by the length of the AES-GCM output they precede (after
+#: the nonce), filled on first use: the hot path saves an addition this way.
+SEALED_HEADERS: list[bytes | None] = [None] * 0x4000
+
+
+def sealed_header(size: int) -> bytes:
+    """The bytes before the nonce and ``size`` bytes of AES-GCM output."""
+    header = envelope_header(size + NONCE_SIZE)
+    if size < len(SEALED_HEADERS):
+        SEALED_HEADERS[size] = header
+    return header
+
+
+#: Where the parts of an envelope of a given size are: its header, and the
+#: slices of the header, the nonce and the AES-GCM output.
+Layout = tuple[bytes, slice, slice, slice]
+
+
+def envelope_layout(size: int, suffix_size: int) -> Layout | None:
+    """The layout of a ``size``-byte envelope this library writes, if one fits.
+
+    That is field 1 with the shortest length varint, holding a nonce and at
+    least a tag, then ``suffix_size`` bytes of key_info. Other well-formed
+    envelopes (a longer varint, more fields) exist; they take the general path.
+    """
+    payload = size - suffix_size - 1  # field 1's length varint and value
+    for varint_size in range(1, 6):
+        length = payload - varint_size
+        if length < NONCE_SIZE + TAG_SIZE:
+            return None
+        header = envelope_header(length)
+        if len(header) == varint_size + 1:
+            start = varint_size + 1
+            # Header and nonce slices are shared: a table of layouts by size
+            # then holds one new slice per size.
+            return (
+                header,
+                _HEADER_AT[start],
+                _NONCE_AT[start],
+                slice(start + NONCE_SIZE, start + length),
+            )
+    return None
+
+
+_HEADER_AT = [slice(0, start) for start in range(7)]
+_NONCE_AT = [slice(start, start + NONCE_SIZE) for start in range(7)]

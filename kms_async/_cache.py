@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import encode_suffix
-from ._errors import KeySuspendedError, KeyUnusableError, Remedy, advised
+from ._errors import KeyIntegrityError, KeySuspendedError, KeyUnusableError, Remedy, advised
 
 __all__ = ["CacheKey", "KeyCache", "PurposeKeys", "Refusal", "VersionKey"]
 
@@ -46,7 +46,7 @@ class Refusal:
 
     def __init__(
         self,
-        error: type[KeySuspendedError | KeyUnusableError],
+        error: type[KeySuspendedError | KeyUnusableError | KeyIntegrityError],
         version_id: str,
         problem: str,
         advice: str,
@@ -58,7 +58,7 @@ class Refusal:
         self.advice = advice
         self.remedy = remedy
 
-    def refuse(self) -> KeySuspendedError | KeyUnusableError:
+    def refuse(self) -> KeySuspendedError | KeyUnusableError | KeyIntegrityError:
         if self.remedy is None:
             return self.error(f"{self.problem}; {self.advice}", key_version_id=self.version_id)
         return advised(
@@ -109,6 +109,13 @@ class PurposeKeys:
         #: Set by every hit; cleared when eviction gives the entry a second chance.
         self.used = False
         versions = sorted(versions, key=lambda v: v.version, reverse=True)
+        # A version failing its integrity check (a restored revoked row, a
+        # renumbered one) never becomes the one new data is encrypted under,
+        # whatever number the database gave it.
+        trusted = [v for v in versions if not _tampered(v)]
+        if trusted and trusted[0] is not versions[0]:
+            versions.remove(trusted[0])
+            versions.insert(0, trusted[0])
         self.versions = tuple(versions)
         newest = versions[0]
         self.aead = newest.aead
@@ -143,6 +150,11 @@ class PurposeKeys:
     def find_id(self, version_id: str) -> AESGCM | Refusal | None:
         """The version with id ``version_id``."""
         return self.find(encode_suffix(version_id))
+
+
+def _tampered(version: VersionKey) -> bool:
+    refused = version.refused
+    return refused is not None and issubclass(refused.error, KeyIntegrityError)
 
 
 class KeyCache:

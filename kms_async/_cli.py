@@ -611,6 +611,24 @@ def _add_rewrap(adder: _Adder) -> None:
     parser.set_defaults(run=_run_rewrap)
 
 
+def _add_bind(adder: _Adder) -> None:
+    parser = adder.add(
+        "bind",
+        help="bind existing key versions to their place (for integrity='strict')",
+        description=(
+            "Write a binding for every key version that has none (written by the Go package "
+            "or before schema file 06) and seal each scope's key state record, so that "
+            "integrity='strict' accepts them; see SECURITY.md. Versions whose binding does "
+            "not match are left refused. Batches of --batch-size scopes, each one "
+            "transaction; scopes already bound are skipped, so running it again resumes."
+        ),
+        epilog="example:\n  %(prog)s --all-scopes\n  %(prog)s acme globex",
+        root_key=True,
+    )
+    _scope_arguments(parser, "bind")
+    parser.set_defaults(run=_run_bind)
+
+
 def _add_reconcile(adder: _Adder) -> None:
     parser = adder.add(
         "reconcile",
@@ -655,7 +673,7 @@ def _add_revoke(adder: _Adder) -> None:
             "  %(prog)s kdkv_3kTmZ8vQ1a --scope acme\n"
             "  %(prog)s kdkv_3kTmZ8vQ1a --scope acme --yes --json   # from a script"
         ),
-        root_key=False,
+        root_key=True,
     )
     parser.add_argument("version_id", metavar="VERSION_ID", help="the key version id")
     parser.add_argument("--scope", metavar="SCOPE", help="refuse unless it belongs to SCOPE")
@@ -851,6 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(adder)
     _add_rotate(adder)
     _add_rewrap(adder)
+    _add_bind(adder)
     _add_reconcile(adder)
     _add_suspend(adder)
     _add_revoke(adder)
@@ -1143,6 +1162,7 @@ def _key_json(key: Key, usage: dict[str, dict[str, int]] | None = None) -> dict[
             "create_time": v.create_time,
             "suspended": v.suspended,
             "unusable": v.unusable,
+            "bound": v.bound,
         }
         if usage is not None and key.type == "dek":
             tables = usage.get(v.id, {})
@@ -1184,6 +1204,8 @@ def _state(version: KeyVersion) -> str:
     states = ["suspended"] if version.suspended else []
     if version.unusable is not None:
         states.append("UNUSABLE")
+    if version.bound is False:
+        states.append("unbound")
     return ",".join(states) or "active"
 
 
@@ -1339,6 +1361,28 @@ async def _run_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _run_bind(args: argparse.Namespace) -> int:
+    async with _open_kms(args, root_key=True) as kms:
+        scopes = await _scopes(args, kms)
+        bound = 0
+
+        async def step(batch: Sequence[str]) -> None:
+            nonlocal bound
+            bound += await kms.bind_keys(batch)
+
+        try:
+            batches = await _in_batches(args, scopes, "binding", step) if scopes else 0
+        except asyncio.CancelledError:
+            args.resume_hint = "run the same command again: scopes already bound are skipped"
+            raise
+    _out(
+        args,
+        {"scopes": len(scopes), "bound": bound, "transactions": batches},
+        f"bound {bound} key version(s) of {len(scopes)} scope(s) in {batches} transaction(s)",
+    )
+    return EXIT_OK
+
+
 async def _run_rewrap(args: argparse.Namespace) -> int:
     async with _open_kms(args, root_key=True) as kms:
         scopes = await _scopes(args, kms)
@@ -1438,7 +1482,7 @@ async def _confirm(question: str) -> bool:
 
 
 async def _run_revoke(args: argparse.Namespace) -> int:
-    async with _open_kms(args, root_key=False) as kms:
+    async with _open_kms(args, root_key=True) as kms:
         info = await kms.describe_key_version(args.version_id, scope_id=args.scope)
         preview = _version_json(info)
         if args.dry_run:

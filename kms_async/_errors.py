@@ -12,7 +12,12 @@ the layer that called them, with the original kept as ``__cause__``::
     │   └── RevokeTooSoonError               superseded too recently; other instances may use it
     ├── DecryptionError                      bad tag, bad format, wrong AAD or wrong key
     │   ├── UnknownKeyVersionError           ciphertext names a version this scope and purpose lack
-    │   └── KeySuspendedError                the version is suspended; resume it to decrypt
+    │   ├── KeySuspendedError                the version is suspended; resume it to decrypt
+    │   └── KeyIntegrityError                a stored key fails its binding or the scope's key
+    │       │                                state record (moved, renumbered, revoked, unbound
+    │       │                                under integrity="strict")
+    │       └── KeyRollbackError             the database shows an older key state than this
+    │                                        instance has seen (restored or tampered)
     ├── WrapperError                         a wrapper (root key service, HSM) failed
     │   └── KeyUnusableError                 a stored version the root wrapper cannot unwrap
     │                                        (also a DecryptionError)
@@ -27,7 +32,8 @@ the layer that called them, with the original kept as ``__cause__``::
 operation left nothing behind, and the same call may succeed on a second try.
 That is every ``TransientStorageError``, and a ``WrapperError`` whose root
 key service failed for a while (throttling, a timeout), never one for a
-wrong key.
+wrong key. ``index`` is set on the errors ``encrypt_many`` and ``decrypt_many`` raise
+for one item: its position in the list (the message names it too).
 
 Messages never contain key material; they name the fix. Where the fix is
 another call, the error also carries it as data, ``remedy`` (a
@@ -51,7 +57,9 @@ __all__ = [
     "KMSError",
     "KeyExistsError",
     "KeyInUseError",
+    "KeyIntegrityError",
     "KeyNotFoundError",
+    "KeyRollbackError",
     "KeySuspendedError",
     "KeyUnusableError",
     "OutcomeUnknownError",
@@ -106,6 +114,8 @@ class KMSError(Exception):
     remedy: Remedy | None = None
     #: The message without its advice, set along with ``remedy``.
     problem: str | None = None
+    #: The position of the item a batch call failed on, or None.
+    index: int | None = None
 
 
 E = TypeVar("E", bound=KMSError)
@@ -184,6 +194,31 @@ class KeySuspendedError(DecryptionError):
     def __init__(self, message: str, *, key_version_id: str = "") -> None:
         super().__init__(message)
         self.key_version_id = key_version_id
+
+
+class KeyIntegrityError(DecryptionError):
+    """A stored key version, or the scope's key state record, fails verification.
+
+    The version's binding names another place (scope, purpose, key, version
+    id or number) or is missing under ``integrity="strict"``, the version was
+    revoked and its row came back, or the state record is missing or forged.
+    The key tables were changed outside kms_async (or by the Go package under
+    ``strict``); ``key_version_id`` names the version when there is one.
+    """
+
+    def __init__(self, message: str, *, key_version_id: str = "") -> None:
+        super().__init__(message)
+        self.key_version_id = key_version_id
+
+
+class KeyRollbackError(KeyIntegrityError):
+    """The database holds an older key state than this instance has already seen.
+
+    A backup was restored, or a writer put back an older state record: keys
+    this instance saw revoked could come back. Nothing of the scope is used
+    until the newer state is back, or the instance is restarted after a
+    deliberate restore.
+    """
 
 
 class WrapperError(KMSError):

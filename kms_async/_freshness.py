@@ -88,6 +88,7 @@ class Freshness:
         async with self._db.read() as conn:
             await repo.find_change_log(conn, self._q)
             await repo.find_suspensions(conn, self._q)
+            await repo.find_bindings(conn, self._q)
             self._seen = await repo.collection_version(conn, self._q)
         self._confirmed(started)
 

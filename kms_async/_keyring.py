@@ -25,7 +25,9 @@ from ._cache import KeyCache, PurposeKeys, Refusal, VersionKey
 from ._errors import (
     DecryptionError,
     InvalidParameterError,
+    KeyIntegrityError,
     KeyNotFoundError,
+    KeyRollbackError,
     KeySuspendedError,
     KeyUnusableError,
     KMSError,
@@ -38,6 +40,7 @@ from ._errors import (
     reason,
 )
 from ._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, is_id, new_id
+from ._integrity import Integrity, KeyState, fingerprint, unseal_state, verify_version
 from ._sql import Connection, Database
 from ._sql import _store as repo
 from ._types import ROOT_PURPOSE
@@ -65,6 +68,12 @@ class Keyring:
         self._wrappers: dict[str, Wrapper] = {}
         #: The root wrapper unwrapped one of the database's root key versions.
         self._proven_any = False
+        #: "bind" or "strict" (see KMS.open); bindings are used where the tables exist.
+        self.integrity: Integrity = "bind"
+        #: scope id -> the highest key state serial this instance has seen.
+        self.seen: dict[str, int] = {}
+        #: Versions loaded without a binding (written by the Go package or before binding).
+        self.unbound: set[str] = set()
 
     # -- the wrapper registry ----------------------------------------------
 
@@ -395,7 +404,7 @@ class Keyring:
         # The connection goes back to the pool before any wrapper is called.
         async with self._db.read() as conn:
             rows = await repo.load_purpose(conn, self._q, scope_id, purpose)
-        roots: dict[str, VersionKey | WrapperError] = {}
+        roots: dict[str, VersionKey | KMSError] = {}
         for version_id, version, wrapped in rows.root_versions:
             try:
                 roots[version_id] = await self.unwrap_root(version_id, version, wrapped)
@@ -403,6 +412,15 @@ class Keyring:
                 if exc.retryable:
                     raise
                 roots[version_id] = exc
+        state = None
+        if self._q.has_bindings:
+            state = self._check_state(scope_id, rows, roots)
+            for version_id, _, _ in rows.root_versions:
+                unwrapped = roots[version_id]
+                if isinstance(unwrapped, VersionKey):
+                    problem = await self._root_problem(scope_id, rows, unwrapped, state)
+                    if problem is not None:
+                        roots[version_id] = KeyIntegrityError(problem, key_version_id=version_id)
         newest = max(v[1] for v in rows.data_versions)
         versions = []
         failure: KMSError | None = None
@@ -413,9 +431,32 @@ class Keyring:
                     f"data key version {version_id} points at a missing root key version"
                 )
             try:
-                if isinstance(root, WrapperError):
+                if isinstance(root, KMSError):
                     raise root
                 key = unwrap_key(root.cipher, root_version_id, version_id, wrapped)
+                problem = await self._data_problem(
+                    scope_id, purpose, rows, version_id, version, key, state
+                )
+                if problem is not None:
+                    raise KeyIntegrityError(problem, key_version_id=version_id)
+            except KeyIntegrityError as exc:
+                failure = exc
+                why = (
+                    str(exc)
+                    if exc.key_version_id == version_id
+                    else f"{purpose!r} key version {version_id} of scope {show(scope_id)} is "
+                    f"refused: its root key version fails verification: {exc}"
+                )
+                refusal = Refusal(
+                    KeyIntegrityError,
+                    version_id,
+                    why,
+                    "the key tables were changed outside kms_async (see SECURITY.md, 'Key "
+                    "bindings and the key state record')",
+                    None,
+                )
+                versions.append(VersionKey(version_id, version, refusal, b"", suspended))
+                continue
             except (WrapperError, DecryptionError) as exc:
                 failure = exc
                 refusal = _unusable(scope_id, purpose, version_id, version == newest, exc)
@@ -426,12 +467,14 @@ class Keyring:
                 versions.append(VersionKey(version_id, version, refusal, b"", True))
             else:
                 versions.append(VersionKey(version_id, version, AESGCM(key), key))
+        if state is not None:
+            self._check_newest(scope_id, purpose, rows, state, versions)
         if failure is not None:
             if all(v.refused is not None and not v.suspended for v in versions):
                 raise failure  # nothing usable: the pair fails as a whole, as it always did
             logger.warning(
-                "kms_async: %d %r key version(s) of scope %s cannot be unwrapped with this "
-                "root wrapper; the others still work: %s",
+                "kms_async: %d %r key version(s) of scope %s are refused; the others still "
+                "work: %s",
                 sum(1 for v in versions if v.refused is not None and not v.suspended),
                 purpose,
                 show(scope_id),
@@ -441,6 +484,206 @@ class Keyring:
             "kms_async: loaded %d %r key versions of scope %s", len(versions), purpose, scope_id
         )
         return PurposeKeys(versions, loaded_at=time.monotonic())
+
+    # -- integrity (see _integrity) -----------------------------------------
+
+    def _check_state(
+        self, scope_id: str, rows: repo.PurposeRows, roots: dict[str, VersionKey | KMSError]
+    ) -> KeyState | None:
+        """The scope's verified key state record, or None for a scope that has none.
+
+        Raises:
+            KeyRollbackError: the record is older than one this instance saw, or gone.
+            KeyIntegrityError: the record is forged, or missing beside bound versions.
+        """
+        seen = self.seen.get(scope_id, 0)
+        if rows.state is None:
+            if seen:
+                raise KeyRollbackError(
+                    f"the key state record of scope {show(scope_id)} is gone, though this "
+                    f"instance has seen it at serial {seen}: the key tables were rolled back or "
+                    "tampered with; restore the newer state (restart the instances after a "
+                    "deliberate restore of the whole database)"
+                )
+            if rows.bindings:
+                raise KeyIntegrityError(
+                    f"scope {show(scope_id)} has bound key versions but no key state record: "
+                    "it was deleted outside kms_async; restore it from the database's newest "
+                    "backup, or run bind_keys() (kms-async bind) to seal the current state"
+                )
+            return None
+        stored = rows.state
+        root = roots.get(stored.root_version_id)
+        if isinstance(root, WrapperError):
+            # This root wrapper cannot unwrap the root key version that
+            # sealed the record (one written under another root key, as by a
+            # misconfigured instance): the record cannot be checked here.
+            # strict refuses; bind carries on with the bindings alone, loudly
+            # (SECURITY.md: a writer can cause this on purpose).
+            if self.integrity == "strict":
+                raise KeyIntegrityError(
+                    f"the key state record of scope {show(scope_id)} is sealed by root key "
+                    f"version {stored.root_version_id}, which this root wrapper cannot unwrap "
+                    f"({root}); integrity='strict' refuses what it cannot verify"
+                ) from root
+            logger.warning(
+                "kms_async: the key state record of scope %s cannot be checked: its root key "
+                "version %s cannot be unwrapped with this root wrapper; revocations it records "
+                "are not enforced by this instance",
+                show(scope_id),
+                stored.root_version_id,
+            )
+            return None
+        state = (
+            unseal_state(scope_id, stored.root_version_id, stored.body, stored.mac, root.key)
+            if isinstance(root, VersionKey)
+            else None
+        )
+        if state is None:
+            raise KeyIntegrityError(
+                f"the key state record of scope {show(scope_id)} does not verify (sealed by "
+                f"root key version {stored.root_version_id}): it was forged or damaged outside "
+                "kms_async; restore it from a backup, or run bind_keys() (kms-async bind) to "
+                "seal the current state if the key tables are known to be right"
+            )
+        if state.serial < seen:
+            raise KeyRollbackError(
+                f"the key state record of scope {show(scope_id)} is at serial {state.serial}, "
+                f"older than serial {seen} this instance has seen: the key tables were rolled "
+                "back; restore the newer state (restart the instances after a deliberate "
+                "restore of the whole database)"
+            )
+        self.seen[scope_id] = state.serial
+        return state
+
+    async def _root_problem(
+        self, scope_id: str, rows: repo.PurposeRows, root: VersionKey, state: KeyState | None
+    ) -> str | None:
+        """Why the root key version must not be used, or None."""
+        if state is not None and root.id in state.revoked:
+            return _revoked_message(scope_id, "root", root.id)
+        binding = rows.bindings.get(root.id)
+        if binding is not None:
+            owner = rows.owners[root.id]
+            if verify_version(
+                binding, root.key, scope_id, ROOT_PURPOSE, owner, root.id, root.version
+            ):
+                return None
+            return _mismatch_message(scope_id, "root", root.id)
+        # Unbound: is it a copy of a bound root key version from elsewhere?
+        copy = await self._copy_of(root.key, root.id)
+        if copy is not None:
+            return (
+                f"root key version {root.id} of scope {show(scope_id)} holds the same root "
+                f"key as {copy}: it was copied there outside kms_async; delete it"
+            )
+        return self._unbound(scope_id, "root", root.id)
+
+    async def _copy_of(self, key: bytes, version_id: str) -> str | None:
+        """Which bound (or revoked) version elsewhere holds this key, if any.
+
+        One query, only for versions without a binding (written by the Go
+        package, or copied): bound versions cost nothing here.
+        """
+        async with self._db.read() as conn:
+            copies = await repo.binding_by_fingerprint(conn, self._q, fingerprint(key))
+        for other_id, other_scope in copies:
+            if other_id != version_id:
+                return f"key version {other_id} of scope {show(other_scope)}"
+        return None
+
+    async def _data_problem(
+        self,
+        scope_id: str,
+        purpose: str,
+        rows: repo.PurposeRows,
+        version_id: str,
+        version: int,
+        key: bytes,
+        state: KeyState | None,
+    ) -> str | None:
+        if state is not None and version_id in state.revoked:
+            return _revoked_message(scope_id, repr(purpose), version_id)
+        binding = rows.bindings.get(version_id)
+        if binding is None:
+            if not self._q.has_bindings:
+                return None
+            if self.integrity != "strict":
+                # Unbound: is it a copy of a bound (or revoked) version's key?
+                copy = await self._copy_of(key, version_id)
+                if copy is not None:
+                    return (
+                        f"{purpose!r} key version {version_id} of scope {show(scope_id)} holds "
+                        f"the same key as {copy}: it was copied outside kms_async; delete it"
+                    )
+            return self._unbound(scope_id, repr(purpose), version_id)
+        owner = rows.owners[version_id]
+        if verify_version(binding, key, scope_id, purpose, owner, version_id, version):
+            return None
+        return _mismatch_message(scope_id, repr(purpose), version_id)
+
+    def _unbound(self, scope_id: str, kind: str, version_id: str) -> str | None:
+        if self.integrity == "strict":
+            return (
+                f"{kind} key version {version_id} of scope {show(scope_id)} has no binding, and "
+                "integrity='strict' refuses unbound versions: if it is genuine (written by the "
+                "Go package), run bind_keys() (kms-async bind) with the root wrapper"
+            )
+        if version_id not in self.unbound:
+            self.unbound.add(version_id)
+            logger.warning(
+                "kms_async: %s key version %s of scope %s has no binding (written by the Go "
+                "package or before binding); accepted under integrity='bind': run "
+                "kms-async bind to bind it",
+                kind,
+                version_id,
+                show(scope_id),
+            )
+        return None
+
+    def _check_newest(
+        self,
+        scope_id: str,
+        purpose: str,
+        rows: repo.PurposeRows,
+        state: KeyState,
+        versions: list[VersionKey],
+    ) -> None:
+        """Refuse a pair whose newest recorded version is gone, or newer than the record."""
+        data_key_id = rows.owners[rows.data_versions[0][0]]
+        recorded = state.newest.get(data_key_id)
+        if recorded is None:
+            return
+        newest_id, newest_number = recorded
+        numbers = {v.id: v.version for v in versions}
+        if numbers.get(newest_id) != newest_number and not self._superseded_by_go(
+            rows, versions, newest_number
+        ):
+            raise KeyRollbackError(
+                f"the newest {purpose!r} key version of scope {show(scope_id)} recorded in its "
+                f"key state record, {newest_id} (number {newest_number}), is missing or "
+                "renumbered: it was deleted or the key tables were rolled back outside kms_async, "
+                "and new data would go under an older key; restore it, or run bind_keys() "
+                "(kms-async bind) to seal the current state if that is intended"
+            )
+        for v in versions:
+            if v.version > newest_number and v.refused is None and v.id in rows.bindings:
+                raise KeyRollbackError(
+                    f"the key state record of scope {show(scope_id)} is older than its "
+                    f"{purpose!r} key version {v.id}: the record was rolled back outside "
+                    "kms_async, so revocations made since may be missing; restore the newer "
+                    "record"
+                )
+
+    def _superseded_by_go(
+        self, rows: repo.PurposeRows, versions: list[VersionKey], recorded: int
+    ) -> bool:
+        """Under bind: whether a usable unbound version newer than the recorded
+        newest explains its absence (the Go package rotated, then revoked it)."""
+        return self.integrity == "bind" and any(
+            v.version > recorded and v.refused is None and v.id not in rows.bindings
+            for v in versions
+        )
 
     async def reload(self, scope_id: str, purpose: str) -> PurposeKeys:
         """Load the pair (shared with any concurrent load of it) and cache it."""
@@ -504,6 +747,22 @@ def _unusable(
     )
     remedy = Remedy("replace_unusable", scope_id=scope_id, key_version_id=version_id)
     return Refusal(KeyUnusableError, version_id, problem, advice, remedy)
+
+
+def _revoked_message(scope_id: str, kind: str, version_id: str) -> str:
+    return (
+        f"{kind} key version {version_id} of scope {show(scope_id)} was revoked (its key state "
+        "record says so) and its row is back, restored from a backup or written outside "
+        "kms_async; it is refused: delete the row"
+    )
+
+
+def _mismatch_message(scope_id: str, kind: str, version_id: str) -> str:
+    return (
+        f"{kind} key version {version_id} of scope {show(scope_id)} does not match its binding "
+        "(scope, purpose, key, id and number): the row was moved, renumbered or its binding "
+        "swapped outside kms_async; it is refused"
+    )
 
 
 def _suspended(scope_id: str, purpose: str, version_id: str) -> Refusal:

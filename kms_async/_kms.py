@@ -18,24 +18,29 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal
 
 import anyio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _reencrypt
+from ._batch import aad_list, item_list, open_many, seal_many
 from ._blob import (
-    ENVELOPE_HEADERS,
     NONCE_SIZE,
+    SEALED_HEADERS,
     TAG_SIZE,
     BlobInfo,
+    Layout,
     decode,
     encode_suffix,
     envelope_header,
+    envelope_layout,
     field_length,
+    nonce_batch,
     nonces,
+    sealed_header,
     take_nonce,
 )
 from ._cache import KeyCache, PurposeKeys, Refusal
@@ -45,6 +50,7 @@ from ._errors import (
     ForeignContextError,
     InvalidParameterError,
     KeyNotFoundError,
+    KMSError,
     Remedy,
     SchemaVersionError,
     UnknownKeyVersionError,
@@ -86,8 +92,51 @@ DEFAULT_REVOKE_GRACE = 60.0
 
 #: Length of the key_info suffix naming a data key version id.
 _SUFFIX_SIZE = len(encode_suffix(f"{DATA_KEY_VERSION_PREFIX}_{'0' * ID_LENGTH}"))
-#: Above this size, decrypt slices through a memoryview instead of copying.
+_TAIL = slice(-_SUFFIX_SIZE, None)
+_FIELD_1 = b"\x0a"
+_FIRST_BYTE = slice(0, 1)
+#: From this size on, decrypt slices through a memoryview instead of copying.
 _COPY_LIMIT = 4096
+#: envelope_layout() by envelope size, filled on first use (False: none fits),
+#: for the sizes where a few hundred nanoseconds matter: at most about 3 MB
+#: once every size has been seen.
+_LAYOUTS_LIMIT = 0x4000
+_LAYOUTS: list[Layout | Literal[False] | None] = [None] * _LAYOUTS_LIMIT
+_join = b"".join
+
+
+def _read_layout(ciphertext: bytes, size: int) -> Layout | Literal[False]:
+    """The layout of an envelope too large for the table, read from its header."""
+    length = ciphertext[1]
+    start = 2
+    if length >= 0x80:
+        second = ciphertext[2]
+        if second < 0x80:
+            length = (length & 0x7F) | (second << 7)
+            start = 3
+        elif ciphertext[3] < 0x80:  # up to 2 MiB
+            length = (length & 0x7F) | ((second & 0x7F) << 7) | (ciphertext[3] << 14)
+            start = 4
+        else:
+            length, start = field_length(ciphertext, 1)  # 2 MiB and more
+    if ciphertext[0] != 0x0A or start + length != size - _SUFFIX_SIZE:
+        return False
+    nonce_end = start + NONCE_SIZE
+    return (_FIELD_1, _FIRST_BYTE, slice(start, nonce_end), slice(nonce_end, start + length))
+
+
+def _layout(size: int) -> Layout | Literal[False]:
+    found = envelope_layout(size, _SUFFIX_SIZE)
+    layout: Layout | Literal[False] = False if found is None else found
+    if size < _LAYOUTS_LIMIT:
+        _LAYOUTS[size] = layout
+    return layout
+
+
+#: What one item of a batch weighs against ``offload_threshold``, on top of its
+#: bytes: a batch of many small items also runs in a worker thread once it
+#: would hold the event loop about as long as one large payload.
+_ITEM_WEIGHT = 1024
 
 #: Open instances, so a forked child can make the ones it inherited unusable.
 _instances: weakref.WeakSet[KMS] = weakref.WeakSet()
@@ -163,6 +212,7 @@ class KMS(AsyncResource):
         revoke_grace: float = DEFAULT_REVOKE_GRACE,
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         check_root_wrapper: bool = True,
+        integrity: Literal["bind", "strict"] = "bind",
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -205,6 +255,12 @@ class KMS(AsyncResource):
                 at startup. Costs up to three root wrapper calls; turn it off
                 for a wrapper that charges per call (writes still prove the
                 wrapper before they wrap anything).
+            integrity: ``"bind"`` (the default) writes a binding for every new
+                key version and a key state record per scope, verifies them on
+                every cold load, and accepts versions without a binding
+                (written by the Go package), logging and listing them
+                (``KeyVersion.bound``). ``"strict"`` refuses unbound versions
+                too, and needs schema file 06. See SECURITY.md.
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -225,6 +281,8 @@ class KMS(AsyncResource):
         check_seconds("max_staleness", max_staleness, none=True)
         check_seconds("revoke_grace", revoke_grace, zero=True)
         check_seconds("pool_timeout", pool_timeout)
+        if integrity not in ("bind", "strict"):
+            raise InvalidParameterError(f"integrity must be 'bind' or 'strict', not {integrity!r}")
         database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
         try:
             kms = cls(
@@ -238,11 +296,18 @@ class KMS(AsyncResource):
             if root_wrapper is not None:
                 kms.add_external_wrapper(ROOT_PURPOSE, root_wrapper)
             kms._loop = asyncio.get_running_loop()
+            kms._keyring.integrity = integrity
             await kms.validate_schema()
             if root_wrapper is not None and check_root_wrapper:
                 await kms._keyring.prove_any(None, at_open=True)
             channel = await database.find_notify_channel()
             await kms._freshness.start()
+            if integrity == "strict" and not database.queries.has_bindings:
+                raise SchemaVersionError(
+                    "integrity='strict' needs the key binding tables "
+                    f"({database.queries.binding_table}); run kms_async.migrate() or apply "
+                    "sql/<dialect>/06_kms_key_binding.up.sql with your migration tool"
+                )
             listen = channel is not None and (
                 notifications or (notifications is None and isinstance(db, str))
             )
@@ -420,12 +485,12 @@ class KMS(AsyncResource):
             raise InvalidParameterError(
                 "plaintext and aad must be contiguous bytes of less than 2 GiB"
             ) from None
-        # envelope_header(), inlined for the common sizes: one call less.
-        size = len(sealed) + NONCE_SIZE
-        header = ENVELOPE_HEADERS[size] if size < 0x4000 else None
+        # sealed_header(), inlined for the common sizes: one call less.
+        size = len(sealed)
+        header = SEALED_HEADERS[size] if size < 0x4000 else None
         if header is None:
-            header = envelope_header(size)
-        return b"".join((header, nonce, sealed, keys.suffix))
+            header = sealed_header(size)
+        return _join((header, nonce, sealed, keys.suffix))
 
     async def decrypt(
         self, scope_id: str, purpose: str, ciphertext: bytes, *, aad: bytes | None = None
@@ -450,34 +515,32 @@ class KMS(AsyncResource):
             raise InvalidParameterError("scope id and purpose must be strings") from None
         if keys is None:
             keys = await self._missed(scope_id, purpose, decrypting=True)
-        if type(ciphertext) is bytes and len(ciphertext) > _SUFFIX_SIZE + 2:
-            # Fast path: an envelope this library wrote ends with key_info
-            # naming one of the cached versions; the rest is field 1.
-            aead: AESGCM | Refusal | None = keys.aead
-            if not ciphertext.endswith(keys.suffix):
-                aead = keys.find(ciphertext[-_SUFFIX_SIZE:])
-            if aead is not None:
-                length = ciphertext[1]
-                start = 2
-                if length >= 0x80:
-                    second = ciphertext[2]
-                    if second < 0x80:
-                        length = (length & 0x7F) | (second << 7)
-                        start = 3
-                    elif ciphertext[3] < 0x80:  # up to 2 MiB
-                        length = (length & 0x7F) | ((second & 0x7F) << 7) | (ciphertext[3] << 14)
-                        start = 4
-                    else:
-                        length, start = field_length(ciphertext, 1)  # 2 MiB and more
-                end = len(ciphertext) - _SUFFIX_SIZE
-                if ciphertext[0] == 0x0A and start + length == end and length >= 28:
-                    body = ciphertext if end < _COPY_LIMIT else memoryview(ciphertext)
-                    nonce = ciphertext[start : start + NONCE_SIZE]
+        if type(ciphertext) is bytes:
+            # Fast path: an envelope this library wrote is field 1 with the
+            # shortest length varint, then key_info naming one of the cached
+            # versions. Where each part is depends only on the size.
+            size = len(ciphertext)
+            if size < _LAYOUTS_LIMIT:
+                layout = _LAYOUTS[size]
+                if layout is None:
+                    layout = _layout(size)
+            else:
+                layout = _read_layout(ciphertext, size)
+            if layout:
+                header, header_at, nonce_at, body_at = layout
+                tail = ciphertext[_TAIL]
+                aead: AESGCM | Refusal | None = (
+                    keys.aead if tail == keys.suffix else keys.find(tail)
+                )
+                if aead is not None and ciphertext[header_at] == header:
                     try:
-                        if end < self._offload_threshold:
-                            return aead.decrypt(nonce, body[start + NONCE_SIZE : end], aad)
+                        if size < _COPY_LIMIT and size < self._offload_threshold:
+                            return aead.decrypt(ciphertext[nonce_at], ciphertext[body_at], aad)
+                        body = memoryview(ciphertext)[body_at]
+                        if size < self._offload_threshold:
+                            return aead.decrypt(ciphertext[nonce_at], body, aad)
                         return await anyio.to_thread.run_sync(
-                            aead.decrypt, nonce, body[start + NONCE_SIZE : end], aad
+                            aead.decrypt, ciphertext[nonce_at], body, aad
                         )
                     except InvalidTag:
                         raise DecryptionError(
@@ -516,6 +579,135 @@ class KMS(AsyncResource):
             ) from None
         except (TypeError, BufferError, OverflowError):
             raise InvalidParameterError("aad must be contiguous bytes") from None
+
+    # -- many values for one pair ------------------------------------------
+
+    async def encrypt_many(
+        self,
+        scope_id: str,
+        purpose: str,
+        plaintexts: Sequence[bytes],
+        *,
+        aad: Sequence[bytes | None] | None = None,
+    ) -> list[bytes]:
+        """:meth:`encrypt` each plaintext with the newest key of (scope, purpose), in order.
+
+        Each envelope is the one :meth:`encrypt` would return, under its own
+        nonce, so :meth:`decrypt` reads it. ``aad`` is ``None`` or one AAD per
+        plaintext (``None`` or ``b""`` for none). An empty list returns ``[]``
+        without reading any key. Large batches (their bytes plus 1 KiB per
+        item reaching ``offload_threshold``) are encrypted in a worker thread.
+
+        Raises:
+            InvalidParameterError: bad scope or purpose; ``plaintexts`` or
+                ``aad`` not a list, or of different lengths; an item that is
+                not bytes (its position is in the message and in ``index``).
+            KeyNotFoundError: the scope has no key for the purpose.
+        """
+        items = item_list("plaintexts", plaintexts)
+        aads = aad_list(aad, len(items), "plaintexts")
+        if not items:
+            self._check_pair(scope_id, purpose)
+            return []
+        try:
+            keys = self._entries[(scope_id, purpose)]
+            keys.used = True
+        except KeyError:
+            keys = None
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            keys = await self._missed(scope_id, purpose)
+        try:
+            weight = sum(map(len, items)) + _ITEM_WEIGHT * len(items)
+            if weight < self._offload_threshold:
+                return seal_many(keys.aead, keys.suffix, nonce_batch(len(items)), items, aads)
+            return await anyio.to_thread.run_sync(
+                seal_many, keys.aead, keys.suffix, nonce_batch(len(items)), items, aads
+            )
+        except (TypeError, BufferError, OverflowError, KMSError):
+            pass  # an unusable item or version: encrypt them one by one to name it
+        return await self._each(self.encrypt, "plaintexts", scope_id, purpose, items, aads)
+
+    async def decrypt_many(
+        self,
+        scope_id: str,
+        purpose: str,
+        ciphertexts: Sequence[bytes],
+        *,
+        aad: Sequence[bytes | None] | None = None,
+    ) -> list[bytes]:
+        """:meth:`decrypt` each ciphertext of (scope, purpose), in order.
+
+        Takes any mix of envelopes :meth:`encrypt` and :meth:`encrypt_many`
+        made, under any version of the pair. ``aad`` is ``None`` or one AAD
+        per ciphertext. All or nothing: if any item cannot be decrypted, the
+        call raises the error :meth:`decrypt` raises for the first such item,
+        with its position in the message and in the error's ``index``, and
+        returns no plaintext. An empty list returns ``[]`` without reading
+        any key.
+
+        Raises:
+            DecryptionError: an item is tampered, malformed, under the wrong
+                AAD or the wrong key (``index`` says which).
+            UnknownKeyVersionError: an item names a version that is revoked
+                or not this pair's (``index`` says which).
+            InvalidParameterError: bad scope or purpose; ``ciphertexts`` or
+                ``aad`` not a list, or of different lengths; an unusable AAD.
+            KeyNotFoundError: the scope has no key for the purpose.
+        """
+        items = item_list("ciphertexts", ciphertexts)
+        aads = aad_list(aad, len(items), "ciphertexts")
+        if not items:
+            self._check_pair(scope_id, purpose)
+            return []
+        try:
+            keys = self._entries[(scope_id, purpose)]
+            keys.used = True
+        except KeyError:
+            keys = None
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            keys = await self._missed(scope_id, purpose, decrypting=True)
+        try:
+            sizes = list(map(len, items))
+            if sum(sizes) + _ITEM_WEIGHT * len(items) < self._offload_threshold:
+                opened = open_many(keys.aead, keys.suffix, keys.older, items, sizes, aads)
+            else:
+                opened = await anyio.to_thread.run_sync(
+                    open_many, keys.aead, keys.suffix, keys.older, items, sizes, aads
+                )
+        except (InvalidTag, TypeError, BufferError, OverflowError, KMSError):
+            opened = None  # one by one below, to name the item
+        if opened is not None:
+            return opened
+        return await self._each(self.decrypt, "ciphertexts", scope_id, purpose, items, aads)
+
+    async def _each(
+        self,
+        call: Callable[..., Awaitable[bytes]],
+        name: str,
+        scope_id: str,
+        purpose: str,
+        items: Sequence[Any],
+        aads: Sequence[Any],
+    ) -> list[bytes]:
+        """A batch item by item: the general path, which names the item that fails."""
+        done = []
+        for index, (item, item_aad) in enumerate(zip(items, aads, strict=True)):
+            try:
+                done.append(await call(scope_id, purpose, item, aad=item_aad))
+            except KMSError as exc:
+                exc.index = index
+                exc.args = (f"{name}[{index}]: {exc}",)
+                raise
+        return done
+
+    def _check_pair(self, scope_id: str, purpose: str) -> None:
+        self._check_open()
+        check_scope(scope_id)
+        check_data_purpose(purpose, self._purposes)
 
     async def _missed(
         self, scope_id: str, purpose: str, *, decrypting: bool = False
@@ -707,6 +899,29 @@ class KMS(AsyncResource):
         self.get_external_root_wrapper()
         await self._writer.rewrap(scopes, conn=conn)
 
+    async def bind_keys(self, scope_ids: Iterable[str], *, conn: Any = None) -> int:
+        """Bind the scopes' unbound key versions and seal their key state records.
+
+        For keys written by the Go package or before schema file 06: after
+        this, ``integrity="strict"`` accepts them. One transaction for all
+        the scopes; running it again binds nothing new and is harmless, so a
+        bulk run can resume anywhere. A version whose binding does not match
+        stays refused (binding it again would bless tampering), and a root
+        key version that is a copy of one bound elsewhere is not bound. A
+        state record that is missing or does not verify is replaced by one
+        sealing the current state, so run it only on key tables known to be
+        right. Returns how many versions were bound.
+
+        Raises:
+            KeyNotFoundError: one of the scopes has no keys; nothing was bound.
+            SchemaVersionError: the binding tables are missing; run migrate().
+            WrapperError: the root wrapper cannot unwrap the scopes' keys.
+        """
+        self._check_open()
+        scopes = list(dict.fromkeys(check_scope_list(scope_ids)))
+        self.get_external_root_wrapper()
+        return await self._writer.bind(scopes, conn=conn)
+
     async def revoke_key_version(
         self, key_version_id: str, *, scope_id: str | None = None, conn: Any = None
     ) -> None:
@@ -837,6 +1052,7 @@ class KMS(AsyncResource):
                 root_key_id
             ]
             suspended = await repo.suspended_versions(conn, q, scope_id)
+            bound = await repo.bindings_of_scopes(conn, q, [scope_id]) if q.has_bindings else None
         unusable: dict[str, str] = {}
         if verify and ROOT_PURPOSE in self._keyring.wrappers:
             unusable = await self._keyring.unusable_versions(root_rows, version_rows)
@@ -848,6 +1064,7 @@ class KMS(AsyncResource):
                 to_time(row.create_time),
                 suspended=row.id in suspended,
                 unusable=unusable.get(row.id),
+                bound=None if bound is None else row.id in bound,
             )
 
         keys = [

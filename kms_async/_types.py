@@ -20,7 +20,10 @@ class KeyVersion:
     is resumed (see :meth:`KMS.suspend_key_version`). ``unusable``: why this
     KMS's root wrapper cannot unwrap the version (it was written under another
     root key), or ``None`` when it can or was not asked (``list_keys(...,
-    verify=False)``).
+    verify=False)``). ``bound``: whether the version has a binding to its
+    place (see SECURITY.md); ``False`` for versions written by the Go package
+    or before binding (``bind_keys`` binds them), ``None`` on a database
+    without the binding tables. Whether a binding *matches* shows on use.
     """
 
     id: str
@@ -28,6 +31,7 @@ class KeyVersion:
     create_time: datetime.datetime
     suspended: bool = False
     unusable: str | None = None
+    bound: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -40,19 +40,24 @@ from ._cache import KeyCache, PurposeKeys, VersionKey
 from ._errors import (
     InvalidParameterError,
     KeyExistsError,
+    KeyIntegrityError,
     KeyInUseError,
     KeyNotFoundError,
+    KeyRollbackError,
     Remedy,
     RevokeTooSoonError,
     SchemaVersionError,
     StorageError,
     TransientStorageError,
+    WrapperError,
     advised,
 )
 from ._ids import DATA_KEY_PREFIX, DATA_KEY_VERSION_PREFIX, ROOT_KEY_PREFIX, new_id
+from ._integrity import KeyState, bind_version, fingerprint, seal_state, unseal_state
 from ._keyring import Keyring
 from ._sql import Connection, Database, IntegrityError
 from ._sql import _store as repo
+from ._types import ROOT_PURPOSE
 from ._validate import show
 from ._wrappers import KEY_SIZE, unwrap_key, wrap_key
 
@@ -101,6 +106,7 @@ class _Reconciliation:
     data_keys: list[repo.NewDataKey]
     created: list[tuple[str, str]]  # (scope, purpose)
     fresh_roots: list[VersionKey]
+    new_keys: dict[str, bytes]  # version id -> key, for the bindings
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -207,6 +213,9 @@ class Writer:
                 Remedy("reconcile_keys", scope_id=scopes[0] if len(scopes) == 1 else None),
             ) from exc
         await repo.insert_data_keys(tx, self._q, [row for _, row, _ in new.data_keys])
+        new_keys = {root.id: root.key for root, _ in new.roots}
+        new_keys.update((row.version_id, key) for _, row, key in new.data_keys)
+        await self._seal(tx, [k.scope_id for k in new.root_keys], new_keys)
 
     # -- rotate and rewrap -------------------------------------------------
 
@@ -248,9 +257,10 @@ class Writer:
         roots: dict[str, tuple[VersionKey, bytes]],
         plans: dict[str, _RewrapPlan] | None,
     ) -> None:
-        await self._insert_rotation(tx, roots)
+        new_keys = await self._insert_rotation(tx, roots)
         if plans:
             await self._apply(tx, plans)
+        await self._seal(tx, list(roots), new_keys)
 
     async def rewrap(self, scopes: list[str], *, conn: Any) -> None:
         chunks = _chunks(scopes)
@@ -268,7 +278,7 @@ class Writer:
 
     async def _insert_rotation(
         self, tx: Connection, roots: dict[str, tuple[VersionKey, bytes]]
-    ) -> None:
+    ) -> dict[str, bytes]:
         """A new root key version per scope, and a new version of each data key under it.
 
         Every data key the scope has gets a new version, whatever purposes this
@@ -282,23 +292,27 @@ class Writer:
             [(root.id, owners[scope_id], wrapped) for scope_id, (root, wrapped) in roots.items()],
         )
         new_root_of = {owners[scope_id]: root for scope_id, (root, _) in roots.items()}
+        new_keys = {root.id: root.key for root in new_root_of.values()}
         new_versions = []
         for data_key_id, root_key_id, purpose in await repo.data_keys_of_roots(
             tx, self._q, list(new_root_of)
         ):
             root = new_root_of[root_key_id]
+            version_id = new_id(DATA_KEY_VERSION_PREFIX)
+            new_keys[version_id] = key = os.urandom(KEY_SIZE)
             new_versions.append(
                 repo.NewDataKey(
                     data_key_id,
                     root_key_id,
                     purpose,
-                    new_id(DATA_KEY_VERSION_PREFIX),
+                    version_id,
                     root.id,
-                    wrap_key(root.cipher, root.id, os.urandom(KEY_SIZE)),
+                    wrap_key(root.cipher, root.id, key),
                     new_key=False,
                 )
             )
         await repo.insert_data_keys(tx, self._q, new_versions)
+        return new_keys
 
     async def _plan_outside(
         self, scopes: list[str], conn: Any, targets: dict[str, VersionKey] | None
@@ -421,6 +435,12 @@ class Writer:
     async def revoke(
         self, key_version_id: str, *, is_root: bool, scope_id: str | None, conn: Any
     ) -> None:
+        if self._q.has_bindings and ROOT_PURPOSE not in self._keyring.wrappers:
+            raise KeyNotFoundError(
+                "missing external root wrapper: a revocation is recorded in the scope's sealed "
+                "key state record (so a restored row stays revoked), which needs the root "
+                "wrapper; pass root_wrapper= to KMS.open()"
+            )
         owners: list[str] = []
         try:
             async with self._invalidating(owners), self._db.transaction(conn) as tx:
@@ -455,6 +475,9 @@ class Writer:
                 await repo.delete_key_version(tx, self._q, key_version_id, root=is_root)
                 if not is_root:
                     await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, False)
+                # The binding stays: its fingerprint recognises a copy of the
+                # revoked key put back under another id.
+                await self._seal(tx, [found.scope_id], {}, revoked=[key_version_id])
                 await repo.announce(tx, self._q, changed, owners)
         except IntegrityError as exc:
             # A row that appeared since the check, under a restrict foreign
@@ -548,6 +571,220 @@ class Writer:
             Remedy("reencrypt_key_version", key_version_id=key_version_id),
         )
 
+    # -- bindings and the key state record (see _integrity) ------------------
+
+    async def _seal(
+        self,
+        tx: Connection,
+        scopes: list[str],
+        new_keys: dict[str, bytes],
+        *,
+        revoked: list[str] | None = None,
+        reset: bool = False,
+    ) -> None:
+        """Bind the versions in ``new_keys`` and seal each scope's new key state record.
+
+        Runs inside the write's transaction, after its inserts (the database
+        has numbered the new versions). The previous record must verify
+        (``reset``, for bind_keys, starts a fresh one where it does not).
+
+        Raises:
+            KeyIntegrityError: a scope's record does not verify.
+            KeyRollbackError: it is older than one this instance has seen.
+        """
+        if not self._q.has_bindings or not scopes:
+            return
+        q = self._q
+        owners = await self._root_keys_of(tx, scopes)
+        versions = await repo.key_versions_of_roots(tx, q, list(owners.values()))
+        purposes = {r[0]: r[2] for r in await repo.data_keys_of_roots(tx, q, list(owners.values()))}
+        bound = set(await repo.bindings_of_scopes(tx, q, scopes))
+        states = await repo.states_of_scopes(tx, q, scopes)
+        new_bindings: list[tuple[str, str, bytes, bytes | None]] = []
+        new_states: list[tuple[str, int, str, bytes, bytes]] = []
+        for scope_id in scopes:
+            root_key_id = owners[scope_id]
+            root_rows, data_rows = versions[root_key_id]
+            if not root_rows:
+                continue
+            for r in root_rows:
+                if r.id in new_keys:
+                    key = new_keys[r.id]
+                    binding = bind_version(
+                        key, scope_id, ROOT_PURPOSE, root_key_id, r.id, r.version
+                    )
+                    new_bindings.append((r.id, scope_id, binding, fingerprint(key)))
+                    bound.add(r.id)
+            for d in data_rows:
+                if d.id in new_keys:
+                    binding = bind_version(
+                        new_keys[d.id],
+                        scope_id,
+                        purposes[d.data_key_id],
+                        d.data_key_id,
+                        d.id,
+                        d.version,
+                    )
+                    new_bindings.append((d.id, scope_id, binding, fingerprint(new_keys[d.id])))
+                    bound.add(d.id)
+            previous = await self._previous_state(
+                scope_id, states.get(scope_id), root_rows, new_keys, reset=reset
+            )
+            newest: dict[str, tuple[str, int]] = {}
+            for owner, row_id, number in [(root_key_id, r.id, r.version) for r in root_rows] + [
+                (d.data_key_id, d.id, d.version) for d in data_rows
+            ]:
+                if row_id in bound and number > newest.get(owner, ("", 0))[1]:
+                    newest[owner] = (row_id, number)
+            sealer = root_rows[-1]
+            sealer_key = new_keys.get(sealer.id)
+            if sealer_key is None:
+                sealer_key = (
+                    await self._keyring.unwrap_root(sealer.id, sealer.version, sealer.wrapped)
+                ).key
+            serial = max(
+                0 if previous is None else previous.serial, self._keyring.seen.get(scope_id, 0)
+            )
+            state = KeyState(
+                scope_id=scope_id,
+                serial=serial + 1,
+                root_version_id=sealer.id,
+                newest=newest,
+                revoked=(frozenset() if previous is None else previous.revoked)
+                | frozenset(revoked or ()),
+            )
+            body, mac = seal_state(state, sealer_key)
+            new_states.append((scope_id, state.serial, sealer.id, body, mac))
+        await repo.put_bindings(tx, q, new_bindings)
+        await repo.put_states(tx, q, new_states)
+
+    async def _previous_state(
+        self,
+        scope_id: str,
+        stored: repo.StateRow | None,
+        root_rows: list[repo.RootKeyVersionRow],
+        new_keys: dict[str, bytes],
+        *,
+        reset: bool,
+    ) -> KeyState | None:
+        seen = self._keyring.seen.get(scope_id, 0)
+        if stored is None:
+            if seen and not reset:
+                raise KeyRollbackError(
+                    f"the key state record of scope {show(scope_id)} is gone, though this "
+                    f"instance has seen it at serial {seen}; nothing was written: restore the "
+                    "newer state, or run bind_keys() (kms-async bind) to seal the current one"
+                )
+            return None
+        row = next((r for r in root_rows if r.id == stored.root_version_id), None)
+        state = None
+        why = "does not verify"
+        if row is not None:
+            key = new_keys.get(row.id)
+            try:
+                if key is None:
+                    key = (await self._keyring.unwrap_root(row.id, row.version, row.wrapped)).key
+            except WrapperError as exc:
+                if exc.retryable:
+                    raise
+                # Carrying on without it would drop the revocations it records.
+                why = f"cannot be checked: its root key version {row.id} cannot be unwrapped"
+            else:
+                state = unseal_state(scope_id, row.id, stored.body, stored.mac, key)
+        if state is None:
+            if reset:
+                return None
+            raise KeyIntegrityError(
+                f"the key state record of scope {show(scope_id)} {why}; nothing was written: "
+                "restore it from a backup, or run bind_keys() (kms-async bind) to seal the "
+                "current state if the key tables are known to be right"
+            )
+        if state.serial < seen and not reset:
+            raise KeyRollbackError(
+                f"the key state record of scope {show(scope_id)} is at serial {state.serial}, "
+                f"older than serial {seen} this instance has seen; nothing was written: "
+                "restore the newer state"
+            )
+        return state
+
+    async def bind(self, scopes: list[str], *, conn: Any = None) -> int:
+        """Bind the scopes' unbound key versions and seal their state; the count bound.
+
+        Versions whose binding does not match are left as they are (and stay
+        refused): binding them again would bless the tampering.
+
+        Raises:
+            SchemaVersionError: the database has no binding tables.
+            WrapperError: the root wrapper cannot unwrap the scopes' keys.
+        """
+        if not self._q.has_bindings:
+            async with self._keyring.reading(conn) as reader:
+                await repo.find_bindings(reader, self._q)
+            if not self._q.has_bindings:
+                raise SchemaVersionError(
+                    f"the database has no key binding tables ({self._q.binding_table}, "
+                    f"{self._q.state_table}); run kms_async.migrate() or apply "
+                    "sql/<dialect>/06_kms_key_binding.up.sql with your migration tool"
+                )
+        await self._keyring.prove_scopes(scopes, conn)
+        async with self._keyring.reading(conn) as reader:
+            snapshots = await self._snapshots(reader, scopes)
+            bound = await repo.bindings_of_scopes(reader, self._q, scopes)
+            sealed = await repo.states_of_scopes(reader, self._q, scopes)
+            copies = {}
+            keys: dict[str, bytes] = {}
+            todo: list[str] = []
+            for scope_id in scopes:
+                count = len(keys)
+                _, root_rows, data_rows = snapshots[scope_id]
+                roots: dict[str, VersionKey] = {}
+                for r in root_rows:
+                    try:
+                        roots[r.id] = await self._keyring.unwrap_root(r.id, r.version, r.wrapped)
+                    except KeyIntegrityError:
+                        continue
+                    if r.id not in bound:
+                        copies[r.id] = await repo.binding_by_fingerprint(
+                            reader, self._q, fingerprint(roots[r.id].key)
+                        )
+                        if any(other != r.id for other, _ in copies[r.id]):
+                            logger.warning(
+                                "kms_async: not binding root key version %s of scope %s: it "
+                                "is a copy of a bound root key version of another place",
+                                r.id,
+                                show(scope_id),
+                            )
+                            del roots[r.id]
+                            continue
+                        keys[r.id] = roots[r.id].key
+                for d in data_rows:
+                    parent = roots.get(d.root_key_version_id)
+                    if d.id in bound or parent is None:
+                        continue
+                    key = unwrap_key(parent.cipher, parent.id, d.id, d.wrapped)
+                    found = await repo.binding_by_fingerprint(reader, self._q, fingerprint(key))
+                    if any(other != d.id for other, _ in found):
+                        logger.warning(
+                            "kms_async: not binding data key version %s of scope %s: it holds "
+                            "the key of a bound or revoked version of another place",
+                            d.id,
+                            show(scope_id),
+                        )
+                        continue
+                    keys[d.id] = key
+                # A scope with nothing left to bind and a record is done: a
+                # second run (resuming a bulk one) skips it.
+                if len(keys) > count or scope_id not in sealed:
+                    todo.append(scope_id)
+        if not todo:
+            return 0
+        async with self._invalidating(todo), self._db.transaction(conn) as tx:
+            changed = await repo.bump_collection_version(tx, self._q)
+            await self._seal(tx, todo, keys, reset=True)
+            await repo.announce(tx, self._q, changed, todo)
+        logger.debug("kms_async: bound %d key version(s) of %d scope(s)", len(keys), len(scopes))
+        return len(keys)
+
     # -- reconcile ---------------------------------------------------------
 
     async def reconcile(self, scopes: list[str], purposes: list[str]) -> list[tuple[str, str]]:
@@ -637,23 +874,26 @@ class Writer:
             roots[new_roots[scope_id].id] = root
             fresh.append(root)
         rows = []
+        new_keys = {root.id: root.key for root in fresh}
         for scope_id, purpose, existing_root in missing:
             owner = existing_root if existing_root is not None else new_roots[scope_id].id
             if owner not in roots:
                 raise _ReadAgain
             root = roots[owner]
+            version_id = new_id(DATA_KEY_VERSION_PREFIX)
+            new_keys[version_id] = key = os.urandom(KEY_SIZE)
             rows.append(
                 repo.NewDataKey(
                     new_id(DATA_KEY_PREFIX),
                     owner,
                     purpose,
-                    new_id(DATA_KEY_VERSION_PREFIX),
+                    version_id,
                     root.id,
-                    wrap_key(root.cipher, root.id, os.urandom(KEY_SIZE)),
+                    wrap_key(root.cipher, root.id, key),
                 )
             )
         created = [(m[0], m[1]) for m in missing]
-        return _Reconciliation(list(new_roots.values()), rows, created, fresh)
+        return _Reconciliation(list(new_roots.values()), rows, created, fresh, new_keys)
 
     async def _insert_reconciliation(
         self,
@@ -666,6 +906,7 @@ class Writer:
         changed.extend(dict.fromkeys(scope_id for scope_id, _ in plan.created))
         await repo.insert_root_keys(tx, self._q, plan.root_keys)
         await repo.insert_data_keys(tx, self._q, plan.data_keys)
+        await self._seal(tx, list(dict.fromkeys(s for s, _ in plan.created)), plan.new_keys)
         created.extend(plan.created)
 
 

@@ -174,6 +174,25 @@ async def test_kms_encrypt_matches_an_aead_wrapper_over_the_same_key_byte_for_by
     assert await kms.decrypt("s1", "database", from_kms, aad=aad) == plaintext
 
 
+@pytest.mark.parametrize("name", DATA_VECTORS)
+async def test_encrypt_many_writes_what_encrypt_writes_byte_for_byte(
+    kms: KMS, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    vector = VECTORS[name]
+    plaintext = bytes.fromhex(vector["plaintext"])
+    aad = unhex(vector["aad"])
+    nonce = bytes.fromhex(vector["nonce"])
+    await kms.create_keys("s1")
+    fixed_nonce(monkeypatch, _kms, nonce)
+    monkeypatch.setattr(_kms, "nonce_batch", lambda count: [nonce] * count)
+
+    single = await kms.encrypt("s1", "oidc", plaintext, aad=aad)
+    batch = await kms.encrypt_many("s1", "oidc", [plaintext, plaintext], aad=[aad, aad])
+
+    assert batch == [single, single]
+    assert await kms.decrypt_many("s1", "oidc", batch, aad=[aad, aad]) == [plaintext] * 2
+
+
 def test_the_extra_fields_vector_decodes_with_its_extra_fields() -> None:
     blob = BlobInfo.from_bytes(bytes.fromhex(VECTORS["data_with_extra_fields"]["ciphertext"]))
     assert blob.key_id == DATA_VERSION["private_id"]
@@ -423,6 +442,27 @@ def test_arbitrary_bytes_decode_or_raise_decryption_error(data: bytes) -> None:
     assert isinstance(blob.ciphertext, bytes)
 
 
+# -- envelope layout ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "length", [0, 1, 0x7F, 0x80, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 0xFFFFFFF, 0x10000000]
+)
+def test_envelope_headers_hold_the_shortest_varint(length: int) -> None:
+    assert _blob.envelope_header(length) == _blob.encode_prefix(length)
+
+
+async def test_a_longer_length_varint_still_decrypts_through_the_general_path(kms: KMS) -> None:
+    await kms.create_keys("s1")
+    plaintext = b"sixteen bytes!!!"
+    canonical = await kms.encrypt("s1", "database", plaintext)
+    assert canonical[:2] == b"\x0a\x2c"  # 12 + 16 + 16 bytes
+    padded = b"\x0a\xac\x00" + canonical[2:]  # the same length as a two-byte varint
+    assert BlobInfo.from_bytes(padded) == BlobInfo.from_bytes(canonical)
+    assert await kms.decrypt("s1", "database", padded) == plaintext
+    assert await kms.decrypt_many("s1", "database", [canonical, padded]) == [plaintext] * 2
+
+
 # -- nonces --------------------------------------------------------------------------
 
 
@@ -447,6 +487,26 @@ def test_nonces_drawn_from_many_threads_are_distinct() -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         drawn = [n for batch in pool.map(draw, range(8)) for n in batch]
     assert len(set(drawn)) == 16_000
+
+
+def test_nonce_batches_are_distinct_from_each_other_and_from_single_nonces() -> None:
+    drawn = [_blob.nonces() for _ in range(100)]
+    for count in (0, 1, 64, 511, 512, 513, 2000, 64, 64):
+        batch = _blob.nonce_batch(count)
+        assert len(batch) == count
+        assert all(type(n) is bytes and len(n) == NONCE_SIZE for n in batch)
+        drawn += batch
+    drawn += [_blob.nonces() for _ in range(100)]
+    assert len(set(drawn)) == len(drawn)
+
+
+def test_nonce_batches_drawn_from_many_threads_are_distinct() -> None:
+    def draw(_: int) -> list[bytes]:
+        return [n for _ in range(100) for n in _blob.nonce_batch(37)] + [_blob.nonces()]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        drawn = [n for batch in pool.map(draw, range(8)) for n in batch]
+    assert len(set(drawn)) == 8 * 3701
 
 
 def test_the_wrappers_draw_their_nonces_from_the_shared_source(

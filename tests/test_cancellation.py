@@ -402,6 +402,48 @@ async def test_rewrap_keys_cancelled_anywhere_rewraps_all_or_nothing(
     checks.assert_no_stale_cache()
 
 
+async def test_bind_keys_cancelled_anywhere_binds_all_or_nothing(
+    kms: KMS, db: Any, checks: Checks, loop_errors: list[dict[str, Any]]
+) -> None:
+    made = {p: await kms.encrypt("org", p, b"data") for p in PURPOSES}
+    # As if written before schema file 06.
+    await db.execute("delete from kms_key_version_binding")
+    await db.execute("delete from kms_key_state")
+    await kms.bind_keys(["org"])
+    done = (
+        await db.fetchval("select count(*) from kms_key_version_binding"),
+        await db.fetchval("select count(*) from kms_key_state"),
+    )
+    await db.execute("delete from kms_key_version_binding")
+    await db.execute("delete from kms_key_state")
+    kms._keyring.seen.clear()
+
+    async def counts() -> tuple[int, int]:
+        return (
+            await db.fetchval("select count(*) from kms_key_version_binding"),
+            await db.fetchval("select count(*) from kms_key_state"),
+        )
+
+    async def before() -> tuple[int, int]:
+        return await counts()
+
+    def make() -> Coroutine[Any, Any, Any]:
+        return kms.bind_keys(["org"])
+
+    async def after(state: tuple[int, int], cancelled: bool) -> None:
+        assert await counts() in (state, done)
+        for purpose, ciphertext in made.items():
+            assert await kms.decrypt("org", purpose, ciphertext) == b"data"
+        await checks.usable()
+        # Back to unbound for the next cancellation point.
+        await db.execute("delete from kms_key_version_binding")
+        await db.execute("delete from kms_key_state")
+        kms._keyring.seen.clear()
+
+    points = await cancel_everywhere(make, before, after)
+    assert points > 3
+
+
 @pytest.mark.parametrize("kind", ["data", "root"])
 async def test_revoke_key_version_cancelled_anywhere_revokes_all_or_nothing(
     kms: KMS, rows: Rows, checks: Checks, kind: str, loop_errors: list[dict[str, Any]]

@@ -265,6 +265,10 @@ async def test_commands_without_keys_work_without_a_root_key(
     assert listed.code == 0, listed.err
     old_root = listed.json()["keys"][0]["versions"][0]["id"]
     assert (await cli("status")).code == 0
+    # Revoking records the revocation in the sealed key state record: it needs the key.
+    keyless = await cli("revoke", old_root, "--grace", "0", "--yes")
+    assert keyless.code == 2 and "KMS_ROOT_KEY" in keyless.err
+    monkeypatch.setenv("KMS_ROOT_KEY", root_key)
     revoked = await cli("revoke", old_root, "--grace", "0", "--yes")
     assert revoked.code == 4  # still wraps the old data key version
     assert "rewrap" in revoked.err
@@ -522,6 +526,26 @@ async def test_every_scope_comes_from_kms_list_scopes_page_by_page(
     due = await cli("rotate", "--all-scopes", "--older-than", "2999-01-01T00:00:00Z", "--json")
     assert due.json()["rotated"] == 7
     assert len(pages) == 4
+
+
+async def test_bind_all_scopes_binds_what_is_unbound_and_resumes(env: TestDB, cli: Cli) -> None:
+    assert (await cli("create", "a", "b", "c")).code == 0
+    # As if written before schema file 06 (or by the Go package).
+    await env.execute("delete from kms_key_version_binding")
+    await env.execute("delete from kms_key_state where scope_id <> 'c'")
+    unbound = await cli("list", "a")
+    assert "unbound" in unbound.out
+    first = await cli("bind", "--all-scopes", "--batch-size", "2", "--progress", "always")
+    assert first.code == 0, first.err
+    assert "binding [" in first.err and "3/3 scopes" in first.err
+    # A root key version and a data key version per scope (c: its bindings are gone too).
+    assert "bound 6 key version(s) of 3 scope(s) in 2 transaction(s)" in first.out
+    listed = await cli("list", "a", "--json")
+    assert all(v["bound"] for k in listed.json()["keys"] for v in k["versions"])
+    again = await cli("bind", "--all-scopes", "--json")
+    assert again.code == 0
+    assert again.json()["bound"] == 0
+    assert await env.fetchval("select count(*) from kms_key_state") == 3
 
 
 async def test_rotate_older_than(env: TestDB, cli: Cli) -> None:

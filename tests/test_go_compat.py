@@ -296,7 +296,13 @@ def go_seal(plaintext: bytes, key: bytes, key_id: str, *, extras: bool = False) 
 
 
 #: Tables of kms_async's own, which later schema files may add beside the Go tables.
-OWN_TABLES = ("kms_migration", "kms_key_change", "kms_key_version_suspension")
+OWN_TABLES = (
+    "kms_migration",
+    "kms_key_change",
+    "kms_key_version_suspension",
+    "kms_key_version_binding",
+    "kms_key_state",
+)
 #: Triggers (on the Go tables) and functions of kms_async's own (PostgreSQL file 05).
 OWN_OBJECTS = {
     ("function", "kms_key_change_log_version"),
@@ -413,6 +419,11 @@ async def test_every_operation_works_on_a_go_schema(go_db: TestDB) -> None:
         ]
     versions = await go_db.fetch("select version from kms_data_key_version order by version")
     assert None not in [v[0] for v in versions]
+    # Nothing to bind with on a Go-only schema: bind falls back (above), strict refuses to open.
+    with pytest.raises(kms_async.SchemaVersionError, match="06_kms_key_binding"):
+        await KMS.open(go_db.dsn, purposes=["database"], root_wrapper=root, integrity="strict")
+    with pytest.raises(kms_async.InvalidParameterError, match="integrity"):
+        await KMS.open(go_db.dsn, purposes=["database"], root_wrapper=root, integrity="off")  # type: ignore[arg-type]
 
 
 # -- what this library writes, read the Go way ---------------------------------
@@ -499,3 +510,78 @@ async def test_keys_and_data_written_the_go_way_are_read_here(db: TestDB, extras
         # Ours, under the same Go-written key, reads back the Go way.
         ours = await kms.encrypt("go-scope", "database", b"written here")
     assert go_open(ours, dkv_key) == ("kdkv_GoGoGoGoGo", b"written here")
+
+
+# -- integrity="bind": the Go package keeps writing --------------------------------
+
+
+async def test_go_rotation_of_a_bound_scope_is_accepted_by_bind_refused_by_strict(
+    db: TestDB,
+) -> None:
+    """A scope created here (bound), then rotated the Go way (rows without bindings)."""
+    root_key = secrets.token_bytes(32)
+    root = AeadWrapper(root_key, key_id="root-go")
+    opts: dict[str, Any] = {"purposes": ["database"], "root_wrapper": root, "max_staleness": None}
+    async with await KMS.open(db.dsn, **opts) as kms:
+        await kms.create_keys("org")
+        before = await kms.encrypt("org", "database", b"before")
+    root_key_id = await db.fetchval("select private_id from kms_root_key")
+    data_key_id = await db.fetchval("select private_id from kms_data_key")
+    rkv_key, dkv_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    await db.execute("update kms_collection_version set version = version + 1")
+    await db.execute(
+        "insert into kms_root_key_version (private_id, root_key_id, key) values ($1, $2, $3)",
+        "krkv_GoGoGoGoGo",
+        root_key_id,
+        go_seal(rkv_key, root_key, "root-go"),
+    )
+    await db.execute(
+        "insert into kms_data_key_version"
+        " (private_id, data_key_id, root_key_version_id, key) values ($1, $2, $3, $4)",
+        "kdkv_GoGoGoGoGo",
+        data_key_id,
+        "krkv_GoGoGoGoGo",
+        go_seal(dkv_key, rkv_key, "krkv_GoGoGoGoGo"),
+    )
+    go_ciphertext = go_seal(b"written by go", dkv_key, "kdkv_GoGoGoGoGo")
+
+    async with await KMS.open(db.dsn, **opts) as kms:
+        assert await kms.decrypt("org", "database", go_ciphertext) == b"written by go"
+        assert await kms.decrypt("org", "database", before) == b"before"
+        ours = await kms.encrypt("org", "database", b"here")
+        assert go_open(ours, dkv_key) == ("kdkv_GoGoGoGoGo", b"here")
+        bound = {v.id: v.bound for k in await kms.list_keys("org") for v in k.versions}
+        assert bound["kdkv_GoGoGoGoGo"] is False and bound["krkv_GoGoGoGoGo"] is False
+        assert sum(1 for b in bound.values() if b) == 2
+    async with await KMS.open(db.dsn, integrity="strict", **opts) as kms:
+        with pytest.raises(kms_async.KeyIntegrityError, match="no binding"):
+            await kms.decrypt("org", "database", go_ciphertext)
+        assert await kms.decrypt("org", "database", before) == b"before"
+        assert await kms.bind_keys(["org"]) == 2
+        assert await kms.decrypt("org", "database", go_ciphertext) == b"written by go"
+        assert await kms.bind_keys(["org"]) == 0
+    # The Go package rotates again and revokes the version the record names as newest.
+    async with await KMS.open(db.dsn, **opts) as kms:
+        newest = (await kms.list_keys("org"))[1].versions[-1].id
+    rkv3, dkv3 = secrets.token_bytes(32), secrets.token_bytes(32)
+    await db.execute(
+        "insert into kms_root_key_version (private_id, root_key_id, key) values ($1, $2, $3)",
+        "krkv_GoGoGoGo03",
+        root_key_id,
+        go_seal(rkv3, root_key, "root-go"),
+    )
+    await db.execute(
+        "insert into kms_data_key_version"
+        " (private_id, data_key_id, root_key_version_id, key) values ($1, $2, $3, $4)",
+        "kdkv_GoGoGoGo03",
+        data_key_id,
+        "krkv_GoGoGoGo03",
+        go_seal(dkv3, rkv3, "krkv_GoGoGoGo03"),
+    )
+    await db.execute("delete from kms_data_key_version where private_id = $1", newest)
+    await db.execute("update kms_collection_version set version = version + 1")
+    async with await KMS.open(db.dsn, **opts) as kms:
+        assert go_open(await kms.encrypt("org", "database", b"3"), dkv3)[0] == "kdkv_GoGoGoGo03"
+    # The Go package reads what this library wrote in bind mode, bindings and all.
+    rows = await db.fetch("select private_id, key from kms_root_key_version")
+    assert {go_open(bytes(w), root_key)[0] for _, w in rows} == {"root-go"}

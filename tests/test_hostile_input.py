@@ -32,6 +32,7 @@ from kms_async import (
     DecryptionError,
     InvalidParameterError,
     KeyExistsError,
+    KeyIntegrityError,
     KeyInUseError,
     KeyNotFoundError,
     KMSError,
@@ -1005,21 +1006,21 @@ async def transplant(db: Any, source: dict[str, Any], target: dict[str, Any]) ->
     await bump(db)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known limitation (SECURITY.md): wrapped keys carry no AAD binding them to their "
-    "scope, so a DB writer who copies a root key version and a data key version into another "
-    "scope, and relabels a ciphertext's key id, makes that scope decrypt it",
-)
-async def test_full_key_transplant_between_scopes(kms: KMS, db: Any, open_kms: OpenKMS) -> None:
+@pytest.mark.parametrize("integrity", ["bind", "strict"])
+async def test_full_key_transplant_between_scopes(
+    kms: KMS, db: Any, open_kms: OpenKMS, integrity: str
+) -> None:
+    """Closed by the bindings: the copied root key version has none, and its
+    fingerprint names the bound original in scope A."""
     await kms.create_keys_many(["A", "B"])
     secret = await kms.encrypt("A", "database", b"A's secret")
     await transplant(db, await scope_rows(db, "A"), await scope_rows(db, "B"))
     relabelled = BlobInfo(BlobInfo.from_bytes(secret).ciphertext, FORGED_VERSION).to_bytes()
-    async with await open_kms() as fresh:
-        kind, _ = await outcome(fresh.decrypt("B", "database", relabelled))
-        assert kind == "error", "scope B decrypted scope A's data"
+    async with await open_kms(integrity=integrity) as fresh:
+        with pytest.raises(KeyIntegrityError, match="same root key"):
+            await fresh.decrypt("B", "database", relabelled)
+        # B's own keys still work.
+        assert await fresh.decrypt("B", "database", await fresh.encrypt("B", "database", b"b"))
 
 
 async def test_full_key_transplant_is_stopped_by_aad_naming_the_scope(
@@ -1052,16 +1053,11 @@ async def test_full_key_transplant_is_not_used_for_unrelabelled_ciphertexts(
         assert FORGED_VERSION not in keys and FORGED_ROOT not in keys
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known limitation (SECURITY.md): no anti-rollback; a DB writer who restores a revoked "
-    "version's row (e.g. from a backup) makes it decrypt again, and the database numbers it as "
-    "the newest version, so new data is encrypted under it",
-)
+@pytest.mark.parametrize("integrity", ["bind", "strict"])
 async def test_a_restored_revoked_version_stays_revoked(
-    kms: KMS, db: Any, open_kms: OpenKMS
+    kms: KMS, db: Any, open_kms: OpenKMS, integrity: str
 ) -> None:
+    """Closed by the key state record, which lists the revoked version."""
     await kms.create_keys("A")
     old = await kms.encrypt("A", "database", b"under the first version")
     first = BlobInfo.from_bytes(old).key_id
@@ -1078,10 +1074,11 @@ async def test_a_restored_revoked_version_stays_revoked(
         first, row[0], row[1], bytes(row[2]),
     )  # fmt: skip
     await bump(db)
-    async with await open_kms() as fresh:
+    async with await open_kms(integrity=integrity) as fresh:
         new = BlobInfo.from_bytes(await fresh.encrypt("A", "database", b"new data")).key_id
-        kind, _ = await outcome(fresh.decrypt("A", "database", old))
+        kind, value = await outcome(fresh.decrypt("A", "database", old))
         assert kind == "error" and new != first
+        assert isinstance(value, KeyIntegrityError) and "was revoked" in str(value)
 
 
 async def test_a_broken_scope_does_not_stop_other_scopes_refreshing(

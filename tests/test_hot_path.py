@@ -193,6 +193,28 @@ async def test_cached_scopes_cost_no_statement(kms: KMS, traced_kms: Any) -> Non
     assert len(traced.loads) == loads_before
 
 
+async def test_batches_on_cached_scopes_cost_no_statement(kms: KMS, traced_kms: Any) -> None:
+    scopes = [f"tenant-{i}" for i in range(3)]
+    for scope_id in scopes:
+        await kms.create_keys(scope_id)
+    traced = await traced_kms()
+    await warm(traced.kms, scopes)
+    await traced.reset()
+    loads_before = len(traced.loads)
+
+    suspensions = [0]
+    plaintexts = [b"payload %d" % i for i in range(64)]
+    for i in range(30):
+        scope_id, purpose = scopes[i % len(scopes)], PURPOSES[i % 2]
+        made = await hot(traced.kms.encrypt_many(scope_id, purpose, plaintexts), suspensions)
+        opened = await hot(traced.kms.decrypt_many(scope_id, purpose, made), suspensions)
+        assert opened == plaintexts
+
+    assert await traced.count() == 0
+    assert suspensions == [0]
+    assert len(traced.loads) == loads_before
+
+
 async def test_cached_scopes_cost_no_statement_while_the_background_check_runs(
     kms: KMS, traced_kms: Any
 ) -> None:

@@ -315,6 +315,23 @@ async def test_no_key_material_in_logs_reprs_errors_or_the_database(
         kms.decrypt("s3", "database", stored["s1"], aad=b"s1"),
     )
     await seen.expect("not bytes", KMSError, kms.decrypt("s1", "database", "text"))  # type: ignore[arg-type]
+    tampered = bytearray(stored["s1"])
+    tampered[len(tampered) // 2] ^= 0x01
+    await seen.expect(
+        "tampered batch item",
+        DecryptionError,
+        kms.decrypt_many("s1", "database", [stored["s1"], bytes(tampered)], aad=[b"s1", b"s1"]),
+    )
+    await seen.expect(
+        "wrong batch aad",
+        DecryptionError,
+        kms.decrypt_many("s1", "database", [stored["s1"]], aad=[b"s2"]),
+    )
+    await seen.expect(
+        "bad batch plaintext",
+        InvalidParameterError,
+        kms.encrypt_many("s1", "database", [b"x", "y"]),  # type: ignore[list-item]
+    )
 
     # -- argument and state errors -------------------------------------------------
     await seen.expect("create twice", KeyExistsError, kms.create_keys("s1"))
@@ -394,6 +411,9 @@ async def test_no_key_material_in_logs_reprs_errors_or_the_database(
     assert not kms._cache.entries and not kms._cache.roots
     await seen.expect("closed encrypt", ClosedError, kms.encrypt("s1", "database", b""))
     await seen.expect("closed decrypt", ClosedError, kms.decrypt("s1", "database", stored["s1"]))
+    await seen.expect(
+        "closed decrypt_many", ClosedError, kms.decrypt_many("s1", "database", [stored["s1"]])
+    )
     await seen.expect("closed get_wrapper", ClosedError, kms.get_wrapper("s1", "database"))
     await seen.expect("closed rotate", ClosedError, kms.rotate_keys("s1"))
 

@@ -200,6 +200,32 @@ class Queries:
         self.is_suspended = (
             f"select count(*) from {p}_key_version_suspension where key_version_id = $1"
         )
+        # Key bindings and the key state record (schema file 06), tables of this library's own.
+        self.binding_table = f"{p}_key_version_binding"
+        self.state_table = f"{p}_key_state"
+        self.upsert_binding = (
+            f"insert into {p}_key_version_binding (key_version_id, scope_id, binding, fingerprint)"
+            " values ($1, $2, $3, $4) on conflict (key_version_id) do update set"
+            " scope_id = excluded.scope_id, binding = excluded.binding,"
+            " fingerprint = excluded.fingerprint"
+        )
+        self.bindings_of_scopes = (
+            f"select key_version_id, binding from {p}_key_version_binding"
+            f" where scope_id {self.in_list('$1')}"
+        )
+        self.binding_by_fingerprint = (
+            f"select key_version_id, scope_id from {p}_key_version_binding where fingerprint = $1"
+        )
+        self.states_of_scopes = (
+            f"select scope_id, serial, root_key_version_id, body, mac from {p}_key_state"
+            f" where scope_id {self.in_list('$1')}"
+        )
+        self.upsert_state = (
+            f"insert into {p}_key_state (scope_id, serial, root_key_version_id, body, mac)"
+            " values ($1, $2, $3, $4, $5) on conflict (scope_id) do update set"
+            " serial = excluded.serial, root_key_version_id = excluded.root_key_version_id,"
+            " body = excluded.body, mac = excluded.mac, update_time = current_timestamp"
+        )
         # The key change log (schema file 03): which scopes each write changed.
         self.key_change_table = f"{p}_key_change"
         self.insert_key_change = f"insert into {p}_key_change (version, scopes) values ($1, $2)"
@@ -247,7 +273,7 @@ class Queries:
             f"(select k.private_id from {p}_root_key r join {p}_data_key k"
             " on k.root_key_id = r.private_id and k.purpose = $2 where r.scope_id = $1)"
         )
-        # load_purpose is built by use_suspensions().
+        # load_purpose is built by _build_loads() (use_suspensions, use_bindings).
         # Bulk operations bind a whole list as one parameter ($1).
         self.root_keys_of_scopes = (
             f"select scope_id, private_id from {p}_root_key where scope_id {self.in_list('$1')}"
@@ -377,6 +403,8 @@ class Queries:
     has_change_log = False
     #: Whether the suspension table exists (found when a KMS opens or sees a change).
     has_suspensions = False
+    #: Whether the binding and key state tables exist (found when a KMS opens).
+    has_bindings = False
     load_purpose: str
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
@@ -396,25 +424,59 @@ class Queries:
     def use_suspensions(self, present: bool) -> None:
         """Build the statements that read suspension states, with or without its table."""
         self.has_suspensions = present
+        self._build_loads()
+
+    def use_bindings(self, present: bool) -> None:
+        """Build the load statement with or without the binding and key state tables."""
+        self.has_bindings = present
+        self._build_loads()
+
+    def _build_loads(self) -> None:
         p = self.prefix
         data_key_of_pair = self._data_key_of_pair
         suspended = (
             f"exists(select 1 from {p}_key_version_suspension s"
             " where s.key_version_id = v.private_id)"
-            if present
+            if self.has_suspensions
             else "false"
         )
+        # Columns: kind, id, version, wrapped key, root version of a data
+        # version, suspended, binding, owning key id. With bindings, the
+        # scope's key state record comes along as one more row ('s': id =
+        # the root version sealing it, version = serial, key = body,
+        # binding = MAC), and that root version with the others: still one
+        # round trip.
+        if self.has_bindings:
+            binding = (
+                f"(select b.binding from {p}_key_version_binding b"
+                " where b.key_version_id = {}.private_id)"
+            )
+            data_binding, root_binding = binding.format("v"), binding.format("rv")
+            state_root = (
+                f" or rv.private_id = (select s.root_key_version_id from {p}_key_state s"
+                " where s.scope_id = $1)"
+            )
+            state_row = (
+                " union all select 's', s.root_key_version_id, s.serial, s.body, null, false,"
+                f" s.mac, null from {p}_key_state s where s.scope_id = $1"
+            )
+        else:
+            data_binding = root_binding = "null"
+            state_root = state_row = ""
         self.load_purpose = (
-            f"select 'd', v.private_id, v.version, v.key, v.root_key_version_id, {suspended}"
+            f"select 'd', v.private_id, v.version, v.key, v.root_key_version_id, {suspended},"
+            f" {data_binding}, v.data_key_id"
             f" from {p}_data_key_version v where v.data_key_id = {data_key_of_pair}"
             f"{self.every_version('v')}"
             " union all"
-            " select 'r', rv.private_id, rv.version, rv.key, null, false"
+            f" select 'r', rv.private_id, rv.version, rv.key, null, false, {root_binding},"
+            " rv.root_key_id"
             f" from {p}_root_key_version rv"
             f" where rv.root_key_id = (select private_id from {p}_root_key where scope_id = $1)"
-            f"{self.every_version('rv')} and rv.private_id in ("
+            f"{self.every_version('rv')} and (rv.private_id in ("
             f"  select v.root_key_version_id from {p}_data_key_version v"
-            f"  where v.data_key_id = {data_key_of_pair}{self.every_version('v')})"
+            f"  where v.data_key_id = {data_key_of_pair}{self.every_version('v')}){state_root})"
+            f"{state_row}"
         )
         self.version_ids_of_pairs = self._version_ids_of_pairs(suspended)
 

@@ -25,12 +25,16 @@ __all__ = [
     "NewRootKey",
     "PurposeRows",
     "RootKeyVersionRow",
+    "StateRow",
     "announce",
+    "binding_by_fingerprint",
+    "bindings_of_scopes",
     "bump_collection_version",
     "collection_version",
     "data_keys",
     "data_keys_of_roots",
     "each_row",
+    "find_bindings",
     "find_suspensions",
     "insert_data_keys",
     "insert_root_keys",
@@ -39,12 +43,15 @@ __all__ = [
     "load_purpose",
     "missing_data_keys",
     "parse_change_notice",
+    "put_bindings",
+    "put_states",
     "referencing_tables",
     "root_key",
     "root_key_versions",
     "root_keys_of_scopes",
     "schema_version",
     "set_suspended",
+    "states_of_scopes",
     "suspended_versions",
     "version_ids",
     "version_referencers",
@@ -78,6 +85,21 @@ class PurposeRows:
 
     data_versions: list[tuple[str, int, bytes, str, bool]]  # id, version, wrapped, root, suspended
     root_versions: list[tuple[str, int, bytes]]  # id, version, wrapped
+    #: version id -> binding, for the versions that have one.
+    bindings: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    #: version id -> its key's id (data key id or root key id).
+    owners: dict[str, str] = dataclasses.field(default_factory=dict)
+    state: StateRow | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StateRow:
+    """A scope's key state record as stored (see ``_integrity``)."""
+
+    serial: int
+    root_version_id: str
+    body: bytes
+    mac: bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -309,6 +331,11 @@ async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str
     rows = await conn.fetch(q.load_purpose, scope_id, purpose)
     data = [(r[1], int(r[2]), bytes(r[3]), r[4], bool(r[5])) for r in rows if r[0] == "d"]
     roots = [(r[1], int(r[2]), bytes(r[3])) for r in rows if r[0] == "r"]
+    bindings = {r[1]: bytes(r[6]) for r in rows if r[0] != "s" and r[6] is not None}
+    owners = {r[1]: r[7] for r in rows if r[0] != "s"}
+    state = next(
+        (StateRow(int(r[2]), r[1], bytes(r[3]), bytes(r[6])) for r in rows if r[0] == "s"), None
+    )
     if not data:
         found = await conn.fetchrow(q.scope_has_purpose, scope_id, purpose)
         if found is None:
@@ -318,7 +345,62 @@ async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str
         raise KeyNotFoundError(
             f"scope {scope_id!r} has no {purpose!r} key; add it with reconcile_keys()"
         )
-    return PurposeRows(data, roots)
+    return PurposeRows(data, roots, bindings, owners, state)
+
+
+async def find_bindings(conn: Connection, q: Queries) -> bool:
+    """Whether the binding and key state tables exist; remembered for this database."""
+    present = await table_exists(conn, q, q.binding_table) and await table_exists(
+        conn, q, q.state_table
+    )
+    if present != q.has_bindings:
+        q.use_bindings(present)
+    return present
+
+
+async def bindings_of_scopes(
+    conn: Connection, q: Queries, scope_ids: Sequence[str]
+) -> dict[str, bytes]:
+    """version id -> binding, for every bound version of the scopes."""
+    found: dict[str, bytes] = {}
+    for start in range(0, len(scope_ids), BATCH):
+        batch = q.array(scope_ids[start : start + BATCH])
+        found.update((r[0], bytes(r[1])) for r in await conn.fetch(q.bindings_of_scopes, batch))
+    return found
+
+
+async def states_of_scopes(
+    conn: Connection, q: Queries, scope_ids: Sequence[str]
+) -> dict[str, StateRow]:
+    found: dict[str, StateRow] = {}
+    for start in range(0, len(scope_ids), BATCH):
+        batch = q.array(scope_ids[start : start + BATCH])
+        for r in await conn.fetch(q.states_of_scopes, batch):
+            found[r[0]] = StateRow(int(r[1]), r[2], bytes(r[3]), bytes(r[4]))
+    return found
+
+
+async def binding_by_fingerprint(
+    conn: Connection, q: Queries, fingerprint: bytes
+) -> list[tuple[str, str]]:
+    """(version id, scope id) of the bound root key versions holding this root key."""
+    return [(r[0], r[1]) for r in await conn.fetch(q.binding_by_fingerprint, fingerprint)]
+
+
+async def put_bindings(
+    conn: Connection, q: Queries, rows: Sequence[tuple[str, str, bytes, bytes | None]]
+) -> None:
+    """(version id, scope id, binding, fingerprint) rows, replacing any older binding."""
+    if rows:
+        await conn.executemany(q.upsert_binding, rows)
+
+
+async def put_states(
+    conn: Connection, q: Queries, rows: Sequence[tuple[str, int, str, bytes, bytes]]
+) -> None:
+    """(scope id, serial, root version id, body, mac) rows."""
+    if rows:
+        await conn.executemany(q.upsert_state, rows)
 
 
 async def each_row(

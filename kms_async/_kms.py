@@ -609,15 +609,7 @@ class KMS(AsyncResource):
         if not items:
             self._check_pair(scope_id, purpose)
             return []
-        try:
-            keys = self._entries[(scope_id, purpose)]
-            keys.used = True
-        except KeyError:
-            keys = None
-        except TypeError:
-            raise InvalidParameterError("scope id and purpose must be strings") from None
-        if keys is None:
-            keys = await self._missed(scope_id, purpose)
+        keys = await self._batch_keys(scope_id, purpose, decrypting=False)
         try:
             weight = sum(map(len, items)) + _ITEM_WEIGHT * len(items)
             if weight < self._offload_threshold:
@@ -628,6 +620,18 @@ class KMS(AsyncResource):
         except (TypeError, BufferError, OverflowError, KMSError):
             pass  # an unusable item or version: encrypt them one by one to name it
         return await self._each(self.encrypt, "plaintexts", scope_id, purpose, items, aads)
+
+    async def _batch_keys(self, scope_id: str, purpose: str, *, decrypting: bool) -> PurposeKeys:
+        """The pair's cached keys for a batch, or a load (the hot path's lookup, once a batch)."""
+        try:
+            keys = self._entries.get((scope_id, purpose))
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            # Loaded outside the except clause: a miss chains nothing into errors.
+            return await self._missed(scope_id, purpose, decrypting=decrypting)
+        keys.used = True
+        return keys
 
     async def decrypt_many(
         self,
@@ -661,15 +665,7 @@ class KMS(AsyncResource):
         if not items:
             self._check_pair(scope_id, purpose)
             return []
-        try:
-            keys = self._entries[(scope_id, purpose)]
-            keys.used = True
-        except KeyError:
-            keys = None
-        except TypeError:
-            raise InvalidParameterError("scope id and purpose must be strings") from None
-        if keys is None:
-            keys = await self._missed(scope_id, purpose, decrypting=True)
+        keys = await self._batch_keys(scope_id, purpose, decrypting=True)
         try:
             sizes = list(map(len, items))
             if sum(sizes) + _ITEM_WEIGHT * len(items) < self._offload_threshold:

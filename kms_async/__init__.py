@@ -10,6 +10,7 @@ from ._blob import BlobInfo
 from ._errors import (
     ClosedError,
     DecryptionError,
+    DurabilityTimeoutError,
     ForeignContextError,
     InvalidParameterError,
     KeyExistsError,
@@ -46,6 +47,7 @@ __all__ = [
     "BlobInfo",
     "ClosedError",
     "DecryptionError",
+    "DurabilityTimeoutError",
     "EncryptedColumn",
     "ForeignContextError",
     "InvalidParameterError",

@@ -24,13 +24,17 @@ the layer that called them, with the original kept as ``__cause__``::
     ├── SchemaVersionError                   database schema missing or at another version
     ├── StorageError                         the database failed
     │   ├── TransientStorageError            lost connection, lock timeout, serialization failure
-    │   └── OutcomeUnknownError              the connection died during COMMIT; check, then retry
+    │   ├── OutcomeUnknownError              the connection died during COMMIT; check, then retry
+    │   └── DurabilityTimeoutError           durability="replicated": no standby confirmed a key
+    │                                        write in time (``committed`` says whether it was
+    │                                        written on the primary)
     ├── ClosedError                          the KMS was used after aclose()
     └── ForeignContextError                  used in a forked child or from another event loop
 
 ``retryable`` is true on the errors that are worth retrying unchanged: the
 operation left nothing behind, and the same call may succeed on a second try.
-That is every ``TransientStorageError``, and a ``WrapperError`` whose root
+That is every ``TransientStorageError``, a ``DurabilityTimeoutError`` that
+wrote nothing (``committed`` false), and a ``WrapperError`` whose root
 key service failed for a while (throttling, a timeout), never one for a
 wrong key. ``index`` is set on the errors ``encrypt_many`` and ``decrypt_many`` raise
 for one item: its position in the list (the message names it too).
@@ -52,6 +56,7 @@ __all__ = [
     "Action",
     "ClosedError",
     "DecryptionError",
+    "DurabilityTimeoutError",
     "ForeignContextError",
     "InvalidParameterError",
     "KMSError",
@@ -273,6 +278,24 @@ class OutcomeUnknownError(StorageError):
     The write may or may not have been applied. It is not retryable as it
     stands: look first (for example with ``list_keys``), then decide.
     """
+
+
+class DurabilityTimeoutError(StorageError):
+    """``durability="replicated"``: no standby confirmed a key write in time.
+
+    ``committed`` false: no standby was there to take the write, and nothing
+    was written (``retryable``: the same call may succeed once a standby is
+    connected). ``committed`` true: the write committed on the primary but no
+    standby confirmed it within ``durability_timeout``; do not repeat it (a
+    rotation would make yet another version). This instance does not use the
+    new versions to encrypt until a standby has them: each cold load waits
+    for that again (and raises this error while none does).
+    """
+
+    def __init__(self, message: str, *, committed: bool = True) -> None:
+        super().__init__(message)
+        self.committed = committed
+        self.retryable = not committed
 
 
 class ClosedError(KMSError):

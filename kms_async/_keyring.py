@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import BlobInfo, decode
 from ._cache import KeyCache, PurposeKeys, Refusal, VersionKey
+from ._durability import Durability
 from ._errors import (
     DecryptionError,
     InvalidParameterError,
@@ -60,8 +61,15 @@ RELOAD_SPACING = 0.2
 class Keyring:
     """The root wrappers and everything that unwraps keys into the cache."""
 
-    def __init__(self, database: Database, cache: KeyCache, purposes: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        cache: KeyCache,
+        purposes: tuple[str, ...],
+        durability: Durability,
+    ) -> None:
         self._db = database
+        self._durability = durability
         self._q = database.queries
         self._cache = cache
         self.purposes = purposes
@@ -404,6 +412,10 @@ class Keyring:
         # The connection goes back to the pool before any wrapper is called.
         async with self._db.read() as conn:
             rows = await repo.load_purpose(conn, self._q, scope_id, purpose)
+        # Nothing this instance wrote enters the cache before a standby has it.
+        await self._durability.admit(
+            [v[0] for v in rows.data_versions] + [v[0] for v in rows.root_versions]
+        )
         roots: dict[str, VersionKey | KMSError] = {}
         for version_id, version, wrapped in rows.root_versions:
             try:

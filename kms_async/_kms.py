@@ -44,6 +44,7 @@ from ._blob import (
     take_nonce,
 )
 from ._cache import KeyCache, PurposeKeys, Refusal
+from ._durability import Durability
 from ._errors import (
     ClosedError,
     DecryptionError,
@@ -89,6 +90,8 @@ logger = logging.getLogger("kms_async")
 
 #: Default seconds a superseded version must wait before it can be revoked.
 DEFAULT_REVOKE_GRACE = 60.0
+#: Default seconds a key write waits for a standby under durability="replicated".
+DEFAULT_DURABILITY_TIMEOUT = 5.0
 
 #: Length of the key_info suffix naming a data key version id.
 _SUFFIX_SIZE = len(encode_suffix(f"{DATA_KEY_VERSION_PREFIX}_{'0' * ID_LENGTH}"))
@@ -176,6 +179,8 @@ class KMS(AsyncResource):
         max_staleness: float | None,
         revoke_grace: float,
         offload_threshold: int | None,
+        durability: Literal["local", "replicated"] = "local",
+        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
     ) -> None:
         self._closed = False
         # Connections belong to the process and the event loop that opened them.
@@ -188,8 +193,9 @@ class KMS(AsyncResource):
         # The hot path reads the LRU directly.
         self._entries = self._cache.entries
         self._offload_threshold = sys.maxsize if offload_threshold is None else offload_threshold
-        self._keyring = Keyring(database, self._cache, purposes)
-        self._writer = Writer(database, self._keyring, self._cache, revoke_grace)
+        self._durability = Durability(database, durability, durability_timeout)
+        self._keyring = Keyring(database, self._cache, purposes, self._durability)
+        self._writer = Writer(database, self._keyring, self._cache, revoke_grace, self._durability)
         self._freshness = Freshness(database, self._cache, self._keyring.reload, max_staleness)
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -213,6 +219,8 @@ class KMS(AsyncResource):
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         check_root_wrapper: bool = True,
         integrity: Literal["bind", "strict"] = "bind",
+        durability: Literal["local", "replicated"] = "local",
+        durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -261,6 +269,19 @@ class KMS(AsyncResource):
                 (written by the Go package), logging and listing them
                 (``KeyVersion.bound``). ``"strict"`` refuses unbound versions
                 too, and needs schema file 06. See SECURITY.md.
+            durability: ``"local"`` (the default): a new key version is used
+                once it is committed on the database server, and survives
+                what that server survives. ``"replicated"`` (PostgreSQL with
+                streaming standbys): create, rotate and reconcile write only
+                while a standby is streaming, and a new version is used (and
+                the call returns) only once a standby has it, so that a
+                failover cannot lose a version that encrypted anything. With
+                synchronous standbys configured the key transaction commits
+                with ``synchronous_commit = on``; without, the write waits for
+                a standby's reported flush position. See the deployment guide.
+            durability_timeout: seconds a key write (or a cold load after
+                one) waits for a standby under ``"replicated"`` before raising
+                DurabilityTimeoutError.
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -283,6 +304,11 @@ class KMS(AsyncResource):
         check_seconds("pool_timeout", pool_timeout)
         if integrity not in ("bind", "strict"):
             raise InvalidParameterError(f"integrity must be 'bind' or 'strict', not {integrity!r}")
+        if durability not in ("local", "replicated"):
+            raise InvalidParameterError(
+                f"durability must be 'local' or 'replicated', not {durability!r}"
+            )
+        check_seconds("durability_timeout", durability_timeout)
         database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
         try:
             kms = cls(
@@ -292,7 +318,14 @@ class KMS(AsyncResource):
                 max_staleness=max_staleness,
                 revoke_grace=float(revoke_grace),
                 offload_threshold=offload_threshold,
+                durability=durability,
+                durability_timeout=float(durability_timeout),
             )
+            if durability == "replicated" and database.dialect != "postgres":
+                raise InvalidParameterError(
+                    "durability='replicated' needs PostgreSQL with streaming standbys; "
+                    "SQLite keeps keys in one file: use durability='local'"
+                )
             if root_wrapper is not None:
                 kms.add_external_wrapper(ROOT_PURPOSE, root_wrapper)
             kms._loop = asyncio.get_running_loop()

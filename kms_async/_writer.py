@@ -37,6 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._cache import KeyCache, PurposeKeys, VersionKey
+from ._durability import Durability, Ticket
 from ._errors import (
     InvalidParameterError,
     KeyExistsError,
@@ -133,8 +134,10 @@ class Writer:
         keyring: Keyring,
         cache: KeyCache,
         revoke_grace: float,
+        durability: Durability,
     ) -> None:
         self._db = database
+        self._durability = durability
         self._q = database.queries
         self._keyring = keyring
         self._cache = cache
@@ -159,11 +162,16 @@ class Writer:
         await self._keyring.prove_any(conn)
         chunks = _chunks(scopes)
         first = await self._new_scopes(next(chunks), purposes)
-        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
+        async with (
+            self._invalidating(scopes),
+            self._durability.write(conn) as ticket,
+            self._db.transaction(conn, replicated=ticket.timeout) as tx,
+        ):
             changed = await repo.bump_collection_version(tx, self._q)
-            await self._insert_scopes(tx, scopes, first)
+            await self._insert_scopes(tx, scopes, first, ticket)
             for chunk in chunks:
-                await self._insert_scopes(tx, scopes, await self._new_scopes(chunk, purposes))
+                more = await self._new_scopes(chunk, purposes)
+                await self._insert_scopes(tx, scopes, more, ticket)
             await repo.announce(tx, self._q, changed, scopes)
         if conn is None and len(scopes) <= PRIME_LIMIT:
             # Committed: the first encrypt for a new scope needs no query.
@@ -195,7 +203,9 @@ class Writer:
                 data_keys.append((scope_id, row, key))
         return _NewScopes(roots, root_keys, data_keys)
 
-    async def _insert_scopes(self, tx: Connection, scopes: list[str], new: _NewScopes) -> None:
+    async def _insert_scopes(
+        self, tx: Connection, scopes: list[str], new: _NewScopes, ticket: Ticket
+    ) -> None:
         try:
             await repo.insert_root_keys(tx, self._q, new.root_keys)
         except IntegrityError as exc:
@@ -215,6 +225,7 @@ class Writer:
         await repo.insert_data_keys(tx, self._q, [row for _, row, _ in new.data_keys])
         new_keys = {root.id: root.key for root, _ in new.roots}
         new_keys.update((row.version_id, key) for _, row, key in new.data_keys)
+        ticket.created(new_keys)
         await self._seal(tx, [k.scope_id for k in new.root_keys], new_keys)
 
     # -- rotate and rewrap -------------------------------------------------
@@ -227,11 +238,15 @@ class Writer:
         await self._keyring.prove_scopes(first, conn, replace_unusable=replace_unusable)
         roots = await self._new_rotation(first)
         plans = await self._plan_outside(first, conn, _targets(roots)) if rewrap else None
-        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
+        async with (
+            self._invalidating(scopes),
+            self._durability.write(conn) as ticket,
+            self._db.transaction(conn, replicated=ticket.timeout) as tx,
+        ):
             changed = await repo.bump_collection_version(tx, self._q)
             if rewrap:
                 plans = await self._plan_checked(tx, first, plans, _targets(roots))
-            await self._write_rotation(tx, roots, plans)
+            await self._write_rotation(tx, roots, plans, ticket)
             for chunk in chunks:
                 # Under the write lock: nobody can change these rows before we commit.
                 await self._keyring.prove_scopes_in(tx, chunk, replace_unusable=replace_unusable)
@@ -240,7 +255,7 @@ class Writer:
                 if rewrap:
                     snapshots = await self._snapshots(tx, chunk)
                     plans = await self._plans(chunk, snapshots, _targets(more), locked=True)
-                await self._write_rotation(tx, more, plans)
+                await self._write_rotation(tx, more, plans, ticket)
             await repo.announce(tx, self._q, changed, scopes)
         if conn is None and len(scopes) <= PRIME_LIMIT:
             for root, _ in roots.values():
@@ -256,8 +271,10 @@ class Writer:
         tx: Connection,
         roots: dict[str, tuple[VersionKey, bytes]],
         plans: dict[str, _RewrapPlan] | None,
+        ticket: Ticket,
     ) -> None:
         new_keys = await self._insert_rotation(tx, roots)
+        ticket.created(new_keys)
         if plans:
             await self._apply(tx, plans)
         await self._seal(tx, list(roots), new_keys)
@@ -821,7 +838,11 @@ class Writer:
         created: list[tuple[str, str]] = []
         changed: list[str] = []
         try:
-            async with self._invalidating(changed), self._db.transaction() as tx:
+            async with (
+                self._invalidating(changed),
+                self._durability.write(None) as ticket,
+                self._db.transaction(replicated=ticket.timeout) as tx,
+            ):
                 version = await repo.bump_collection_version(tx, self._q)
                 await self._insert_reconciliation(tx, first, created, changed)
                 for chunk in chunks:

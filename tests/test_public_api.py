@@ -16,6 +16,7 @@ from kms_async import (
     BlobInfo,
     ClosedError,
     DecryptionError,
+    DurabilityTimeoutError,
     ForeignContextError,
     InvalidParameterError,
     Key,
@@ -49,6 +50,7 @@ EXPORTED = [
     "BlobInfo",
     "ClosedError",
     "DecryptionError",
+    "DurabilityTimeoutError",
     "EncryptedColumn",
     "ForeignContextError",
     "InvalidParameterError",
@@ -125,6 +127,7 @@ def test_the_package_has_a_version() -> None:
 ERRORS = [
     ClosedError,
     DecryptionError,
+    DurabilityTimeoutError,
     ForeignContextError,
     InvalidParameterError,
     KeyExistsError,
@@ -192,6 +195,13 @@ def test_transient_storage_error_is_a_storage_error() -> None:
 def test_only_the_documented_errors_mix_in_builtins(error: type[KMSError]) -> None:
     assert issubclass(error, ValueError) == (error is InvalidParameterError)
     assert issubclass(error, LookupError) == (error in (KeyNotFoundError, UnknownKeyVersionError))
+
+
+def test_durability_timeout_is_retryable_only_when_nothing_was_written() -> None:
+    assert issubclass(DurabilityTimeoutError, StorageError)
+    assert DurabilityTimeoutError("no standby", committed=False).retryable is True
+    committed = DurabilityTimeoutError("not confirmed", committed=True)
+    assert committed.retryable is False and committed.committed is True
 
 
 def test_only_transient_storage_errors_are_retryable() -> None:

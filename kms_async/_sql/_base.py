@@ -136,7 +136,9 @@ class Database(Protocol):
         """A connection that sees committed data, for reads outside transactions."""
         ...
 
-    def transaction(self, conn: object | None = None) -> AbstractAsyncContextManager[Connection]:
+    def transaction(
+        self, conn: object | None = None, *, replicated: float | None = None
+    ) -> AbstractAsyncContextManager[Connection]:
         """A connection inside a transaction.
 
         With ``conn`` (the caller's driver connection, already inside the
@@ -144,6 +146,26 @@ class Database(Protocol):
         caller commits or rolls back. Without it the database opens a
         transaction that commits when the block exits normally and rolls back
         otherwise, also on cancellation.
+
+        ``replicated`` (seconds, PostgreSQL): the commit waits for the
+        synchronous standbys, if any are configured, for at most that long
+        (``DurabilityTimeoutError``).
+        """
+        ...
+
+    async def check_standbys(self) -> bool:
+        """Whether synchronous standbys are configured (COMMIT waits for them).
+
+        Raises:
+            DurabilityTimeoutError: no standby (no synchronous one, if configured).
+        """
+        ...
+
+    async def wait_replicated(self, timeout: float) -> None:
+        """Wait until a standby has everything the primary has committed so far.
+
+        Raises:
+            DurabilityTimeoutError: none did within ``timeout`` seconds.
         """
         ...
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import asyncpg
 
 from .._errors import (
+    DurabilityTimeoutError,
     InvalidParameterError,
     KMSError,
     OutcomeUnknownError,
@@ -41,6 +42,29 @@ _AUTHORIZATION_SQLSTATE_CLASS = "28"
 DEFAULT_POOL_TIMEOUT = 10.0
 #: Seconds a rollback may take before its connection is dropped instead.
 ROLLBACK_WAIT = 2.0
+#: Longest pause between two looks at the standbys' positions.
+REPLICATION_POLL = 0.05
+#: The primary's standbys: streaming ones, synchronous ones, ones whose
+#: positions this role may see (pg_monitor), all, and whether synchronous
+#: standbys are configured.
+_STANDBYS = (
+    "select count(*) filter (where state = 'streaming')::int,"
+    " count(*) filter (where state = 'streaming' and sync_state in ('sync', 'quorum'))::int,"
+    " count(flush_lsn)::int, count(*)::int,"
+    " current_setting('synchronous_standby_names') <> ''"
+    " from pg_stat_replication"
+)
+_CURRENT_LSN = "select pg_current_wal_lsn()::text"
+_STANDBY_HAS = (
+    "select exists (select 1 from pg_stat_replication where flush_lsn >= $1::text::pg_lsn)"
+)
+#: For a key transaction under durability="replicated": COMMIT returns only
+#: once the synchronous standbys have flushed it (when synchronous_standby_names
+#: names some), whatever the role's or database's own synchronous_commit.
+_SYNCHRONOUS_COMMIT = (
+    "select set_config('synchronous_commit', 'on', true)"
+    " where current_setting('synchronous_commit') not in ('on', 'remote_apply')"
+)
 #: Seconds to wait for a new connection's server to answer, unless the DSN
 #: says otherwise with libpq's ``connect_timeout`` (asyncpg's own default).
 DEFAULT_CONNECT_TIMEOUT = 60.0
@@ -129,6 +153,30 @@ async def _commit(raw: Any) -> None:
                 Remedy("list_keys"),
             ) from exc
         raise
+
+
+async def _commit_within(raw: Any, timeout: float) -> None:
+    """COMMIT, which waits for synchronous standbys, for at most ``timeout`` seconds."""
+    commit = asyncio.ensure_future(_commit(raw))
+    try:
+        done, _ = await asyncio.wait({commit}, timeout=timeout)
+    except asyncio.CancelledError:
+        commit.cancel()
+        raise
+    if done:
+        return commit.result()
+    # The wait is cancelled: PostgreSQL then keeps the transaction committed
+    # on the primary, as it does for any synchronous commit whose wait is
+    # cancelled.
+    commit.cancel()
+    with contextlib.suppress(BaseException):
+        await commit
+    _drop(raw)
+    raise DurabilityTimeoutError(
+        f"durability='replicated': no synchronous standby confirmed the key write within "
+        f"{timeout:g} s (durability_timeout); it is committed on the primary only",
+        committed=True,
+    )
 
 
 async def _roll_back(raw: Any) -> None:
@@ -488,8 +536,69 @@ class PostgresDatabase:
             async with self._connection() as conn:
                 yield _PgConnection(conn)
 
+    async def check_standbys(self) -> bool:
+        """Whether a write can be replicated now: True if synchronous standbys are
+        configured (then COMMIT itself waits for them), False if it must wait for
+        the standbys' reported positions.
+
+        Raises:
+            DurabilityTimeoutError: no (synchronous) standby is streaming; nothing written.
+            StorageError: this role cannot see the standbys' positions.
+        """
+        async with self.read() as conn:
+            row = await conn.fetchrow(_STANDBYS)
+        assert row is not None
+        streaming, synchronous, visible, total, configured = row
+        if total and not visible:
+            raise StorageError(
+                "durability='replicated' needs to see the standbys' positions in "
+                "pg_stat_replication; grant pg_monitor to the KMS's database role"
+            )
+        if configured and not synchronous:
+            raise DurabilityTimeoutError(
+                "durability='replicated': synchronous_standby_names is set but no synchronous "
+                "standby is streaming from the primary; nothing was written: bring a standby "
+                "back, then retry",
+                committed=False,
+            )
+        if not streaming:
+            raise DurabilityTimeoutError(
+                "durability='replicated': no standby is streaming from the primary; nothing "
+                "was written: start or reconnect a standby (pg_stat_replication lists them), "
+                "then retry",
+                committed=False,
+            )
+        return bool(configured)
+
+    async def wait_replicated(self, timeout: float) -> None:
+        """Wait until a standby has flushed everything the primary has written so far.
+
+        Everything committed before the call (a key write, or the rows a load
+        read) is then on a standby.
+
+        Raises:
+            DurabilityTimeoutError: no standby got there within ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.001
+        async with self.read() as conn:
+            lsn = await conn.fetchval(_CURRENT_LSN)
+            while not await conn.fetchval(_STANDBY_HAS, lsn):
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise DurabilityTimeoutError(
+                        f"durability='replicated': no standby confirmed WAL position {lsn} "
+                        f"within {timeout:g} s (durability_timeout)",
+                        committed=True,
+                    )
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, REPLICATION_POLL)
+
     @contextlib.asynccontextmanager
-    async def transaction(self, conn: object | None = None) -> AsyncIterator[_PgConnection]:
+    async def transaction(
+        self, conn: object | None = None, *, replicated: float | None = None
+    ) -> AsyncIterator[_PgConnection]:
         if conn is not None:
             in_transaction = getattr(conn, "is_in_transaction", None)
             if in_transaction is None:
@@ -502,6 +611,11 @@ class PostgresDatabase:
                     "conn has no open transaction; call inside `async with conn.transaction():` "
                     "or leave conn out to let the KMS use its own"
                 )
+            if replicated is not None:
+                # The caller commits: its COMMIT then waits for synchronous
+                # standbys (if configured) and stays invisible until they have it.
+                with translate_errors():
+                    await conn.execute(_SYNCHRONOUS_COMMIT)  # type: ignore[attr-defined]
             async with savepoint(_PgConnection(conn)) as inner:
                 yield inner
             return
@@ -510,8 +624,13 @@ class PostgresDatabase:
                 committed = False
                 try:
                     await raw.execute("begin")
+                    if replicated is not None:
+                        await raw.execute(_SYNCHRONOUS_COMMIT)
                     yield _PgConnection(raw)
-                    await _commit(raw)
+                    if replicated is None:
+                        await _commit(raw)
+                    else:
+                        await _commit_within(raw, replicated)
                     committed = True
                 finally:
                     if not committed:

@@ -341,8 +341,16 @@ class SqliteDatabase:
                 )
             yield _SqliteConnection(self._writer)
 
+    async def check_standbys(self) -> bool:
+        raise InvalidParameterError("durability='replicated' needs PostgreSQL standbys")
+
+    async def wait_replicated(self, timeout: float) -> None:
+        raise InvalidParameterError("durability='replicated' needs PostgreSQL standbys")
+
     @contextlib.asynccontextmanager
-    async def transaction(self, conn: object | None = None) -> AsyncIterator[_SqliteConnection]:
+    async def transaction(
+        self, conn: object | None = None, *, replicated: float | None = None
+    ) -> AsyncIterator[_SqliteConnection]:
         if conn is not None:
             if not isinstance(conn, aiosqlite.Connection):
                 raise InvalidParameterError(

@@ -460,3 +460,23 @@ async def test_failover_with_the_standby_behind(
         assert load.durable <= present
     else:
         assert lost > 0
+
+
+async def test_a_standby_is_a_transient_failure(
+    cluster: Cluster, root: kms_async.AeadWrapper
+) -> None:
+    """Writes that reach a standby (a DSN without target_session_attrs, during a
+    failover) are retryable: once it is promoted, the same call succeeds."""
+    primary = cluster.primary()
+    await kms_async.migrate(primary.dsn)
+    standby = cluster.standby(primary)
+    await streaming(primary)
+    async with await open_kms(standby.dsn, root, max_staleness=None) as kms:
+        with pytest.raises(kms_async.TransientStorageError, match="read-only"):
+            await kms.create_keys("tenant")
+        primary.kill()
+        await asyncio.to_thread(standby.promote)
+        await kms.create_keys("tenant")
+        assert await kms.decrypt(
+            "tenant", "database", await kms.encrypt("tenant", "database", b"x")
+        )

@@ -34,6 +34,8 @@ __all__ = ["PostgresDatabase", "PostgresQueries", "translate_errors"]
 logger = logging.getLogger("kms_async")
 
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "55P03")
+#: read_only_sql_transaction: a write (or LISTEN) sent to a standby.
+_READ_ONLY_SQLSTATE = "25006"
 #: Class 28, invalid authorization: a wrong password or a user pg_hba.conf
 #: refuses. Another try with the same credentials fails the same way.
 _AUTHORIZATION_SQLSTATE_CLASS = "28"
@@ -108,6 +110,14 @@ def translate_errors() -> Iterator[None]:
             raise StorageError(
                 f"the database refused the connection ({reason(exc)}); check the user and "
                 "password in the DSN (or ~/.pgpass, PGPASSWORD) and the server's pg_hba.conf"
+            ) from exc
+        if sqlstate == _READ_ONLY_SQLSTATE:
+            # A standby (or a primary being demoted): after a failover the
+            # same call reaches the new primary, or this one once promoted.
+            raise TransientStorageError(
+                f"the database server is read-only ({reason(exc)}), a standby; retry after "
+                "the failover, and give every host in the DSN with "
+                "target_session_attrs=read-write so that connections go to the primary"
             ) from exc
         if sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES):
             raise TransientStorageError(

@@ -2,6 +2,7 @@
 
     python scripts/soak.py --duration 20            # PostgreSQL (a private cluster), then SQLite
     python scripts/soak.py --dialect sqlite --duration 600 --workers 6
+    python scripts/soak.py --failover --duration 60  # primary + standby, primary SIGKILLed
 
 Workers encrypt rows for many tenants, store them in an application table
 (restrict foreign key to the data key versions), read them back, rotate
@@ -22,6 +23,20 @@ PostgreSQL runs in a throwaway cluster made with initdb in a temporary
 directory on a free port, so restarting it disturbs nothing else on the
 machine. Pass --pg-dsn to use an existing server instead (it is then not
 restarted).
+
+--failover runs a private primary and a streaming standby (synchronous
+with --standby sync, the default, or asynchronous), reached through one
+multi-host DSN with target_session_attrs=read-write. Writer processes
+encrypt rows and store them, and keep a local log of every row acknowledged
+(the database may lose rows in a failover; keys lost would make the logged
+ciphertexts unreadable); a rotator rotates with durability="replicated" and
+logs the versions each rotation reported durable. Halfway through, the
+primary is killed with SIGKILL while a rotation is in flight, the standby
+is promoted, and a new standby is made from it on the old primary's port
+(as an operator or Patroni would). The report gives rows written, rows
+whose ciphertext decrypts afterwards (must equal acknowledged), key versions
+created and lost (0 among those reported durable), and how long writes and
+key writes were unavailable.
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import random
@@ -136,9 +152,18 @@ class Stats:
         self.errors[name] += 1
         # OutcomeUnknownError: the operator killed the connection during a
         # COMMIT; the verification below checks whatever came of it.
+        # DurabilityTimeoutError (committed): a rotation in flight when the
+        # primary died (--failover); the final check sees what came of it.
         expected = isinstance(exc, kms_async.KMSError) and (
             exc.retryable
-            or isinstance(exc, (kms_async.KeyInUseError, kms_async.OutcomeUnknownError))
+            or isinstance(
+                exc,
+                (
+                    kms_async.KeyInUseError,
+                    kms_async.OutcomeUnknownError,
+                    kms_async.DurabilityTimeoutError,
+                ),
+            )
         )
         if not expected and len(self.bad) < 20:
             self.bad.append(f"{name}: {exc}")
@@ -194,6 +219,7 @@ async def app_execute(db: Any, sql: str, *args: Any) -> list[Any]:
         asyncpg.InterfaceError,
         asyncpg.InternalClientError,
         asyncpg.exceptions.AdminShutdownError,
+        asyncpg.exceptions.ReadOnlySQLTransactionError,
         asyncpg.exceptions.CannotConnectNowError,
         sqlite3.OperationalError,
     ) as exc:
@@ -370,8 +396,139 @@ async def worker(
     return stats
 
 
+async def failover_worker(
+    role: str,
+    index: int,
+    dsn: str,
+    root_key: bytes,
+    tenants: int,
+    until: float,
+    marker: pathlib.Path | None,
+    log: pathlib.Path,
+) -> Stats:
+    """A writer or the rotator of a --failover run; each logs what it was told.
+
+    Writers log every row whose insert was acknowledged (id, ciphertext,
+    digest, time); the rotator logs every version a rotation reported
+    durable, and when.
+    """
+    stats = Stats()
+    root = kms_async.AeadWrapper(root_key, key_id="soak-root")
+    kms = None
+    while kms is None and time.time() < until:
+        try:
+            kms = await kms_async.KMS.open(
+                dsn,
+                purposes=PURPOSES,
+                root_wrapper=root,
+                max_staleness=MAX_STALENESS,
+                revoke_grace=REVOKE_GRACE,
+                durability="replicated",
+                durability_timeout=2.0,
+            )
+        except kms_async.KMSError as exc:
+            stats.error(exc)
+            await asyncio.sleep(0.2)
+    if kms is None:
+        return stats
+    db = await app_connection(dsn)
+    rng = random.Random(f"{role}-{index}-{os.getpid()}")
+    # asyncpg's pool logs a traceback each time it cannot reconnect while
+    # the primary is down: expected here, and the errors are counted anyway.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
+    out = log.open("a")
+    try:
+
+        async def writer() -> None:
+            while time.time() < until:
+                tenant = f"tenant-{rng.randrange(tenants)}"
+                purpose = rng.choice(PURPOSES)
+                row_id = f"{role}{index}-{os.getpid()}-{secrets.token_hex(6)}"
+                data = secrets.token_bytes(rng.choice([16, 200, 3000]))
+                try:
+                    ct = await kms.encrypt(tenant, purpose, data, aad=row_id.encode())
+                except kms_async.KMSError as exc:
+                    stats.ops["encrypt failed"] += 1
+                    stats.error(exc)
+                    await asyncio.sleep(0.02)
+                    continue
+                try:
+                    await app_execute(
+                        db,
+                        "insert into soak_row (id, tenant, key_version_id, ciphertext, digest)"
+                        " values ($1, $2, $3, $4, $5)",
+                        row_id,
+                        f"{tenant}|{purpose}",
+                        kms_async.BlobInfo.from_bytes(ct).key_id,
+                        ct,
+                        hashlib.sha256(data).hexdigest(),
+                    )
+                except Exception as exc:
+                    stats.error(exc)
+                    await asyncio.sleep(0.02)
+                    continue
+                stats.ops["write"] += 1
+                record = [row_id, tenant, purpose, base64.b64encode(ct).decode()]
+                out.write(
+                    json.dumps(["row", time.time(), *record, hashlib.sha256(data).hexdigest()])
+                )
+                out.write("\n")
+
+        async def rotator() -> None:
+            while time.time() < until:
+                tenant = f"tenant-{rng.randrange(tenants)}"
+                try:
+                    if marker is not None:
+                        marker.write_text(tenant)  # noqa: ASYNC240
+                    await kms.rotate_keys(tenant, rewrap=rng.random() < 0.3)
+                    done = time.time()
+                    stats.ops["rotate"] += 1
+                    versions = [v.id for k in await kms.list_keys(tenant) for v in k.versions]
+                    out.write(json.dumps(["durable", done, tenant, versions]) + "\n")
+                except kms_async.DurabilityTimeoutError as exc:
+                    stats.ops[
+                        "rotation committed, not confirmed"
+                        if exc.committed
+                        else "rotation refused: no standby"
+                    ] += 1
+                    await asyncio.sleep(0.05)
+                except Exception as exc:
+                    stats.error(exc)
+                    await asyncio.sleep(0.05)
+                finally:
+                    if marker is not None:
+                        marker.unlink(missing_ok=True)  # noqa: ASYNC240
+                await asyncio.sleep(rng.uniform(0.0, 0.05))
+
+        body = writer if role == "fwriter" else rotator
+        await asyncio.gather(*(body() for _ in range(4 if role == "fwriter" else 1)))
+        stats.ops["failed key change checks"] += kms._freshness.failed_checks
+    finally:
+        out.close()
+        await kms.aclose()
+        await db.close()
+    return stats
+
+
 def worker_main(args: argparse.Namespace) -> None:
     marker = pathlib.Path(args.marker) if args.marker else None
+    if args.role in ("fwriter", "frotator"):
+        stats = asyncio.run(
+            failover_worker(
+                args.role,
+                args.index,
+                args.dsn,
+                base64.b64decode(args.root_key),
+                args.tenants,
+                args.until,
+                marker,
+                pathlib.Path(args.result + ".log"),
+            )
+        )
+        pathlib.Path(args.result).write_text(
+            json.dumps({"ops": stats.ops, "errors": stats.errors, "bad": stats.bad})
+        )
+        return
     stats = asyncio.run(
         worker(
             args.role,
@@ -579,6 +736,193 @@ def run_dialect(dialect: str, args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# -- the failover run -------------------------------------------------------------
+
+
+async def _standby_streams(primary_dsn: str, synchronous: bool | None = None) -> None:
+    """Wait for a streaming standby; with ``synchronous`` set, (un)make it synchronous."""
+    import asyncpg
+
+    conn = await asyncpg.connect(primary_dsn)
+    try:
+        if synchronous is not None:
+            names = "'*'" if synchronous else "''"
+            await conn.execute(f"alter system set synchronous_standby_names = {names}")
+            await conn.execute("select pg_reload_conf()")
+        for _ in range(3000):
+            if await conn.fetchval(
+                "select count(*) from pg_stat_replication"
+                " where state = 'streaming' and flush_lsn is not null"
+            ):
+                return
+            await asyncio.sleep(0.01)
+        raise SystemExit("soak: the standby never started streaming")
+    finally:
+        await conn.close()
+
+
+async def _no_longer_synchronous(dsn: str) -> None:
+    """What an operator (or Patroni) does on a promoted primary with no standby yet."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("alter system reset synchronous_standby_names")
+        await conn.execute("select pg_reload_conf()")
+    finally:
+        await conn.close()
+
+
+async def verify_failover(
+    dsn: str, root_key: bytes, tenants: int, logs: list[pathlib.Path]
+) -> dict[str, Any]:
+    """Every acknowledged ciphertext decrypts; every version reported durable exists."""
+    rows: list[list[Any]] = []
+    durable: set[str] = set()
+    for log in logs:
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry[0] == "row":
+                rows.append(entry)
+            else:
+                durable.update(entry[3])
+    root = kms_async.AeadWrapper(root_key, key_id="soak-root")
+    decrypting = 0
+    problems: list[str] = []
+    db = await app_connection(dsn)
+    try:
+        stored = {r[0] for r in await app_execute(db, "select id from soak_row")}
+        async with await kms_async.KMS.open(
+            dsn, purposes=PURPOSES, root_wrapper=root, max_staleness=None
+        ) as kms:
+            for _, _, row_id, tenant, purpose, ct, digest in rows:
+                try:
+                    plain = await kms.decrypt(
+                        tenant, purpose, base64.b64decode(ct), aad=row_id.encode()
+                    )
+                except kms_async.KMSError as exc:
+                    if len(problems) < 5:
+                        problems.append(f"acknowledged row {row_id} cannot be decrypted: {exc}")
+                    continue
+                if hashlib.sha256(plain).hexdigest() == digest:
+                    decrypting += 1
+            present = {
+                v.id
+                for i in range(tenants)
+                for key in await kms.list_keys(f"tenant-{i}")
+                for v in key.versions
+            }
+    finally:
+        await db.close()
+    lost = durable - present
+    if decrypting != len(rows):
+        problems.append(f"{len(rows) - decrypting} acknowledged rows do not decrypt")
+    if lost:
+        problems.append(f"{len(lost)} key versions reported durable are gone: {sorted(lost)[:5]}")
+    return {
+        "rows acknowledged": len(rows),
+        "acknowledged rows that decrypt": decrypting,
+        "acknowledged rows missing from the table": len({r[2] for r in rows} - stored),
+        "key versions reported durable": len(durable),
+        "key versions reported durable and lost": len(lost),
+        "key versions at the end": len(present),
+        "problems": problems,
+        "_times": sorted(r[1] for r in rows),
+        "_rotations": sorted(
+            json.loads(line)[1]
+            for log in logs
+            for line in log.read_text().splitlines()
+            if line.startswith('["durable"')
+        ),
+    }
+
+
+def _gap_after(times: list[float], moment: float) -> float | None:
+    """Seconds from ``moment`` to the first of ``times`` after it."""
+    after = [t for t in times if t > moment]
+    return round(after[0] - moment, 3) if after else None
+
+
+def run_failover(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+    from _pg_cluster import Cluster, postgres_bin
+
+    found = postgres_bin()
+    if found is None:
+        raise SystemExit("soak: PostgreSQL binaries (initdb) not found")
+    synchronous = args.standby == "sync"
+    work = pathlib.Path(tempfile.mkdtemp(prefix="kms-soak-"))
+    cluster = Cluster(found)
+    faults: list[str] = []
+    try:
+        primary = cluster.primary()
+        standby = cluster.standby(primary)
+        asyncio.run(_standby_streams(primary.dsn, synchronous))
+        hosts = f"127.0.0.1:{primary.port},127.0.0.1:{standby.port}"
+        dsn = f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write"
+        root_key = secrets.token_bytes(32)
+        asyncio.run(prepare(dsn, root_key, args.tenants))
+        started = time.time()
+        until = started + args.duration
+        marker = work / "rotating"
+        roles = ["frotator"] + ["fwriter"] * max(1, args.workers - 1)
+        procs = [
+            spawn(role, i, dsn, root_key, args.tenants, until, work, marker)
+            if role == "frotator"
+            else spawn(role, i, dsn, root_key, args.tenants, until, work)
+            for i, role in enumerate(roles)
+        ]
+        time.sleep(args.duration / 2)
+        # SIGKILL the primary while a rotation is in flight.
+        deadline = time.time() + args.duration / 4
+        while time.time() < deadline and not marker.exists():
+            time.sleep(0.001)
+        in_rotation = marker.exists()
+        primary.kill()
+        killed = time.time()
+        faults.append("primary killed with SIGKILL" + (" during a rotation" if in_rotation else ""))
+        standby.promote()
+        promoted = time.time()
+        faults.append(f"standby promoted {promoted - killed:.2f} s after the kill")
+        if synchronous:
+            asyncio.run(_no_longer_synchronous(standby.dsn))
+        cluster.standby(standby, primary.port)
+        asyncio.run(_standby_streams(standby.dsn, synchronous or None))
+        faults.append(f"a new standby streams {time.time() - killed:.2f} s after the kill")
+        for proc, _ in procs:
+            proc.wait(timeout=args.duration + 120)
+        totals: dict[str, Any] = {"ops": collections.Counter(), "errors": collections.Counter()}
+        bad: list[str] = []
+        for _, result in procs:
+            if result.exists():
+                data = json.loads(result.read_text())
+                totals["ops"].update(data["ops"])
+                totals["errors"].update(data["errors"])
+                bad.extend(data["bad"])
+        logs = [pathlib.Path(str(result) + ".log") for _, result in procs]
+        checked = asyncio.run(
+            verify_failover(dsn, root_key, args.tenants, [log for log in logs if log.exists()])
+        )
+        times = checked.pop("_times")
+        rotations = checked.pop("_rotations")
+        return {
+            "mode": f"failover, {args.standby} standby",
+            "seconds": round(time.time() - started, 1),
+            "ops": dict(totals["ops"]),
+            "errors seen": dict(totals["errors"]),
+            "unexpected errors": bad,
+            "faults survived": faults,
+            "writes unavailable (s, kill to first acknowledged row)": _gap_after(times, killed),
+            "key writes unavailable (s, kill to first durable rotation)": _gap_after(
+                rotations, killed
+            ),
+            **checked,
+        }
+    finally:
+        cluster.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -595,10 +939,22 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4, help="worker processes (>= 3)")
     parser.add_argument("--tenants", type=int, default=20)
     parser.add_argument("--pg-dsn", help="use this server instead of a private cluster")
+    parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="primary + standby; kill the primary mid-rotation, promote the standby",
+    )
+    parser.add_argument("--standby", choices=["sync", "async"], default="sync")
     args = parser.parse_args()
     if args.command == "worker":
         worker_main(args)
         return 0
+    if args.failover:
+        report = run_failover(args)
+        print(json.dumps(report, indent=2))
+        failed = bool(report["problems"] or report["unexpected errors"])
+        print("soak: FAILED" if failed else "soak: passed")
+        return 1 if failed else 0
     dialects = ["postgres", "sqlite"] if args.dialect == "both" else [args.dialect]
     failed = False
     for dialect in dialects:

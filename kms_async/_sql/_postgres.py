@@ -46,13 +46,13 @@ DEFAULT_POOL_TIMEOUT = 10.0
 ROLLBACK_WAIT = 2.0
 #: Longest pause between two looks at the standbys' positions.
 REPLICATION_POLL = 0.05
-#: The primary's standbys: streaming ones, synchronous ones, ones whose
-#: positions this role may see (pg_monitor), all, and whether synchronous
-#: standbys are configured.
+#: The primary's standbys: streaming ones that reported a position,
+#: synchronous ones, ones whose state this role may see (pg_monitor), all,
+#: and whether synchronous standbys are configured.
 _STANDBYS = (
-    "select count(*) filter (where state = 'streaming')::int,"
+    "select count(*) filter (where state = 'streaming' and flush_lsn is not null)::int,"
     " count(*) filter (where state = 'streaming' and sync_state in ('sync', 'quorum'))::int,"
-    " count(flush_lsn)::int, count(*)::int,"
+    " count(state)::int, count(*)::int,"
     " current_setting('synchronous_standby_names') <> ''"
     " from pg_stat_replication"
 )

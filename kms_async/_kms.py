@@ -321,10 +321,10 @@ class KMS(AsyncResource):
                 durability=durability,
                 durability_timeout=float(durability_timeout),
             )
-            if durability == "replicated" and database.dialect != "postgres":
+            if durability == "replicated" and not database.has_standbys():
                 raise InvalidParameterError(
-                    "durability='replicated' needs PostgreSQL with streaming standbys; "
-                    "SQLite keeps keys in one file: use durability='local'"
+                    f"durability='replicated' needs PostgreSQL with streaming standbys; a "
+                    f"{database.dialect} database has none: use durability='local'"
                 )
             if root_wrapper is not None:
                 kms.add_external_wrapper(ROOT_PURPOSE, root_wrapper)

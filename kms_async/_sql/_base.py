@@ -153,6 +153,10 @@ class Database(Protocol):
         """
         ...
 
+    def has_standbys(self) -> bool:
+        """Whether the database can have standbys (``durability="replicated"``)."""
+        ...
+
     async def check_standbys(self) -> bool:
         """Whether synchronous standbys are configured (COMMIT waits for them).
 

@@ -546,6 +546,9 @@ class PostgresDatabase:
             async with self._connection() as conn:
                 yield _PgConnection(conn)
 
+    def has_standbys(self) -> bool:
+        return True
+
     async def check_standbys(self) -> bool:
         """Whether a write can be replicated now: True if synchronous standbys are
         configured (then COMMIT itself waits for them), False if it must wait for

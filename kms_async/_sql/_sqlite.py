@@ -341,6 +341,9 @@ class SqliteDatabase:
                 )
             yield _SqliteConnection(self._writer)
 
+    def has_standbys(self) -> bool:
+        return False
+
     async def check_standbys(self) -> bool:
         raise InvalidParameterError("durability='replicated' needs PostgreSQL standbys")
 

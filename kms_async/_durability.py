@@ -8,7 +8,10 @@ is written), and then:
 - with synchronous standbys configured (``synchronous_standby_names``), the
   key transaction commits with ``synchronous_commit = on``: COMMIT returns,
   and the new versions become visible to any session (so to any instance),
-  only once a synchronous standby has flushed them;
+  only once a synchronous standby has flushed them. At the timeout the
+  connection is closed without cancelling the wait, so the transaction stays
+  invisible on the primary until a standby has it (or dies with the
+  primary); this instance's loads then wait as below;
 - without, the write waits after COMMIT until a standby reports a flush
   position at or past the primary's WAL position taken after the commit.
   Meanwhile, and after a write whose confirmation failed, every cold load of
@@ -16,9 +19,12 @@ is written), and then:
   version this instance wrote is used to encrypt before a standby has it.
 
 A write inside the caller's transaction (``conn=``) cannot wait for a commit
-it does not make: its new version ids are remembered, and the first load
-that reads one of them waits until a standby has everything the primary had
-at that read (which includes the caller's commit).
+it does not make. With synchronous standbys it sets ``synchronous_commit =
+on`` for the caller's transaction, so the caller's COMMIT waits. Without,
+its new version ids are remembered, and the first load that reads one of
+them waits until a standby has everything the primary had at that read
+(which includes the caller's commit). The ids of a caller's transaction
+that rolls back stay remembered (a few bytes each) and cost nothing more.
 
 The hot path is untouched: all of this happens in writes and cold loads.
 """
@@ -41,7 +47,7 @@ class Ticket:
     """One key write under a durability mode."""
 
     durability: Durability
-    #: For ``Database.transaction(replicated=...)``: None under "local".
+    #: For ``Database.transaction(replicated=...)``: with synchronous standbys only.
     timeout: float | None = None
     #: The caller's transaction: the versions are confirmed when first loaded.
     caller: bool = False
@@ -83,7 +89,9 @@ class Durability:
             yield Ticket(self)
             return
         synchronous = await self._db.check_standbys()
-        ticket = Ticket(self, self.timeout, conn is not None, synchronous)
+        # Only a synchronous COMMIT waits (bounded by the timeout); without
+        # synchronous standbys the wait comes after it.
+        ticket = Ticket(self, self.timeout if synchronous else None, conn is not None, synchronous)
         if conn is not None or synchronous:
             try:
                 yield ticket

@@ -285,9 +285,10 @@ class DurabilityTimeoutError(StorageError):
 
     ``committed`` false: no standby was there to take the write, and nothing
     was written (``retryable``: the same call may succeed once a standby is
-    connected). ``committed`` true: the write committed on the primary but no
-    standby confirmed it within ``durability_timeout``; do not repeat it (a
-    rotation would make yet another version). This instance does not use the
+    connected). ``committed`` true: the write committed on the primary (or,
+    with synchronous standbys, waits there to commit) but no standby
+    confirmed it within ``durability_timeout``; do not repeat it (a rotation
+    would make yet another version). This instance does not use the
     new versions to encrypt until a standby has them: each cold load waits
     for that again (and raises this error while none does).
     """

@@ -82,13 +82,22 @@ class Server:
             return []
         return [child for child in _children(pid) if kind in _cmdline(child)]
 
+    def pause(self, kind: str) -> list[int]:
+        """SIGSTOP the server's ``kind`` processes; returns their ids for :meth:`resume`."""
+        paused = self.processes(kind)
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        return paused
+
+    def resume(self, paused: list[int]) -> None:
+        for pid in paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def pause_replication(self) -> list[int]:
         """SIGSTOP this primary's WAL senders: its standbys receive nothing more,
         and pg_stat_replication keeps their last reported positions."""
-        senders = self.processes("walsender")
-        for pid in senders:
-            os.kill(pid, signal.SIGSTOP)
-        return senders
+        return self.pause("walsender")
 
     def kill(self) -> None:
         """SIGKILL the postmaster and every process it started: the server dies at once."""

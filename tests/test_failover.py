@@ -128,10 +128,11 @@ async def test_replicated_refused_on_sqlite(tmp_path: Any, root: kms_async.AeadW
         await open_kms(dsn, root, durability="remote")
 
 
-async def test_synchronous_standby_lost_mid_write(
+async def test_synchronous_standby_stalls_mid_write(
     cluster: Cluster, root: kms_async.AeadWrapper
 ) -> None:
-    """The synchronous standby goes away: the write fails within the timeout, never hangs."""
+    """The synchronous standby stops: the write fails within the timeout, never hangs,
+    and its versions are used once the standby has them."""
     primary = cluster.primary()
     standby = cluster.standby(primary)
     await streaming(primary)
@@ -141,17 +142,32 @@ async def test_synchronous_standby_lost_mid_write(
         primary.dsn, root, durability="replicated", durability_timeout=1.0
     ) as kms:
         await kms.create_keys("tenant")
-        standby.kill()
+        # The standby stops receiving but still looks connected: COMMIT waits.
+        paused = standby.pause("walreceiver")
         started = time.monotonic()
-        with pytest.raises(kms_async.DurabilityTimeoutError):
+        with pytest.raises(kms_async.DurabilityTimeoutError) as caught:
             await kms.rotate_keys("tenant")
         assert time.monotonic() - started < 30  # bounded: no hang (generous on a loaded machine)
-        # A committed-but-unconfirmed rotation is not used by this instance:
-        # a cold load waits for a standby, and none is there.
+        assert caught.value.committed and not caught.value.retryable
+        # The rotation waits on the primary, visible to nobody; the next key
+        # write waits for its lock no longer than the timeout either.
         keys = await kms.list_keys("tenant")
-        if len(keys[0].versions) == 2:
-            with pytest.raises(kms_async.DurabilityTimeoutError):
-                await kms.encrypt("tenant", "database", b"x")
+        assert [v.version for v in keys[0].versions] == [1]
+        with pytest.raises(kms_async.TransientStorageError):
+            await kms.create_keys("other")
+        # This instance's cold loads wait for a standby meanwhile.
+        with pytest.raises(kms_async.DurabilityTimeoutError):
+            await kms.encrypt("tenant", "database", b"x")
+        # Once the standby has it, the rotation takes effect and is used.
+        standby.resume(paused)
+        for _ in range(3000):
+            keys = await kms.list_keys("tenant")
+            if len(keys[0].versions) == 2:
+                break
+            await asyncio.sleep(0.01)
+        ciphertext = await kms.encrypt("tenant", "database", b"x")
+        data_key = next(k for k in keys if k.purpose == "database")
+        assert kms_async.BlobInfo.from_bytes(ciphertext).key_id == data_key.versions[-1].id
 
 
 async def test_callers_transaction_is_confirmed_on_first_load(

@@ -56,7 +56,9 @@ _STANDBYS = (
     " current_setting('synchronous_standby_names') <> ''"
     " from pg_stat_replication"
 )
-_CURRENT_LSN = "select pg_current_wal_lsn()::text"
+#: The insert position: past every commit record already written, even one
+#: committed with synchronous_commit = off and not yet flushed.
+_CURRENT_LSN = "select pg_current_wal_insert_lsn()::text"
 _STANDBY_HAS = (
     "select exists (select 1 from pg_stat_replication where flush_lsn >= $1::text::pg_lsn)"
 )
@@ -67,6 +69,9 @@ _SYNCHRONOUS_COMMIT = (
     "select set_config('synchronous_commit', 'on', true)"
     " where current_setting('synchronous_commit') not in ('on', 'remote_apply')"
 )
+#: And a bound on waiting for the write lock: a key write whose COMMIT timed
+#: out still holds it, on the primary, until a standby confirms it.
+_LOCK_TIMEOUT = "select set_config('lock_timeout', $1, true)"
 #: Seconds to wait for a new connection's server to answer, unless the DSN
 #: says otherwise with libpq's ``connect_timeout`` (asyncpg's own default).
 DEFAULT_CONNECT_TIMEOUT = 60.0
@@ -175,16 +180,19 @@ async def _commit_within(raw: Any, timeout: float) -> None:
         raise
     if done:
         return commit.result()
-    # The wait is cancelled: PostgreSQL then keeps the transaction committed
-    # on the primary, as it does for any synchronous commit whose wait is
-    # cancelled.
-    commit.cancel()
+    # The connection is closed without a cancel request: a cancelled wait
+    # would make PostgreSQL keep the transaction committed on the primary
+    # alone, visible to every instance. Left waiting, the server makes it
+    # visible only once a synchronous standby has it (or loses it with the
+    # primary), and holds the write lock until then (the next writers' lock
+    # waits are bounded by lock_timeout).
+    _drop(raw)
     with contextlib.suppress(BaseException):
         await commit
-    _drop(raw)
     raise DurabilityTimeoutError(
         f"durability='replicated': no synchronous standby confirmed the key write within "
-        f"{timeout:g} s (durability_timeout); it is committed on the primary only",
+        f"{timeout:g} s (durability_timeout); it waits on the primary and takes effect "
+        "once a standby has it, or is lost with the primary",
         committed=True,
     )
 
@@ -639,6 +647,7 @@ class PostgresDatabase:
                     await raw.execute("begin")
                     if replicated is not None:
                         await raw.execute(_SYNCHRONOUS_COMMIT)
+                        await raw.execute(_LOCK_TIMEOUT, f"{max(1, round(replicated * 1000))}ms")
                     yield _PgConnection(raw)
                     if replicated is None:
                         await _commit(raw)

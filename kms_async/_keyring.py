@@ -412,10 +412,11 @@ class Keyring:
         # The connection goes back to the pool before any wrapper is called.
         async with self._db.read() as conn:
             rows = await repo.load_purpose(conn, self._q, scope_id, purpose)
-        # Nothing this instance wrote enters the cache before a standby has it.
-        await self._durability.admit(
-            [v[0] for v in rows.data_versions] + [v[0] for v in rows.root_versions]
-        )
+        if self._durability.replicated:
+            # Nothing this instance wrote enters the cache before a standby has it.
+            await self._durability.admit(
+                [v[0] for v in rows.data_versions] + [v[0] for v in rows.root_versions]
+            )
         roots: dict[str, VersionKey | KMSError] = {}
         for version_id, version, wrapped in rows.root_versions:
             try:

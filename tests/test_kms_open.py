@@ -19,6 +19,7 @@ from kms_async import (
     SCHEMA_VERSION,
     AeadWrapper,
     ClosedError,
+    DurabilityTimeoutError,
     InvalidParameterError,
     KeyNotFoundError,
     PooledWrapper,
@@ -368,3 +369,49 @@ async def test_root_wrapper_added_after_open_is_used_for_new_keys(
     async with await open_kms(root_wrapper=root_wrapper) as other:
         ciphertext = await other.encrypt("s1", "database", b"x")
         assert await other.decrypt("s1", "database", ciphertext) == b"x"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"durability": "remote"}, "durability must be"),
+        ({"durability": None}, "durability must be"),
+        ({"durability_timeout": 0}, "durability_timeout"),
+        ({"durability_timeout": -1.0}, "durability_timeout"),
+        ({"durability_timeout": "5"}, "durability_timeout"),
+    ],
+)
+async def test_open_rejects_bad_durability(
+    open_kms: Callable[..., Awaitable[KMS]], options: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(InvalidParameterError, match=match):
+        await open_kms(**options)
+
+
+async def test_replicated_durability_needs_a_standby(
+    db: Any, open_kms: Callable[..., Awaitable[KMS]]
+) -> None:
+    """SQLite refuses it at open; the test PostgreSQL server has no standby, so a
+    key write is refused before anything is written (tests/test_failover.py runs
+    servers with standbys)."""
+    if db.dialect == "sqlite":
+        with pytest.raises(InvalidParameterError, match="replicated"):
+            await open_kms(durability="replicated")
+        return
+    async with await open_kms(durability="replicated", durability_timeout=1.0) as kms:
+        with pytest.raises(DurabilityTimeoutError) as caught:
+            await kms.create_keys("tenant")
+        assert caught.value.retryable and not caught.value.committed
+        with pytest.raises(DurabilityTimeoutError):
+            await kms.reconcile_keys(["tenant"])
+        assert await kms.list_scopes() == []
+    async with await open_kms() as local:
+        await local.create_keys("tenant")
+    async with await open_kms(durability="replicated", durability_timeout=1.0) as kms:
+        with pytest.raises(DurabilityTimeoutError):
+            await kms.rotate_keys("tenant")
+        # Reads, encryption and other writes go on.
+        ciphertext = await kms.encrypt("tenant", "database", b"x")
+        assert await kms.decrypt("tenant", "database", ciphertext) == b"x"
+        await kms.rewrap_keys("tenant")
+        assert [len(k.versions) for k in await kms.list_keys("tenant")] == [1, 1, 1]

@@ -41,9 +41,16 @@ class Server:
         self.data = cluster.dir / name
         self.port = port or _free_port()
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        # A socket directory of its own: a server killed with SIGKILL leaves
+        # its socket lock file behind, naming a process that may not be
+        # reaped yet, which would stop a new server on the same port.
+        self.sockets = cluster.dir / f"{name}.sockets"
+        self.sockets.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.sockets, "postgres")
 
     def pg_ctl(self, action: str, *more: str) -> None:
-        options = f"-p {self.port} -k {self.cluster.dir} -c listen_addresses=127.0.0.1"
+        options = f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1"
         self.cluster.run(
             "pg_ctl",
             "-D",
@@ -60,7 +67,14 @@ class Server:
         )
 
     def start(self) -> None:
-        self.pg_ctl("start")
+        try:
+            self.pg_ctl("start")
+        except subprocess.CalledProcessError as exc:
+            log = pathlib.Path(str(self.data) + ".log")
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(
+                f"{self.data.name} did not start on port {self.port}:\n{tail}"
+            ) from exc
 
     def promote(self) -> None:
         self.pg_ctl("promote")

@@ -305,12 +305,20 @@ async def app_pool() -> AsyncIterator[list[asyncpg.Pool]]:
             pool.terminate()
 
 
+@pytest.mark.parametrize("synchronous", [False, True], ids=["async", "sync"])
 async def test_failover_mid_rotation(
-    cluster: Cluster, root: kms_async.AeadWrapper, app_pool: list[asyncpg.Pool]
+    cluster: Cluster,
+    root: kms_async.AeadWrapper,
+    app_pool: list[asyncpg.Pool],
+    synchronous: bool,
 ) -> None:
     primary = cluster.primary()
     standby = cluster.standby(primary)
     await streaming(primary)
+    if synchronous:
+        # The standby's own configuration stays asynchronous: once promoted,
+        # it accepts commits before a new standby streams (as Patroni would).
+        await make_synchronous(primary)
     dsn = multi_host(primary, standby)
     await kms_async.migrate(dsn)
     tenants = [f"tenant-{i}" for i in range(6)]

@@ -169,6 +169,21 @@ async def test_synchronous_standby_stalls_mid_write(
         data_key = next(k for k in keys if k.purpose == "database")
         assert kms_async.BlobInfo.from_bytes(ciphertext).key_id == data_key.versions[-1].id
 
+        # The caller's own timeout during the COMMIT: no cancel request
+        # reaches the server (it would commit on the primary alone).
+        paused = standby.pause("walreceiver")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(kms.rotate_keys("tenant"), 0.5)
+        keys = await kms.list_keys("tenant")
+        assert [v.version for v in keys[0].versions] == [1, 2]
+        standby.resume(paused)
+        for _ in range(3000):
+            keys = await kms.list_keys("tenant")
+            if len(keys[0].versions) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert [v.version for v in keys[0].versions] == [1, 2, 3]
+
 
 async def test_callers_transaction_is_confirmed_on_first_load(
     cluster: Cluster, root: kms_async.AeadWrapper

@@ -176,6 +176,9 @@ async def _commit_within(raw: Any, timeout: float) -> None:
     try:
         done, _ = await asyncio.wait({commit}, timeout=timeout)
     except asyncio.CancelledError:
+        # The caller's own timeout: close the connection first, so that
+        # cancelling the COMMIT sends no cancel request either (see below).
+        _drop(raw)
         commit.cancel()
         raise
     if done:

@@ -118,6 +118,20 @@ async def test_replicated_needs_a_standby(
         keys = await kms.list_keys("replicated")
         assert [v.version for v in keys[0].versions] == [1, 2]
 
+        # In the caller's transaction: with synchronous standbys its COMMIT
+        # waits for them whatever the session's own setting.
+        conn = await asyncpg.connect(primary.dsn)
+        try:
+            await conn.execute("set synchronous_commit = local")
+            async with conn.transaction():
+                await kms.create_keys("callers", conn=conn)
+                setting = await conn.fetchval("show synchronous_commit")
+            assert setting == ("on" if synchronous else "local")
+        finally:
+            await conn.close()
+        ciphertext = await kms.encrypt("callers", "database", b"mine")
+        assert await kms.decrypt("callers", "database", ciphertext) == b"mine"
+
 
 async def test_replicated_refused_on_sqlite(tmp_path: Any, root: kms_async.AeadWrapper) -> None:
     dsn = f"sqlite:///{tmp_path}/keys.db"

@@ -33,7 +33,16 @@ from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._root_wrapper import open_root_wrapper
-from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope, VersionReference
+from ._types import (
+    ROOT_PURPOSE,
+    CensusRow,
+    Key,
+    KeyVersion,
+    KeyVersionInfo,
+    RotationPolicy,
+    Scope,
+    VersionReference,
+)
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
 __version__ = "0.1.0"
@@ -44,6 +53,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AeadWrapper",
     "BlobInfo",
+    "CensusRow",
     "ClosedError",
     "DecryptionError",
     "EncryptedColumn",
@@ -66,6 +76,7 @@ __all__ = [
     "ReencryptReport",
     "Remedy",
     "RevokeTooSoonError",
+    "RotationPolicy",
     "SchemaVersionError",
     "Scope",
     "StorageError",

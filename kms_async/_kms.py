@@ -64,7 +64,16 @@ from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._resource import AsyncResource
 from ._sql import DEFAULT_POOL_TIMEOUT, Database, open_database
 from ._sql import _store as repo
-from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
+from ._types import (
+    ROOT_PURPOSE,
+    CensusRow,
+    Key,
+    KeyVersion,
+    KeyVersionInfo,
+    RotationPolicy,
+    Scope,
+)
+from ._usage import Usage
 from ._validate import (
     MAX_SCOPE_BYTES,
     check_data_purpose,
@@ -176,6 +185,7 @@ class KMS(AsyncResource):
         max_staleness: float | None,
         revoke_grace: float,
         offload_threshold: int | None,
+        usage_flush_interval: float | None = None,
     ) -> None:
         self._closed = False
         # Connections belong to the process and the event loop that opened them.
@@ -191,8 +201,10 @@ class KMS(AsyncResource):
         self._keyring = Keyring(database, self._cache, purposes)
         self._writer = Writer(database, self._keyring, self._cache, revoke_grace)
         self._freshness = Freshness(database, self._cache, self._keyring.reload, max_staleness)
+        self._usage = Usage(database, self._cache, usage_flush_interval)
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         _instances.add(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -213,6 +225,8 @@ class KMS(AsyncResource):
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         check_root_wrapper: bool = True,
         integrity: Literal["bind", "strict"] = "bind",
+        usage_flush_interval: float | None = 5.0,
+        auto_rotate: bool = True,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -261,6 +275,18 @@ class KMS(AsyncResource):
                 (written by the Go package), logging and listing them
                 (``KeyVersion.bound``). ``"strict"`` refuses unbound versions
                 too, and needs schema file 06. See SECURITY.md.
+            usage_flush_interval: seconds between additions of this
+                instance's encryption counts to the usage table (schema file
+                07), which sums them over every instance for :meth:`census`
+                and :meth:`rotate_due`; they are added on :meth:`aclose`
+                too. A crash loses at most one interval's counts. ``None``
+                turns counting off (so does a database without the table,
+                with one log line).
+            auto_rotate: rotate a scope on its own, logging a warning, once
+                the newest version of one of its data keys has
+                2^31 encryptions counted over the fleet (AES-GCM with random
+                nonces must stay under 2^32 per key); checked after each
+                flush. Needs counting and a root wrapper.
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -281,6 +307,7 @@ class KMS(AsyncResource):
         check_seconds("max_staleness", max_staleness, none=True)
         check_seconds("revoke_grace", revoke_grace, zero=True)
         check_seconds("pool_timeout", pool_timeout)
+        check_seconds("usage_flush_interval", usage_flush_interval, none=True)
         if integrity not in ("bind", "strict"):
             raise InvalidParameterError(f"integrity must be 'bind' or 'strict', not {integrity!r}")
         database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
@@ -292,6 +319,7 @@ class KMS(AsyncResource):
                 max_staleness=max_staleness,
                 revoke_grace=float(revoke_grace),
                 offload_threshold=offload_threshold,
+                usage_flush_interval=usage_flush_interval,
             )
             if root_wrapper is not None:
                 kms.add_external_wrapper(ROOT_PURPOSE, root_wrapper)
@@ -302,6 +330,7 @@ class KMS(AsyncResource):
                 await kms._keyring.prove_any(None, at_open=True)
             channel = await database.find_notify_channel()
             await kms._freshness.start()
+            await kms._usage.start()
             if integrity == "strict" and not database.queries.has_bindings:
                 raise SchemaVersionError(
                     "integrity='strict' needs the key binding tables "
@@ -326,6 +355,10 @@ class KMS(AsyncResource):
                 kms._listener = loop.create_task(
                     database.listen_forever(channel, kms._freshness.on_notification)
                 )
+        if kms._usage.counting:
+            kms._flusher = asyncio.get_running_loop().create_task(
+                kms._usage.run(kms._rotate_worn if auto_rotate else None)
+            )
         logger.debug("kms_async: opened %s database, purposes %s", database.dialect, checked)
         return kms
 
@@ -342,11 +375,12 @@ class KMS(AsyncResource):
             # here would break them there. Drop them without any I/O.
             return
         try:
-            tasks = [t for t in (self._watcher, self._listener) if t is not None]
+            tasks = [t for t in (self._watcher, self._listener, self._flusher) if t is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._cache.drain()
+            await self._usage.close()
         finally:
             self._cache.clear()
             await self._db.aclose()
@@ -477,14 +511,18 @@ class KMS(AsyncResource):
             else:
                 # AES-GCM releases the GIL, and so does copying a large bytes
                 # object: the whole envelope is built in a worker thread.
-                return await anyio.to_thread.run_sync(
+                envelope = await anyio.to_thread.run_sync(
                     _seal_envelope, keys.aead, nonce, plaintext, aad, keys.suffix
                 )
+                keys.tally.n += 1
+                return envelope
         except (TypeError, BufferError, OverflowError):
             # Not bytes-like, not contiguous, or 2 GiB or more (AES-GCM's limit here).
             raise InvalidParameterError(
                 "plaintext and aad must be contiguous bytes of less than 2 GiB"
             ) from None
+        # Usage counting (see _usage): the whole cost on the hot path.
+        keys.tally.n += 1
         # sealed_header(), inlined for the common sizes: one call less.
         size = len(sealed)
         header = SEALED_HEADERS[size] if size < 0x4000 else None
@@ -613,10 +651,13 @@ class KMS(AsyncResource):
         try:
             weight = sum(map(len, items)) + _ITEM_WEIGHT * len(items)
             if weight < self._offload_threshold:
-                return seal_many(keys.aead, keys.suffix, nonce_batch(len(items)), items, aads)
-            return await anyio.to_thread.run_sync(
-                seal_many, keys.aead, keys.suffix, nonce_batch(len(items)), items, aads
-            )
+                sealed = seal_many(keys.aead, keys.suffix, nonce_batch(len(items)), items, aads)
+            else:
+                sealed = await anyio.to_thread.run_sync(
+                    seal_many, keys.aead, keys.suffix, nonce_batch(len(items)), items, aads
+                )
+            keys.tally.n += len(sealed)
+            return sealed
         except (TypeError, BufferError, OverflowError, KMSError):
             pass  # an unusable item or version: encrypt them one by one to name it
         return await self._each(self.encrypt, "plaintexts", scope_id, purpose, items, aads)
@@ -1020,6 +1061,137 @@ class KMS(AsyncResource):
         wanted = check_purpose_list(purposes, self._purposes)
         self.get_external_root_wrapper()
         return await self._writer.reconcile(scopes, wanted)
+
+    async def rotate_due(
+        self,
+        policy: RotationPolicy,
+        *,
+        scope_ids: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Rotate every scope the policy says is due; return the scopes rotated, sorted.
+
+        A scope is due when the newest version of any of its data keys is at
+        least ``policy.max_age`` old by the database's clock, or has more
+        than ``policy.max_encryptions`` encryptions counted (the usage
+        table: what every instance has flushed, see ``usage_flush_interval``).
+        Due scopes are rotated as :meth:`rotate_keys` does, in bulk, one
+        transaction per few thousand scopes; each is checked again under the
+        write lock every key writer takes, so instances running this at the
+        same time rotate each due scope once. ``scope_ids`` limits the
+        candidates, ``limit`` the number rotated.
+
+        Raises:
+            InvalidParameterError: ``policy`` is not a RotationPolicy, bad
+                scope ids, or ``limit`` not a positive whole number.
+            KeyNotFoundError: no root wrapper is registered.
+            WrapperError: the root wrapper failed; scopes of earlier
+                transactions stay rotated.
+        """
+        self._check_open()
+        if not isinstance(policy, RotationPolicy):
+            raise InvalidParameterError(
+                f"policy must be a RotationPolicy, not {type(policy).__name__}"
+            )
+        scopes = None if scope_ids is None else list(dict.fromkeys(check_scope_list(scope_ids)))
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise InvalidParameterError(
+                f"limit must be a positive whole number or None, not {limit!r}"
+            )
+        self.get_external_root_wrapper()
+        rotated = await self._writer.rotate_due(
+            max_age=policy.max_age_seconds,
+            max_encryptions=policy.max_encryptions,
+            scope_ids=scopes,
+            limit=limit,
+        )
+        return sorted(rotated)
+
+    async def _rotate_worn(self, scope_ids: list[str], limit: int) -> list[str]:
+        """Automatic rotation (see ``auto_rotate``) of scopes whose count passed ``limit``."""
+        if self._closed:
+            return []
+        self.get_external_root_wrapper()
+        return await self._writer.rotate_due(
+            max_age=None, max_encryptions=limit, scope_ids=scope_ids, limit=None
+        )
+
+    async def flush_usage(self) -> None:
+        """Add the encryptions counted here to the usage table now.
+
+        The background task does it every ``usage_flush_interval`` seconds
+        and :meth:`aclose` at the end; call this before a :meth:`census`
+        that must include this instance's latest counts. Does nothing when
+        counting is off.
+
+        Raises:
+            StorageError: the database failed; the counts are kept for the
+                next flush.
+        """
+        self._check_open()
+        if self._usage.counting:
+            await self._usage.flush()
+
+    # -- reads -------------------------------------------------------------
+
+    async def census(
+        self, scope_id: str | None = None, *, referencing_rows: bool = False
+    ) -> list[CensusRow]:
+        """Every data key version (of one scope, or of all), by scope, purpose and version.
+
+        Each row says when the version was made, how many encryptions every
+        instance has counted under it (as flushed: see
+        ``usage_flush_interval``; ``None`` without the usage table), whether
+        it is suspended and whether it is its pair's newest. With
+        ``referencing_rows`` it also counts the rows of every table with a
+        foreign key to the data key version table that name it
+        (:meth:`list_data_key_version_referencers`), which scans those
+        tables. All scopes are read a page of scopes at a time, but the
+        result is one list: for millions of versions, ask per scope.
+
+        Raises:
+            InvalidParameterError: bad scope id.
+            KeyNotFoundError: ``scope_id`` has no keys.
+            StorageError: the database failed.
+        """
+        self._check_open()
+        if scope_id is not None:
+            check_scope(scope_id)
+        q = self._q
+        to_time = self._db.to_datetime
+        lines: list[repo.CensusLine] = []
+        async with self._db.read() as conn:
+            if not q.has_usage:
+                await repo.find_usage(conn, q)  # migrated since this instance opened?
+            if scope_id is not None:
+                await repo.require_root_key(conn, q, scope_id)
+                lines = await repo.census_rows(conn, q, [scope_id])
+            else:
+                after = ""
+                while True:
+                    page = await repo.scopes_after(conn, q, after, 1000, to_time)
+                    if not page:
+                        break
+                    lines.extend(await repo.census_rows(conn, q, [s.id for s in page]))
+                    after = page[-1].id
+            counts = await repo.rows_per_version(conn, q) if referencing_rows else None
+        return [
+            CensusRow(
+                scope=line.scope_id,
+                purpose=line.purpose,
+                key_id=line.data_key_id,
+                version=line.version,
+                key_version_id=line.version_id,
+                create_time=to_time(line.create_time),
+                encryptions=line.encryptions,
+                referencing_rows=None if counts is None else counts.get(line.version_id, 0),
+                suspended=line.suspended,
+                newest=line.newest,
+            )
+            for line in lines
+        ]
 
     # -- reads -------------------------------------------------------------
 

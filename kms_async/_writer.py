@@ -83,6 +83,10 @@ class _ReadAgain(Exception):
     """Another writer changed what a reconcile read before it took the write lock."""
 
 
+class _NothingDue(Exception):
+    """Under the write lock, none of the candidate scopes was due any more."""
+
+
 def _chunks(scopes: list[str]) -> Iterator[list[str]]:
     """The scopes ``CHUNK`` at a time (at least one chunk)."""
     for start in range(0, max(len(scopes), 1), CHUNK):
@@ -246,6 +250,85 @@ class Writer:
             for root, _ in roots.values():
                 self._cache.put_root(root.id, root)
         logger.debug("kms_async: rotated %d scope(s) (rewrap=%s)", len(scopes), rewrap)
+
+    async def rotate_due(
+        self,
+        *,
+        max_age: float | None,
+        max_encryptions: int | None,
+        scope_ids: list[str] | None,
+        limit: int | None,
+    ) -> list[str]:
+        """Rotate every scope due under the policy, ``CHUNK`` at a time; the scopes rotated.
+
+        Each chunk is found by a read, made (root wrapper calls, no lock), and
+        then checked again inside its own transaction after the collection
+        version bump: that row lock (PostgreSQL) or BEGIN IMMEDIATE (SQLite)
+        is the one every key writer of every instance takes first, so a scope
+        another instance rotated meanwhile is seen as rotated, no longer due,
+        and left alone. Concurrent runs rotate each due scope once.
+        """
+        # "No criterion" as a bound no key reaches: one statement serves every policy.
+        age = 1e18 if max_age is None else max_age
+        count = 2**63 - 1 if max_encryptions is None else max_encryptions
+        rotated: list[str] = []
+        after = ""
+        pending = sorted(set(scope_ids)) if scope_ids is not None else None
+        while limit is None or len(rotated) < limit:
+            size = CHUNK if limit is None else min(CHUNK, limit - len(rotated))
+            listed = None
+            if pending is not None:
+                if not pending:
+                    break
+                listed, pending = pending[:size], pending[size:]
+            async with self._db.read() as reader:
+                candidates = await repo.due_scopes(
+                    reader,
+                    self._q,
+                    after="" if listed is not None else after,
+                    max_age=age,
+                    max_encryptions=count,
+                    limit=size,
+                    scope_ids=listed,
+                )
+            if candidates:
+                after = candidates[-1]
+                rotated.extend(await self._rotate_if_due(candidates, age, count))
+            if listed is None and len(candidates) < size:
+                break
+        logger.debug("kms_async: rotate_due rotated %d scope(s)", len(rotated))
+        return rotated
+
+    async def _rotate_if_due(self, candidates: list[str], max_age: float, count: int) -> list[str]:
+        """Rotate those of ``candidates`` still due under the write lock (one transaction)."""
+        await self._keyring.prove_scopes(candidates, None)
+        roots = await self._new_rotation(candidates)
+        due: list[str] = []
+        try:
+            async with self._invalidating(due), self._db.transaction() as tx:
+                changed = await repo.bump_collection_version(tx, self._q)
+                due.extend(
+                    await repo.due_scopes(
+                        tx,
+                        self._q,
+                        after="",
+                        max_age=max_age,
+                        max_encryptions=count,
+                        limit=len(candidates),
+                        scope_ids=candidates,
+                    )
+                )
+                if not due:
+                    raise _NothingDue  # roll back: no write, no version bump
+                await self._write_rotation(tx, {s: roots[s] for s in due}, None)
+                await repo.announce(tx, self._q, changed, due)
+        except _NothingDue:
+            return []
+        if len(due) <= PRIME_LIMIT:
+            for scope_id in due:
+                root = roots[scope_id][0]
+                self._cache.put_root(root.id, root)
+        return due
 
     async def _new_rotation(self, scopes: list[str]) -> dict[str, tuple[VersionKey, bytes]]:
         """A new root key version per scope, wrapped (root wrapper calls)."""
@@ -475,6 +558,7 @@ class Writer:
                 await repo.delete_key_version(tx, self._q, key_version_id, root=is_root)
                 if not is_root:
                     await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, False)
+                    await repo.delete_usage(tx, self._q, key_version_id)
                 # The binding stays: its fingerprint recognises a copy of the
                 # revoked key put back under another id.
                 await self._seal(tx, [found.scope_id], {}, revoked=[key_version_id])

@@ -47,6 +47,7 @@ EXPORTED = [
     "SCHEMA_VERSION",
     "AeadWrapper",
     "BlobInfo",
+    "CensusRow",
     "ClosedError",
     "DecryptionError",
     "EncryptedColumn",
@@ -69,6 +70,7 @@ EXPORTED = [
     "ReencryptReport",
     "Remedy",
     "RevokeTooSoonError",
+    "RotationPolicy",
     "SchemaVersionError",
     "Scope",
     "StorageError",
@@ -238,6 +240,19 @@ VALUES: dict[str, Any] = {
     "Scope": kms_async.Scope(
         id="s1", root_key_id="krk_AAAAAAAAAA", create_time=NOW, newest_root_version=VERSION
     ),
+    "CensusRow": kms_async.CensusRow(
+        scope="s1",
+        purpose="database",
+        key_id="kdk_AAAAAAAAAA",
+        version=1,
+        key_version_id="kdkv_AAAAAAAAAA",
+        create_time=NOW,
+        encryptions=3,
+        referencing_rows=None,
+        suspended=False,
+        newest=True,
+    ),
+    "RotationPolicy": kms_async.RotationPolicy(max_age=90 * 86400.0, max_encryptions=10**9),
 }
 
 

@@ -226,6 +226,13 @@ class Queries:
             " serial = excluded.serial, root_key_version_id = excluded.root_key_version_id,"
             " body = excluded.body, mac = excluded.mac, update_time = current_timestamp"
         )
+        # Encryptions counted per data key version (schema file 07), a table of our own.
+        self.usage_table = f"{p}_key_version_usage"
+        self.delete_usage = f"delete from {p}_key_version_usage where key_version_id = $1"
+        self.usage_over = (
+            f"select key_version_id from {p}_key_version_usage"
+            f" where key_version_id {self.in_list('$1')} and encryptions > $2"
+        )
         # The key change log (schema file 03): which scopes each write changed.
         self.key_change_table = f"{p}_key_change"
         self.insert_key_change = f"insert into {p}_key_change (version, scopes) values ($1, $2)"
@@ -405,6 +412,11 @@ class Queries:
     has_suspensions = False
     #: Whether the binding and key state tables exist (found when a KMS opens).
     has_bindings = False
+    #: Whether the usage table exists (found when a KMS opens).
+    has_usage = False
+    #: Adds counts: $1 and $2 (bound by :meth:`usage_rows`) hold version ids
+    #: and counts; rows of versions that no longer exist are skipped.
+    add_usage: str
     load_purpose: str
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
@@ -482,6 +494,66 @@ class Queries:
 
     def _version_ids_of_pairs(self, suspended: str) -> str:
         """(scope, purpose, version id, suspended) for bound pairs; ``v`` is the version."""
+        raise NotImplementedError
+
+    def usage_rows(self, rows: Sequence[tuple[str, int]]) -> tuple[Any, ...]:
+        """Bind (version id, count) rows as the parameters of ``add_usage``."""
+        return (self.array([r[0] for r in rows]), self.array([r[1] for r in rows]))
+
+    def census(self) -> str:
+        """Every data key version of the scopes listed in $1: scope, purpose, data key
+        id, version, version id, create time, encryptions (null without the usage
+        table), suspended, newest."""
+        p = self.prefix
+        usage = "coalesce(u.encryptions, 0)" if self.has_usage else "null"
+        usage_join = (
+            f" left join {p}_key_version_usage u on u.key_version_id = v.private_id"
+            if self.has_usage
+            else ""
+        )
+        suspended = (
+            f"exists(select 1 from {p}_key_version_suspension s"
+            " where s.key_version_id = v.private_id)"
+            if self.has_suspensions
+            else "false"
+        )
+        return (
+            "select r.scope_id, k.purpose, k.private_id, v.version, v.private_id,"
+            f" v.create_time, {usage}, {suspended},"
+            f" v.version = (select max(x.version) from {p}_data_key_version x"
+            "  where x.data_key_id = v.data_key_id)"
+            f" from {p}_root_key r join {p}_data_key k on k.root_key_id = r.private_id"
+            f" join {p}_data_key_version v on v.data_key_id = k.private_id{usage_join}"
+            f" where r.scope_id {self.in_list('$1')}"
+            " order by r.scope_id, k.purpose, v.version"
+        )
+
+    def due_scopes(self, *, listed: bool) -> str:
+        """Scopes after $1 (in scope id order, at most $4) with a data key whose newest
+        version is at least $2 seconds old by the database clock or has more than $3
+        encryptions counted; with ``listed``, only scopes in the list $5."""
+        p = self.prefix
+        if self.has_usage:
+            counted = (
+                f"coalesce((select u.encryptions from {p}_key_version_usage u"
+                " where u.key_version_id = v.private_id), 0) > $3"
+            )
+        else:
+            counted = "cast($3 as bigint) < 0"
+        only = f" and r.scope_id {self.in_list('$5')}" if listed else ""
+        return (
+            f"select r.scope_id from {p}_root_key r where r.scope_id > $1{only}"
+            f" and exists (select 1 from {p}_data_key k join {p}_data_key_version v"
+            "  on v.data_key_id = k.private_id"
+            f"  and v.version = (select max(x.version) from {p}_data_key_version x"
+            "   where x.data_key_id = k.private_id)"
+            f"  where k.root_key_id = r.private_id and ({self.seconds_since('v.create_time')} >= $2"
+            f"  or {counted}))"
+            " order by r.scope_id limit $4"
+        )
+
+    def rows_per_version(self, table: str, column: str) -> str:
+        """SQL counting the rows of ``table`` per value of ``column`` (from the catalog)."""
         raise NotImplementedError
 
     def array(self, values: Sequence[Any]) -> Any:

@@ -307,6 +307,14 @@ class PostgresQueries(Queries):
             "  where root_key_id = any($1::text[])))"
             " order by v.data_key_id, v.version"
         )
+        # Rows in version id order: concurrent flushes lock them in one order.
+        self.add_usage = (
+            f"insert into {p}_key_version_usage as t (key_version_id, encryptions)"
+            " select v.private_id, u.n from unnest($1::text[], $2::bigint[]) as u(id, n)"
+            f" join {p}_data_key_version v on v.private_id = u.id order by v.private_id"
+            " on conflict (key_version_id) do update"
+            " set encryptions = t.encryptions + excluded.encryptions, update_time = now()"
+        )
         self.lock_migrations = "select pg_advisory_xact_lock(hashtext($1))"
         self.table_exists = "select to_regclass($1) is not null"
         self.use_suspensions(False)
@@ -342,6 +350,13 @@ class PostgresQueries(Queries):
         # regclass::text is already quoted (and schema-qualified) as needed.
         quoted = '"' + column.replace('"', '""') + '"'
         return f"select exists (select 1 from {table} where {quoted} = $1)"
+
+    def rows_per_version(self, table: str, column: str) -> str:
+        quoted = '"' + column.replace('"', '""') + '"'
+        return (
+            f"select {quoted}::text, count(*) from {table} where {quoted} is not null"
+            f" group by {quoted}"
+        )
 
 
 def _host_of(dsn: str) -> str:

@@ -186,7 +186,28 @@ class SqliteQueries(Queries):
         self.table_exists = (
             "select count(*) > 0 from sqlite_master where type = 'table' and name = $1"
         )
+        # "where true": SQLite would read "on conflict" as a join constraint.
+        self.add_usage = (
+            f"insert into {p}_key_version_usage (key_version_id, encryptions)"
+            " select v.private_id, json_extract(j.value, '$[1]') from json_each($1) j"
+            f" join {p}_data_key_version v on v.private_id = json_extract(j.value, '$[0]')"
+            " where true on conflict (key_version_id) do update"
+            " set encryptions = encryptions + excluded.encryptions,"
+            " update_time = current_timestamp"
+        )
         self.use_suspensions(False)
+
+    def usage_rows(self, rows: Sequence[tuple[str, int]]) -> tuple[Any, ...]:
+        return (json.dumps([list(r) for r in rows]), None)
+
+    def rows_per_version(self, table: str, column: str) -> str:
+        def quote(name: str) -> str:
+            return '"' + name.replace('"', '""') + '"'
+
+        return (
+            f"select {quote(column)}, count(*) from {quote(table)}"
+            f" where {quote(column)} is not null group by {quote(column)}"
+        )
 
     def _version_ids_of_pairs(self, suspended: str) -> str:
         p = self.prefix

@@ -20,22 +20,28 @@ from .._types import KeyVersion, Scope
 from ._base import Connection, Queries, Row
 
 __all__ = [
+    "CensusLine",
     "DataKeyVersionRow",
     "NewDataKey",
     "NewRootKey",
     "PurposeRows",
     "RootKeyVersionRow",
     "StateRow",
+    "add_usage",
     "announce",
     "binding_by_fingerprint",
     "bindings_of_scopes",
     "bump_collection_version",
+    "census_rows",
     "collection_version",
     "data_keys",
     "data_keys_of_roots",
+    "delete_usage",
+    "due_scopes",
     "each_row",
     "find_bindings",
     "find_suspensions",
+    "find_usage",
     "insert_data_keys",
     "insert_root_keys",
     "key_versions_of_roots",
@@ -49,10 +55,12 @@ __all__ = [
     "root_key",
     "root_key_versions",
     "root_keys_of_scopes",
+    "rows_per_version",
     "schema_version",
     "set_suspended",
     "states_of_scopes",
     "suspended_versions",
+    "usage_over",
     "version_ids",
     "version_referencers",
 ]
@@ -584,6 +592,105 @@ async def version_referencers(
         if await conn.fetchval(q.references_version(table, column), version_id):
             found.append((str(table), str(action)))
     return found
+
+
+# -- usage counts (schema file 07) ---------------------------------------------
+
+
+async def find_usage(conn: Connection, q: Queries) -> bool:
+    """Whether the usage table exists; remembered for this database's statements."""
+    q.has_usage = await table_exists(conn, q, q.usage_table)
+    return q.has_usage
+
+
+async def add_usage(conn: Connection, q: Queries, rows: Sequence[tuple[str, int]]) -> None:
+    """Add (version id, encryptions) counts; versions that no longer exist are skipped."""
+    if rows:
+        await conn.execute(q.add_usage, *q.usage_rows(rows))
+
+
+async def delete_usage(conn: Connection, q: Queries, version_id: str) -> None:
+    if q.has_usage:
+        await conn.execute(q.delete_usage, version_id)
+
+
+async def usage_over(
+    conn: Connection, q: Queries, version_ids: Sequence[str], limit: int
+) -> list[str]:
+    """The versions among ``version_ids`` with more than ``limit`` encryptions counted."""
+    found: list[str] = []
+    for start in range(0, len(version_ids), BATCH):
+        batch = q.array(version_ids[start : start + BATCH])
+        found.extend(r[0] for r in await conn.fetch(q.usage_over, batch, limit))
+    return found
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CensusLine:
+    scope_id: str
+    purpose: str
+    data_key_id: str
+    version: int
+    version_id: str
+    create_time: Any
+    encryptions: int | None
+    suspended: bool
+    newest: bool
+
+
+async def census_rows(conn: Connection, q: Queries, scope_ids: Sequence[str]) -> list[CensusLine]:
+    """Every data key version of the scopes, by scope, purpose and version."""
+    statement = q.census()
+    found: list[CensusLine] = []
+    for start in range(0, len(scope_ids), BATCH):
+        for r in await conn.fetch(statement, q.array(scope_ids[start : start + BATCH])):
+            found.append(
+                CensusLine(
+                    r[0],
+                    r[1],
+                    r[2],
+                    int(r[3]),
+                    r[4],
+                    r[5],
+                    None if r[6] is None else int(r[6]),
+                    bool(r[7]),
+                    bool(r[8]),
+                )
+            )
+    return found
+
+
+async def rows_per_version(conn: Connection, q: Queries) -> dict[str, int]:
+    """Rows of every table with a foreign key to the data key version table, per
+    version id (a table with two such columns counts a row once per column).
+    Scans each referencing table."""
+    counts: dict[str, int] = {}
+    for table, column, _ in await conn.fetch(q.version_foreign_keys, q.data_key_version_table):
+        for version_id, rows in await conn.fetch(q.rows_per_version(table, column)):
+            counts[version_id] = counts.get(version_id, 0) + int(rows)
+    return counts
+
+
+async def due_scopes(
+    conn: Connection,
+    q: Queries,
+    *,
+    after: str,
+    max_age: float,
+    max_encryptions: int,
+    limit: int,
+    scope_ids: Sequence[str] | None,
+) -> list[str]:
+    """Up to ``limit`` scopes after ``after`` whose newest version of some data key is
+    ``max_age`` seconds old or older (database clock) or has more than
+    ``max_encryptions`` counted; only among ``scope_ids`` when given."""
+    if scope_ids is None:
+        rows = await conn.fetch(q.due_scopes(listed=False), after, max_age, max_encryptions, limit)
+    else:
+        rows = await conn.fetch(
+            q.due_scopes(listed=True), after, max_age, max_encryptions, limit, q.array(scope_ids)
+        )
+    return [r[0] for r in rows]
 
 
 async def begin_migration(conn: Connection, q: Queries) -> set[str]:

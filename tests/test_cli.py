@@ -34,6 +34,7 @@ COMMANDS = [
     "create",
     "list",
     "status",
+    "census",
     "rotate",
     "rewrap",
     "reconcile",

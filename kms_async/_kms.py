@@ -308,6 +308,8 @@ class KMS(AsyncResource):
         check_seconds("revoke_grace", revoke_grace, zero=True)
         check_seconds("pool_timeout", pool_timeout)
         check_seconds("usage_flush_interval", usage_flush_interval, none=True)
+        if not isinstance(auto_rotate, bool):
+            raise InvalidParameterError(f"auto_rotate must be True or False, not {auto_rotate!r}")
         if integrity not in ("bind", "strict"):
             raise InvalidParameterError(f"integrity must be 'bind' or 'strict', not {integrity!r}")
         database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)

@@ -78,6 +78,7 @@ class Usage:
         #: Flushes that failed since the KMS opened.
         self.failed_flushes = 0
         self.auto_rotate_after = AUTO_ROTATE_AFTER
+        self._warned_no_rotate = False
 
     async def start(self) -> None:
         """Find the usage table (at open); count only if it exists."""
@@ -177,7 +178,10 @@ class Usage:
             scopes = sorted({scope_of[v] for v in worn})
             rotated = await rotate(scopes, self.auto_rotate_after)
         except KeyNotFoundError as exc:
-            logger.warning("kms_async: cannot rotate worn keys automatically: %s", exc)
+            # No root wrapper here: say so once, not after every flush.
+            if not self._warned_no_rotate:
+                logger.warning("kms_async: cannot rotate worn keys automatically: %s", exc)
+                self._warned_no_rotate = True
             return
         except KMSError as exc:
             logger.warning("kms_async: rotating worn keys automatically failed: %s", exc)

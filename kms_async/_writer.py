@@ -324,6 +324,8 @@ class Writer:
                 await repo.announce(tx, self._q, changed, due)
         except _NothingDue:
             return []
+        # Audit events: a "rotated" event per scope in `due` belongs here
+        # (committed; reason: the policy), as for rotate().
         if len(due) <= PRIME_LIMIT:
             for scope_id in due:
                 root = roots[scope_id][0]

@@ -190,3 +190,29 @@ async def test_usage_flush_interval_is_checked(db: TestDB, open_kms: OpenKMS) ->
     for value in bad:
         with pytest.raises(InvalidParameterError, match="usage_flush_interval"):
             await open_kms(usage_flush_interval=value)
+
+
+async def test_a_flush_is_not_a_key_change(db: TestDB, open_kms: OpenKMS) -> None:
+    kms = await open_kms(usage_flush_interval=NO_PERIODIC_FLUSH)
+    try:
+        await kms.create_keys("org")
+        await kms.encrypt("org", "database", b"x")
+        before = await db.fetchval("select version from kms_collection_version")
+        await kms.flush_usage()
+        assert await db.fetchval("select version from kms_collection_version") == before
+        assert sum((await counts(db)).values()) == 1
+    finally:
+        await kms.aclose()
+
+
+async def test_a_large_payload_encrypted_in_a_thread_is_counted(
+    db: TestDB, open_kms: OpenKMS
+) -> None:
+    kms = await open_kms(usage_flush_interval=NO_PERIODIC_FLUSH, offload_threshold=1024)
+    try:
+        await kms.create_keys("org")
+        version = key_id(await kms.encrypt("org", "database", b"x" * 4096))
+        await kms.encrypt_many("org", "database", [b"y" * 600, b"z" * 600])
+    finally:
+        await kms.aclose()
+    assert await counts(db) == {version: 3}

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -792,15 +793,40 @@ class Writer:
             raise InvalidParameterError("missing purposes")
         # Before any new scope's root key is wrapped, and outside the transaction.
         await self._keyring.prove_any(None)
+        refused: IntegrityError | None = None
         for _attempt in range(WRITE_ATTEMPTS):
             try:
                 created = await self._reconcile(scopes, purposes)
-            except _ReadAgain:
+            except _ReadAgain as again:
+                cause = again.__cause__
+                refused = cause if isinstance(cause, IntegrityError) else None
+                if refused is not None and self._foreign_refusal(refused):
+                    break
                 continue
             created.sort()
             logger.debug("kms_async: reconcile created %d data keys", len(created))
             return created
+        if refused is not None and refused.kind == "foreign_key":
+            # Contention clears once the other writer commits; a foreign key
+            # of the application's own on the kms tables (scope ids that must
+            # name a tenant row, say) refuses every attempt the same way.
+            raise StorageError(
+                f"a foreign key refused the new keys ({refused.detail or refused}); if an "
+                "application table's foreign key constrains the kms tables, create the rows "
+                "it requires (such as the scope's tenant) first"
+            ) from refused
         raise TransientStorageError("other processes kept creating the same keys; retry")
+
+    def _foreign_refusal(self, exc: IntegrityError) -> bool:
+        """Whether a foreign key failure names a table that is not one of the kms tables.
+
+        Only PostgreSQL says which table a missing row belongs in; SQLite's
+        failures are told apart by repeating (see ``reconcile``).
+        """
+        if exc.kind != "foreign_key":
+            return False
+        named = re.search(r'is not present in table "([^"]+)"', exc.detail)
+        return named is not None and not named.group(1).startswith(f"{self._q.prefix}_")
 
     async def _reconcile(self, scopes: list[str], purposes: list[str]) -> list[tuple[str, str]]:
         """One attempt: plan the first chunk that lacks keys outside the transaction,

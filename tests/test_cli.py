@@ -800,8 +800,12 @@ async def test_a_signal_stops_between_whole_scopes(
         await kms.create_keys_many(scopes)
     # SQLite keeps whole seconds: let the resume hint's instant follow the keys'.
     newest = "select max(create_time) < current_timestamp from kms_root_key_version"
-    while not await db.fetchval(newest):
+    for _ in range(100):
+        if await db.fetchval(newest):
+            break
         await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the database clock did not pass the keys' creation in 5 s")
 
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "kms_async", "rotate", "--all-scopes"),

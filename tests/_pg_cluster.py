@@ -185,7 +185,9 @@ class PrimaryStandby:
             async def caught_up() -> bool:
                 # Paused replay never catches up: the caller resumes it first.
                 return bool(
-                    await standby.fetchval("select pg_last_wal_replay_lsn() >= $1::pg_lsn", target)
+                    await standby.fetchval(
+                        "select pg_last_wal_replay_lsn() >= $1::text::pg_lsn", target
+                    )
                 )
 
             await wait_until(caught_up, timeout=timeout, what="the standby to replay")

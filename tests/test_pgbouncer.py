@@ -27,6 +27,8 @@ from kms_async import KMS, BlobInfo, InvalidParameterError
 
 POSTGRES_DSN = os.environ.get("KMS_TEST_POSTGRES_DSN")
 PURPOSES = ["database", "oidc"]
+#: One worker runs the whole module, so its private servers start once.
+pytestmark = pytest.mark.xdist_group("pgbouncer")
 
 
 def _postgres_dsn() -> str:

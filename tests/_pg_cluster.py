@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 import asyncpg
-import pytest
 
 __all__ = ["PgBouncer", "PrimaryStandby", "free_port", "require_binary", "wait_until"]
 
@@ -33,6 +32,8 @@ def require_binary(path: str | None, what: str, package: str) -> str:
     """``path`` if it exists; else skip (or fail under CI) naming the package to install."""
     if path and os.path.exists(path):
         return path
+    import pytest  # only here: scripts (benchmarks) import this module too
+
     message = f"{what} is not installed (apt-get install {package})"
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI must run these tests")

@@ -753,9 +753,11 @@ class Keyring:
 
         With ``primary``, never from a replica.
         """
-        return await self._cache.load(
-            (scope_id, purpose), lambda: self.load(scope_id, purpose, primary=primary)
-        )
+        if primary and self._db.has_replica:
+            return await self._cache.load(
+                (scope_id, purpose), lambda: self.load(scope_id, purpose, primary=True)
+            )
+        return await self._cache.load((scope_id, purpose), lambda: self.load(scope_id, purpose))
 
     async def for_decrypt(self, scope_id: str, purpose: str) -> PurposeKeys:
         """A cache miss on decrypt: load, or while the database is away, use a

@@ -759,6 +759,14 @@ class Keyring:
             )
         return await self._cache.load((scope_id, purpose), lambda: self.load(scope_id, purpose))
 
+    async def reload_changed(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """Reload a cached pair found to differ from the primary's rows, from the primary.
+
+        A check compares against the primary; a replica may not have replayed
+        the change yet (a notification's check does not raise the horizon).
+        """
+        return await self.reload(scope_id, purpose, primary=True)
+
     async def for_decrypt(self, scope_id: str, purpose: str) -> PurposeKeys:
         """A cache miss on decrypt: load, or while the database is away, use a
         pair demoted for lack of confirmation (never used to encrypt)."""

@@ -191,7 +191,11 @@ class KMS(AsyncResource):
         self._keyring = Keyring(database, self._cache, purposes)
         self._writer = Writer(database, self._keyring, self._cache, revoke_grace)
         self._freshness = Freshness(
-            database, self._cache, self._keyring.reload, max_staleness, self._keyring.horizon
+            database,
+            self._cache,
+            self._keyring.reload_changed,
+            max_staleness,
+            self._keyring.horizon,
         )
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from _pg_cluster import PrimaryStandby, free_port
+from _pg_cluster import PrimaryStandby, free_port, wait_until
 
 import kms_async
 from kms_async import KMS, BlobInfo, ReplicaReads
@@ -142,11 +142,39 @@ async def test_a_paused_replica_is_not_trusted_after_a_rotation_seen_elsewhere(
             newest = await _newest(writer, scope_id)
             assert newest != old
             # The check reads the change on the primary and reloads the
-            # pair; the paused replica is behind it, so the primary answers.
+            # cached pair from there.
             await reader.refresh()
             assert _version_of(await reader.encrypt(scope_id, "database", b"x")) == newest
-            assert reader.replica_reads.behind >= 1
-            assert reader.replica_reads.replica == 1
+            # A pair it had not cached: the paused replica is behind the
+            # change the check saw, so the primary answers.
+            assert _version_of(await reader.encrypt(scope_id, "oidc", b"x")) == await _newest(
+                writer, scope_id, "oidc"
+            )
+            assert reader.replica_reads == ReplicaReads(replica=1, behind=1)
+
+
+async def test_a_notified_change_reloads_from_the_primary_while_the_replica_is_paused(
+    pair: PrimaryStandby,
+) -> None:
+    scope_id = _scopes(1)[0]
+    async with (
+        await _open(pair.primary_dsn) as writer,
+        # Polling every 60 s: within the wait, only the notification's check
+        # can bring the rotation, and the replica cannot have it.
+        await _open(pair.primary_dsn, read_dsn=pair.standby_dsn, max_staleness=120) as reader,
+    ):
+        await writer.create_keys(scope_id)
+        await pair.wait_for_replay()
+        await reader.encrypt(scope_id, "database", b"x")
+        async with _paused(pair):
+            await writer.rotate_keys(scope_id)
+            newest = await _newest(writer, scope_id)
+
+            async def uses_newest() -> bool:
+                return _version_of(await reader.encrypt(scope_id, "database", b"x")) == newest
+
+            await wait_until(uses_newest, what="the notified rotation to arrive")
+        assert reader.replica_reads.replica == 1
 
 
 async def test_a_pair_the_replica_has_not_replayed_yet_is_loaded_from_the_primary(

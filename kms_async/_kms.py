@@ -292,11 +292,12 @@ class KMS(AsyncResource):
                 stays the caller's). Each load is read from the replica
                 together with the change counter of the snapshot it came
                 from, and is used only if the replica has replayed every key
-                change this instance knows of (its own writes and what its
-                checks saw); otherwise, when the pair is not there, or when
-                the replica fails, the load goes to the primary (see
-                :attr:`replica_reads`). Writes, checks and everything else
-                always use ``db``.
+                change this instance knows of (its own writes, what its
+                checks saw, its loads from the primary); otherwise, when
+                the pair is not there, or when the replica fails, the load
+                goes to the primary (see
+                :attr:`replica_reads`). Reloads of cached pairs that changed,
+                writes, checks and everything else always use ``db``.
 
         Raises:
             InvalidParameterError: an argument is not usable.

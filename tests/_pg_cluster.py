@@ -211,7 +211,9 @@ class PgBouncer:
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 5432, pool_size: int = 2) -> None:
-        self.binary = require_binary(shutil.which("pgbouncer"), "PgBouncer", "pgbouncer")
+        # Debian installs it in /usr/sbin, which a non-root PATH may lack.
+        found = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        self.binary = require_binary(found, "PgBouncer", "pgbouncer")
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="kms-pgbouncer-"))
         self.port = free_port()
         self.target = (host, port)

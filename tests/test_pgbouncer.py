@@ -171,6 +171,18 @@ async def test_a_direct_dsn_is_not_taken_for_a_pooler(
     assert not [r for r in caplog.records if "pooler" in r.message]
 
 
+async def test_pooler_transaction_is_taken_at_its_word_on_a_direct_connection(
+    database: str, root_wrapper: kms_async.AeadWrapper, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kms_async")
+    direct = _in_database(_postgres_dsn(), database)
+    async with await KMS.open(
+        direct, purposes=PURPOSES, root_wrapper=root_wrapper, revoke_grace=0, pooler="transaction"
+    ) as kms:
+        await _exercise(kms, "tenant-told-" + secrets.token_hex(3))
+    assert [r for r in caplog.records if "pooler in transaction mode" in r.message]
+
+
 async def _sees_rotation_of(watcher: KMS, writer: KMS, scope_id: str) -> None:
     before = _version_of(await watcher.encrypt(scope_id, "database", b"x"))
     await writer.rotate_keys(scope_id)

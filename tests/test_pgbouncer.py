@@ -222,6 +222,32 @@ async def test_notifications_come_through_listen_dsn(
     assert any("notifications through listen_dsn" in line for line in chosen), chosen
 
 
+async def test_a_callers_one_connection_pool_listens_through_listen_dsn(
+    database: str, root_wrapper: kms_async.AeadWrapper
+) -> None:
+    direct = _in_database(_postgres_dsn(), database)
+    scope_id = "tenant-pool-listen-" + secrets.token_hex(3)
+    pool = await asyncpg.create_pool(direct, min_size=1, max_size=1)
+    try:
+        # One connection in the pool: listening on it would starve the KMS;
+        # with listen_dsn it listens elsewhere, and is on by default.
+        async with (
+            await KMS.open(
+                pool,
+                purposes=PURPOSES,
+                root_wrapper=root_wrapper,
+                max_staleness=120,
+                revoke_grace=600,
+                listen_dsn=direct,
+            ) as watcher,
+            await KMS.open(direct, purposes=PURPOSES, root_wrapper=root_wrapper) as writer,
+        ):
+            await writer.create_keys(scope_id)
+            await _sees_rotation_of(watcher, writer, scope_id)
+    finally:
+        await pool.close()
+
+
 async def test_without_listen_dsn_changes_arrive_by_polling_and_the_log_says_so(
     bouncer: PgBouncer,
     database: str,

@@ -33,7 +33,15 @@ from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._root_wrapper import open_root_wrapper
-from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope, VersionReference
+from ._types import (
+    ROOT_PURPOSE,
+    Key,
+    KeyVersion,
+    KeyVersionInfo,
+    ReplicaReads,
+    Scope,
+    VersionReference,
+)
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
 __version__ = "0.1.0"
@@ -65,6 +73,7 @@ __all__ = [
     "PooledWrapper",
     "ReencryptReport",
     "Remedy",
+    "ReplicaReads",
     "RevokeTooSoonError",
     "SchemaVersionError",
     "Scope",

@@ -39,7 +39,7 @@ from ._sql import Database
 from ._sql import _store as repo
 from ._validate import show
 
-__all__ = ["Freshness"]
+__all__ = ["Freshness", "Horizon"]
 
 logger = logging.getLogger("kms_async")
 
@@ -56,13 +56,39 @@ HARD_LIMIT_FACTOR = 4
 Reload = Callable[[str, str], Awaitable[PurposeKeys]]
 
 
+class Horizon:
+    """The newest collection version this instance knows to be committed.
+
+    Raised by each version a check reads on the primary and by the
+    instance's own writes; never lowered. A replica's answer to a cold load
+    is trusted only if the snapshot it was read from is at least this new:
+    a replica that has not replayed a change this instance knows of could
+    hand back keys the change replaced, and no later check would fix them.
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def saw(self, version: int) -> None:
+        if version > self.version:
+            self.version = version
+
+
 class Freshness:
     """Change tracking for one KMS: checks, notification hints and the watcher."""
 
     def __init__(
-        self, database: Database, cache: KeyCache, reload: Reload, max_staleness: float | None
+        self,
+        database: Database,
+        cache: KeyCache,
+        reload: Reload,
+        max_staleness: float | None,
+        horizon: Horizon | None = None,
     ) -> None:
         self._db = database
+        self._horizon = Horizon() if horizon is None else horizon
         self._q = database.queries
         self._cache = cache
         self._reload = reload
@@ -90,6 +116,7 @@ class Freshness:
             await repo.find_suspensions(conn, self._q)
             await repo.find_bindings(conn, self._q)
             self._seen = await repo.collection_version(conn, self._q)
+        self._horizon.saw(self._seen)
         self._confirmed(started)
 
     def stop(self) -> None:
@@ -111,6 +138,8 @@ class Freshness:
             if marker is None or marker != self._marker:
                 async with self._db.read() as conn:
                     version = await repo.collection_version(conn, self._q)
+                # Before the reloads below, which must see this version.
+                self._horizon.saw(version)
                 if version != self._seen:
                     if not self._q.has_suspensions:
                         # Another instance may have migrated since this one opened.

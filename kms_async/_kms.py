@@ -64,7 +64,7 @@ from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._resource import AsyncResource
 from ._sql import DEFAULT_POOL_TIMEOUT, Database, open_database
 from ._sql import _store as repo
-from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
+from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, ReplicaReads, Scope
 from ._validate import (
     MAX_SCOPE_BYTES,
     check_data_purpose,
@@ -190,7 +190,13 @@ class KMS(AsyncResource):
         self._offload_threshold = sys.maxsize if offload_threshold is None else offload_threshold
         self._keyring = Keyring(database, self._cache, purposes)
         self._writer = Writer(database, self._keyring, self._cache, revoke_grace)
-        self._freshness = Freshness(database, self._cache, self._keyring.reload, max_staleness)
+        self._freshness = Freshness(
+            database,
+            self._cache,
+            self._keyring.reload_changed,
+            max_staleness,
+            self._keyring.horizon,
+        )
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         _instances.add(self)
@@ -213,6 +219,9 @@ class KMS(AsyncResource):
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         check_root_wrapper: bool = True,
         integrity: Literal["bind", "strict"] = "bind",
+        pooler: Literal["auto", "transaction", "none"] = "auto",
+        listen_dsn: str | None = None,
+        read_dsn: object = None,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -261,6 +270,34 @@ class KMS(AsyncResource):
                 (written by the Go package), logging and listing them
                 (``KeyVersion.bound``). ``"strict"`` refuses unbound versions
                 too, and needs schema file 06. See SECURITY.md.
+            pooler: on PostgreSQL, whether a connection pooler in transaction
+                mode (PgBouncer's ``pool_mode = transaction``) stands between
+                the KMS and the server. Behind one, consecutive statements
+                may run in different server sessions: the KMS then uses no
+                named prepared statements and no session state, and listens
+                for key changes only through ``listen_dsn`` (else it polls).
+                ``"auto"`` (the default) finds out when it connects (a pooler
+                answers with a process id of its own); ``"transaction"`` says
+                so without asking; ``"none"`` for a direct connection or a
+                pooler in session mode. A caller's pool behind such a pooler
+                must be created with ``statement_cache_size=0``.
+            listen_dsn: on PostgreSQL, a DSN reaching the primary directly
+                (not through a pooler) on which one dedicated connection
+                LISTENs for other instances' key changes. Needed for
+                notifications behind a pooler in transaction mode; also lets
+                a KMS on a caller's pool listen without holding one of its
+                connections (notifications then default to on).
+            read_dsn: on PostgreSQL, a read replica (a streaming standby) for
+                cold loads of keys, as a DSN or an asyncpg ``Pool`` (which
+                stays the caller's). Each load is read from the replica
+                together with the change counter of the snapshot it came
+                from, and is used only if the replica has replayed every key
+                change this instance knows of (its own writes, what its
+                checks saw, its loads from the primary); otherwise, when
+                the pair is not there, or when the replica fails, the load
+                goes to the primary (see
+                :attr:`replica_reads`). Reloads of cached pairs that changed,
+                writes, checks and everything else always use ``db``.
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -283,7 +320,14 @@ class KMS(AsyncResource):
         check_seconds("pool_timeout", pool_timeout)
         if integrity not in ("bind", "strict"):
             raise InvalidParameterError(f"integrity must be 'bind' or 'strict', not {integrity!r}")
-        database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
+        database = await open_database(
+            db,
+            prefix=table_prefix,
+            pool_timeout=pool_timeout,
+            pooler=pooler,
+            listen_dsn=listen_dsn,
+            read_dsn=read_dsn,
+        )
         try:
             kms = cls(
                 database,
@@ -309,9 +353,12 @@ class KMS(AsyncResource):
                     "sql/<dialect>/06_kms_key_binding.up.sql with your migration tool"
                 )
             listen = channel is not None and (
-                notifications or (notifications is None and isinstance(db, str))
+                notifications
+                or (notifications is None and (isinstance(db, str) or listen_dsn is not None))
             )
-            if listen and max_staleness is not None and not database.can_listen():
+            if database.pooled:
+                listen = kms._behind_pooler(listen, notifications, max_staleness)
+            elif listen and max_staleness is not None and not database.can_listen():
                 raise InvalidParameterError(
                     "notifications=True would hold the only connection of your pool; "
                     "give the pool max_size=2 or more, or leave notifications off"
@@ -328,6 +375,35 @@ class KMS(AsyncResource):
                 )
         logger.debug("kms_async: opened %s database, purposes %s", database.dialect, checked)
         return kms
+
+    def _behind_pooler(
+        self, listen: bool, notifications: bool | None, max_staleness: float | None
+    ) -> bool:
+        """Whether to listen, behind a pooler in transaction mode; says which in one line."""
+        if max_staleness is None:
+            how = "not at all (max_staleness=None)"
+        elif listen and self._db.can_listen():
+            how = f"by notifications through listen_dsn ({self._db.listens_on})"
+        elif listen or notifications:
+            how = (
+                f"by polling every {max_staleness / 2:g} s: LISTEN does not work through such "
+                "a pooler; pass listen_dsn= with a direct connection for notifications"
+            )
+        else:
+            how = f"by polling every {max_staleness / 2:g} s"
+        logger.log(
+            logging.WARNING if notifications and "polling" in how else logging.INFO,
+            "kms_async: the database connection goes through a pooler in transaction mode "
+            "(PgBouncer?): no prepared statements, no session state; other instances' key "
+            "changes arrive %s",
+            how,
+        )
+        return listen and self._db.can_listen()
+
+    @property
+    def replica_reads(self) -> ReplicaReads:
+        """Where cold loads went since the KMS opened with ``read_dsn`` (zeros without)."""
+        return self._keyring.replica_reads
 
     async def aclose(self) -> None:
         """Drop every cached key and close what the KMS opened. Idempotent."""

@@ -6,7 +6,15 @@ import dataclasses
 import datetime
 from typing import Literal
 
-__all__ = ["ROOT_PURPOSE", "Key", "KeyVersion", "KeyVersionInfo", "Scope", "VersionReference"]
+__all__ = [
+    "ROOT_PURPOSE",
+    "Key",
+    "KeyVersion",
+    "KeyVersionInfo",
+    "ReplicaReads",
+    "Scope",
+    "VersionReference",
+]
 
 #: The purpose reserved for a scope's root key (key-encryption key).
 ROOT_PURPOSE = "rootKey"
@@ -97,3 +105,20 @@ class KeyVersionInfo:
     def rows(self) -> int:
         """Every referencing row, across the tables."""
         return sum(r.rows for r in self.references)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaReads:
+    """Where this instance's cold loads went, with ``read_dsn`` (all zero without).
+
+    ``replica`` loads were answered by the replica; the others went to the
+    primary because the replica had not yet replayed a key change this
+    instance knows of (``behind``), did not have the pair (``missing``: a
+    pair created elsewhere moments ago, or none at all), or failed or could
+    not be reached (``failed``).
+    """
+
+    replica: int = 0
+    behind: int = 0
+    missing: int = 0
+    failed: int = 0

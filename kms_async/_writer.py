@@ -45,6 +45,7 @@ from ._errors import (
     KeyInUseError,
     KeyNotFoundError,
     KeyRollbackError,
+    OutcomeUnknownError,
     Remedy,
     RevokeTooSoonError,
     SchemaVersionError,
@@ -82,6 +83,13 @@ class _StraddledCommit(Exception):
 
 class _ReadAgain(Exception):
     """Another writer changed what a reconcile read before it took the write lock."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Write:
+    """The collection version one write set (0 until it has bumped it)."""
+
+    version: int = 0
 
 
 def _chunks(scopes: list[str]) -> Iterator[list[str]]:
@@ -142,17 +150,38 @@ class Writer:
         self.revoke_grace = revoke_grace
 
     @contextlib.asynccontextmanager
-    async def _invalidating(self, scope_ids: list[str]) -> AsyncIterator[None]:
+    async def _invalidating(self, scope_ids: list[str]) -> AsyncIterator[_Write]:
         """Drop the scopes' cached keys when a write ends, however it ends.
 
         A write cancelled while its commit was in flight may still have
         committed, so the cache is invalidated on every exit, not only on
-        success; the next use reloads from what the database holds.
+        success; the next use reloads from what the database holds. The
+        write's collection version joins the horizon unless the write surely
+        rolled back, so no replica older than it answers a later cold load
+        (a caller's transaction counts when its savepoint is released: it may
+        commit at any moment after).
         """
+        write = _Write()
         try:
-            yield
+            yield write
+        except OutcomeUnknownError:
+            self._keyring.horizon.saw(write.version)
+            raise
+        except Exception:
+            raise
+        except BaseException:
+            # Cancelled, perhaps with the commit in flight.
+            self._keyring.horizon.saw(write.version)
+            raise
+        else:
+            self._keyring.horizon.saw(write.version)
         finally:
             self._cache.invalidate_scopes(scope_ids)
+
+    async def _bump(self, tx: Connection, write: _Write) -> int:
+        """The first statement of every key write (see ``repo.bump_collection_version``)."""
+        write.version = await repo.bump_collection_version(tx, self._q)
+        return write.version
 
     # -- create ------------------------------------------------------------
 
@@ -160,8 +189,8 @@ class Writer:
         await self._keyring.prove_any(conn)
         chunks = _chunks(scopes)
         first = await self._new_scopes(next(chunks), purposes)
-        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
+        async with self._invalidating(scopes) as write, self._db.transaction(conn) as tx:
+            changed = await self._bump(tx, write)
             await self._insert_scopes(tx, scopes, first)
             for chunk in chunks:
                 await self._insert_scopes(tx, scopes, await self._new_scopes(chunk, purposes))
@@ -228,8 +257,8 @@ class Writer:
         await self._keyring.prove_scopes(first, conn, replace_unusable=replace_unusable)
         roots = await self._new_rotation(first)
         plans = await self._plan_outside(first, conn, _targets(roots)) if rewrap else None
-        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
+        async with self._invalidating(scopes) as write, self._db.transaction(conn) as tx:
+            changed = await self._bump(tx, write)
             if rewrap:
                 plans = await self._plan_checked(tx, first, plans, _targets(roots))
             await self._write_rotation(tx, roots, plans)
@@ -267,8 +296,8 @@ class Writer:
         chunks = _chunks(scopes)
         first = next(chunks)
         plans = await self._plan_outside(first, conn, None)
-        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
+        async with self._invalidating(scopes) as write, self._db.transaction(conn) as tx:
+            changed = await self._bump(tx, write)
             await self._apply(tx, await self._plan_checked(tx, first, plans, None))
             for chunk in chunks:
                 # Under the write lock: nobody can change these rows before we commit.
@@ -444,8 +473,8 @@ class Writer:
             )
         owners: list[str] = []
         try:
-            async with self._invalidating(owners), self._db.transaction(conn) as tx:
-                changed = await repo.bump_collection_version(tx, self._q)
+            async with self._invalidating(owners) as write, self._db.transaction(conn) as tx:
+                changed = await self._bump(tx, write)
                 found = await repo.version_for_revoke(tx, self._q, key_version_id, root=is_root)
                 if found is None or (scope_id is not None and found.scope_id != scope_id):
                     where = "" if scope_id is None else f" in scope {show(scope_id)}"
@@ -511,8 +540,8 @@ class Writer:
                     "sql/<dialect>/04_kms_key_version_suspension.up.sql with your migration tool"
                 )
         owners: list[str] = []
-        async with self._invalidating(owners), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
+        async with self._invalidating(owners) as write, self._db.transaction(conn) as tx:
+            changed = await self._bump(tx, write)
             found = await repo.version_for_revoke(tx, self._q, key_version_id, root=False)
             if found is None or (scope_id is not None and found.scope_id != scope_id):
                 where = "" if scope_id is None else f" in scope {show(scope_id)}"
@@ -779,8 +808,8 @@ class Writer:
                     todo.append(scope_id)
         if not todo:
             return 0
-        async with self._invalidating(todo), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
+        async with self._invalidating(todo) as write, self._db.transaction(conn) as tx:
+            changed = await self._bump(tx, write)
             await self._seal(tx, todo, keys, reset=True)
             await repo.announce(tx, self._q, changed, todo)
         logger.debug("kms_async: bound %d key version(s) of %d scope(s)", len(keys), len(scopes))
@@ -847,8 +876,8 @@ class Writer:
         created: list[tuple[str, str]] = []
         changed: list[str] = []
         try:
-            async with self._invalidating(changed), self._db.transaction() as tx:
-                version = await repo.bump_collection_version(tx, self._q)
+            async with self._invalidating(changed) as write, self._db.transaction() as tx:
+                version = await self._bump(tx, write)
                 await self._insert_reconciliation(tx, first, created, changed)
                 for chunk in chunks:
                     missing, latest = await self._missing(tx, chunk, purposes)

@@ -68,6 +68,7 @@ EXPORTED = [
     "PooledWrapper",
     "ReencryptReport",
     "Remedy",
+    "ReplicaReads",
     "RevokeTooSoonError",
     "SchemaVersionError",
     "Scope",
@@ -235,6 +236,7 @@ VALUES: dict[str, Any] = {
     "BlobInfo": BlobInfo(b"sealed", "kdkv_AAAAAAAAAA"),
     "Migration": Migration(number=1, name="01_kms_core.up.sql", sql="select 1;"),
     "Remedy": kms_async.Remedy("rewrap_keys", scope_id="s1"),
+    "ReplicaReads": kms_async.ReplicaReads(replica=3, behind=1, missing=0, failed=2),
     "Scope": kms_async.Scope(
         id="s1", root_key_id="krk_AAAAAAAAAA", create_time=NOW, newest_root_version=VERSION
     ),

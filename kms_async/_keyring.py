@@ -687,7 +687,18 @@ class Keyring:
 
     async def reload(self, scope_id: str, purpose: str) -> PurposeKeys:
         """Load the pair (shared with any concurrent load of it) and cache it."""
-        return await self._cache.load((scope_id, purpose), lambda: self.load(scope_id, purpose))
+        return await self._cache.load((scope_id, purpose), lambda: self._timed(scope_id, purpose))
+
+    async def _timed(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """:meth:`load`, counted and timed for the metrics."""
+        stats = self._cache.stats
+        stats.loads += 1
+        started = time.perf_counter()
+        try:
+            return await self.load(scope_id, purpose)
+        finally:
+            if stats.on_load is not None:
+                stats.on_load(time.perf_counter() - started)
 
     async def for_decrypt(self, scope_id: str, purpose: str) -> PurposeKeys:
         """A cache miss on decrypt: load, or while the database is away, use a

@@ -668,13 +668,18 @@ class KMS(AsyncResource):
         self._events.refused(scope_id, purpose, version_id, reason)
 
     def _refused_by(
-        self, scope_id: str, purpose: str, exc: BaseException, ciphertext: object = None
+        self,
+        scope_id: str,
+        purpose: str,
+        exc: BaseException,
+        ciphertext: object = None,
+        version_id: str | None = None,
     ) -> None:
         """Report ``exc`` as a refused decryption, if it is one (see refusal_reason)."""
         reason = refusal_reason(exc)
         if reason is None:
             return
-        version_id = getattr(exc, "key_version_id", None)
+        version_id = getattr(exc, "key_version_id", None) or version_id
         if version_id is None and isinstance(ciphertext, bytes):
             with contextlib.suppress(KMSError):
                 version_id = decode(ciphertext).key_id or None
@@ -696,7 +701,7 @@ class KMS(AsyncResource):
             try:
                 aead = await self._keyring.unknown_version(scope_id, purpose, blob.key_id)
             except KMSError as exc:
-                self._refused_by(scope_id, purpose, exc)
+                self._refused_by(scope_id, purpose, exc, version_id=version_id)
                 raise
         sealed = blob.ciphertext
         if len(sealed) < NONCE_SIZE + TAG_SIZE:
@@ -709,7 +714,7 @@ class KMS(AsyncResource):
                 )
             return aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
         except KMSError as exc:  # a suspended or unusable version's Refusal
-            self._refused_by(scope_id, purpose, exc)
+            self._refused_by(scope_id, purpose, exc, version_id=version_id)
             raise
         except InvalidTag:
             self._refused(scope_id, purpose, version_id, "authentication")

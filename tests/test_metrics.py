@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -233,3 +235,44 @@ def test_importing_and_using_kms_async_does_not_import_opentelemetry(tmp_path: A
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert "LOADED []" in out
+
+
+# -- the hot path ---------------------------------------------------------------------------
+
+
+def _body(function: Any, drop: str | None) -> list[str]:
+    """The statements of a method, without its docstring and without ``drop``."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    node = tree.body[0]
+    assert isinstance(node, ast.AsyncFunctionDef)
+    statements = node.body[1:]  # the docstring
+    return [ast.dump(s) for s in statements if drop is None or ast.unparse(s) != drop]
+
+
+@pytest.mark.parametrize(
+    ("plain", "counted", "counter"),
+    [
+        (KMS.encrypt, KMS._counted_encrypt, "self._encryptions += 1"),
+        (KMS.decrypt, KMS._counted_decrypt, "self._decryptions += 1"),
+    ],
+)
+def test_the_counted_hot_path_is_the_hot_path_plus_one_counter(
+    plain: Any, counted: Any, counter: str
+) -> None:
+    # Metrics off runs the plain methods, which count nothing; metrics on runs
+    # the copies, which must not drift from them.
+    assert counter not in inspect.getsource(plain)
+    assert len(_body(counted, None)) == len(_body(counted, counter)) + 1
+    assert _body(counted, counter) == _body(plain, None)
+    assert inspect.signature(counted) == inspect.signature(plain)
+
+
+async def test_only_a_kms_with_metrics_counts(open_kms: OpenKMS, provider: MeterProvider) -> None:
+    async with await open_kms() as off, await open_kms(meter_provider=provider) as on:
+        assert off.encrypt.__func__ is KMS.encrypt  # type: ignore[attr-defined]
+        assert on.encrypt.__func__ is KMS._counted_encrypt  # type: ignore[attr-defined]
+        await off.create_keys("s1")
+        await off.decrypt("s1", "database", await off.encrypt("s1", "database", b"x"))
+        await on.decrypt("s1", "database", await on.encrypt("s1", "database", b"x"))
+        assert (off._encryptions, off._decryptions) == (0, 0)
+        assert (on._encryptions, on._decryptions) == (1, 1)

@@ -38,8 +38,8 @@ OFF = "metrics off"
 ON = "metrics on"
 FLOOR = "raw AES-GCM, buffered nonces"
 #: metrics on / metrics off; the counters' share of a round trip (measured alone).
-GOALS = {ON: "<= 1.03"}
-COUNTER_GOAL = "<= 0.01"
+GOALS = {ON: "<= 1.05"}
+COUNTER_GOAL = "<= 0.02"
 
 
 class _Holder:

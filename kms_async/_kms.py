@@ -335,8 +335,10 @@ class KMS(AsyncResource):
         elif metrics:
             meter_provider = global_provider()
         database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
+        # With metrics, a subclass whose hot path counts; without, this one, unchanged.
+        kind = cls if meter_provider is None else _metered(cls)
         try:
-            kms = cls(
+            kms = kind(
                 database,
                 purposes=checked,
                 cache_size=cache_size,
@@ -348,10 +350,6 @@ class KMS(AsyncResource):
             )
             kms._events.bind_loop(asyncio.get_running_loop())
             if meter_provider is not None:
-                # Instance attributes win over the class's methods: only this
-                # instance's hot path counts.
-                kms.encrypt = kms._counted_encrypt  # type: ignore[method-assign]
-                kms.decrypt = kms._counted_decrypt  # type: ignore[method-assign]
                 instrument(
                     meter_provider,
                     kms._metric_readings(),
@@ -668,9 +666,10 @@ class KMS(AsyncResource):
     # -- the hot path, counted (metrics on) ----------------------------------
     #
     # The same two methods plus one integer increment each: a KMS opened with
-    # metrics uses these (set on the instance by open), so that a KMS without
-    # metrics runs the hot path above unchanged. tests/test_metrics.py checks
-    # that they are the hot path plus the counter, statement for statement.
+    # metrics is an instance of a subclass that uses these (see _metered), so
+    # that a KMS without metrics runs the hot path above unchanged.
+    # tests/test_metrics.py checks that they are the hot path plus the
+    # counter, statement for statement.
 
     async def _counted_encrypt(
         self, scope_id: str, purpose: str, plaintext: bytes, *, aad: bytes | None = None
@@ -1555,3 +1554,29 @@ class KMS(AsyncResource):
         return await _reencrypt.destroy_key_version(
             self._session(), key_version_id, columns, batch_size=batch_size, progress=progress
         )
+
+
+_METERED: dict[type[KMS], type[KMS]] = {}
+
+
+def _metered(cls: type[KMS]) -> type[KMS]:
+    """``cls`` with the counting hot path: the class of a KMS opened with metrics.
+
+    A subclass rather than methods set on the instance: an attribute added
+    after ``__init__`` would make every attribute read of the hot path slower.
+    """
+    metered = _METERED.get(cls)
+    if metered is None:
+        metered = type(
+            cls.__name__,
+            (cls,),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+                "encrypt": KMS._counted_encrypt,
+                "decrypt": KMS._counted_decrypt,
+            },
+        )
+        _METERED[cls] = metered
+    return metered

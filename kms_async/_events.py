@@ -81,6 +81,8 @@ REFUSAL_REASONS: tuple[str, ...] = RefusalReason.__args__  # type: ignore[attr-d
 
 #: Seconds aclose() waits for an async callback to take the events still queued.
 DRAIN_SECONDS = 5.0
+#: Deliveries an async callback may fall behind by; later ones are dropped (and counted).
+MAX_QUEUED = 100_000
 
 Callback = Callable[["KeyEvent"], object]
 
@@ -205,6 +207,8 @@ class Events:
         #: Tasks of awaitables a plain callback returned.
         self._tasks: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Deliveries dropped because an async callback fell MAX_QUEUED behind.
+        self.dropped = 0
 
     @property
     def enabled(self) -> bool:
@@ -269,6 +273,17 @@ class Events:
         if self._is_async:
             # Built lazily as the task takes them: a bulk change over a
             # million scopes holds one iterator here, not a million events.
+            if len(self._queue) >= MAX_QUEUED:
+                # A callback that cannot keep up (a flood of refused
+                # decryptions, say) must not grow memory without bound.
+                if not self.dropped:
+                    logger.warning(
+                        "kms_async: the on_event callback is %d deliveries behind; dropping "
+                        "events until it catches up",
+                        MAX_QUEUED,
+                    )
+                self.dropped += 1
+                return
             self._queue.append(events)
             if self._consumer is None or self._consumer.done():
                 self._consumer = self._spawn(self._consume())
@@ -312,8 +327,16 @@ class Events:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def aclose(self, timeout: float = DRAIN_SECONDS) -> None:
-        """Let pending async deliveries finish, for at most ``timeout`` seconds."""
+    def cancel(self) -> None:
+        """Stop delivering (a KMS that failed to open)."""
+        self._queue.clear()
+        for task in [*self._tasks, self._consumer]:
+            if task is not None:
+                task.cancel()
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Let pending async deliveries finish, for at most ``timeout`` (DRAIN_SECONDS)."""
+        timeout = DRAIN_SECONDS if timeout is None else timeout
         pending: set[asyncio.Future[Any]] = set(self._tasks)
         if self._consumer is not None and not self._consumer.done():
             pending.add(self._consumer)

@@ -115,6 +115,7 @@ class Freshness:
                     on_refresh(time.monotonic() - started)
 
     async def _refresh(self, started: float) -> None:
+        """One check (see :meth:`refresh`), under the check lock."""
         marker = await self._db.change_marker()
         if marker is None or marker != self._marker:
             async with self._db.read() as conn:

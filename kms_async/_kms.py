@@ -337,6 +337,7 @@ class KMS(AsyncResource):
         database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
         # With metrics, a subclass whose hot path counts; without, this one, unchanged.
         kind = cls if meter_provider is None else _metered(cls)
+        kms: KMS | None = None
         try:
             kms = kind(
                 database,
@@ -381,6 +382,8 @@ class KMS(AsyncResource):
                     "give the pool max_size=2 or more, or leave notifications off"
                 )
         except BaseException:
+            if kms is not None:
+                kms._events.cancel()
             await database.aclose()
             raise
         if max_staleness is not None:

@@ -446,3 +446,31 @@ async def test_no_key_material_in_events(open_kms: OpenKMS, db: Any) -> None:
 class _Seen:
     def add(self, where: str, obj: object) -> None:
         pass
+
+
+async def test_a_callback_that_falls_behind_loses_events_not_memory(
+    open_kms: OpenKMS, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kms_async._events.MAX_QUEUED", 3)
+    gate = asyncio.Event()
+    delivered: list[str] = []
+
+    async def slow(event: KeyEvent) -> None:
+        await gate.wait()
+        delivered.append(event.kind)
+
+    caplog.set_level(logging.WARNING, logger="kms_async")
+    kms = await open_kms(on_event=slow)
+    try:
+        await kms.create_keys("s1")
+        for _ in range(6):
+            with pytest.raises(DecryptionError):
+                await kms.decrypt("s1", "database", b"\x0a\x05garbage")
+        gate.set()
+    finally:
+        await kms.aclose()
+    # The consumer took the first delivery at once; three more waited; the rest were dropped.
+    assert len(delivered) == 4
+    assert kms._events.dropped == 4
+    assert kms._events.refusals["malformed"] == 6  # counted for the metrics all the same
+    assert sum("deliveries behind" in r.getMessage() for r in caplog.records) == 1

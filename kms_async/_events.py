@@ -35,6 +35,7 @@ from ._errors import (
     KeySuspendedError,
     KeyUnusableError,
     UnknownKeyVersionError,
+    WrapperError,
 )
 from ._validate import show
 
@@ -177,7 +178,9 @@ def refusal_reason(exc: BaseException) -> RefusalReason | None:
         return "suspended"
     if isinstance(exc, KeyIntegrityError):
         return "integrity"
-    if isinstance(exc, KeyUnusableError):
+    if isinstance(exc, KeyUnusableError) or (isinstance(exc, WrapperError) and not exc.retryable):
+        # The root wrapper cannot unwrap the key (every version of the pair,
+        # for a WrapperError from the load): not a passing failure.
         return "unusable"
     if isinstance(exc, UnknownKeyVersionError):
         return "unknown_version"

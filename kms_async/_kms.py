@@ -620,7 +620,7 @@ class KMS(AsyncResource):
         except TypeError:
             raise InvalidParameterError("scope id and purpose must be strings") from None
         if keys is None:
-            keys = await self._missed(scope_id, purpose, decrypting=True)
+            keys = await self._missed(scope_id, purpose, decrypting=True, ciphertext=ciphertext)
         if type(ciphertext) is bytes:
             # Fast path: an envelope this library wrote is field 1 with the
             # shortest length varint, then key_info naming one of the cached
@@ -725,7 +725,7 @@ class KMS(AsyncResource):
         except TypeError:
             raise InvalidParameterError("scope id and purpose must be strings") from None
         if keys is None:
-            keys = await self._missed(scope_id, purpose, decrypting=True)
+            keys = await self._missed(scope_id, purpose, decrypting=True, ciphertext=ciphertext)
         self._decryptions += 1
         if type(ciphertext) is bytes:
             # Fast path: an envelope this library wrote is field 1 with the
@@ -966,7 +966,12 @@ class KMS(AsyncResource):
         check_data_purpose(purpose, self._purposes)
 
     async def _missed(
-        self, scope_id: str, purpose: str, *, decrypting: bool = False
+        self,
+        scope_id: str,
+        purpose: str,
+        *,
+        decrypting: bool = False,
+        ciphertext: object = None,
     ) -> PurposeKeys:
         """A cache miss: validate, then load once for every concurrent caller."""
         self._check_open()
@@ -978,7 +983,7 @@ class KMS(AsyncResource):
             try:
                 keys = await self._keyring.for_decrypt(scope_id, purpose)
             except KMSError as exc:
-                self._refused_by(scope_id, purpose, exc)
+                self._refused_by(scope_id, purpose, exc, ciphertext)
                 raise
         self._stats.misses += 1
         return keys

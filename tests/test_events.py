@@ -264,7 +264,7 @@ async def test_each_refused_decryption_produces_exactly_one_event(open_kms: Open
         assert refusals(rec) == [("s1", "database", None, "malformed")]
         with pytest.raises(KeyNotFoundError):
             await kms.decrypt("nobody", "database", new_ct)
-        assert refusals(rec) == [("nobody", "database", None, "no_keys")]
+        assert refusals(rec) == [("nobody", "database", new, "no_keys")]
 
         # Not refusals: a bad argument is the caller's mistake, not a decision.
         with pytest.raises(InvalidParameterError):
@@ -474,3 +474,19 @@ async def test_a_callback_that_falls_behind_loses_events_not_memory(
     assert kms._events.dropped == 4
     assert kms._events.refusals["malformed"] == 6  # counted for the metrics all the same
     assert sum("deliveries behind" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_decryption_under_a_root_key_this_instance_lacks_is_refused_as_unusable(
+    open_kms: OpenKMS,
+) -> None:
+    async with await open_kms() as kms:
+        await kms.create_keys("s1")
+        ciphertext = await kms.encrypt("s1", "database", b"x")
+    rec = Recorder()
+    wrong = AeadWrapper(secrets.token_bytes(32), key_id="root-1")
+    async with await open_kms(root_wrapper=wrong, on_event=rec) as other:
+        rec.take()
+        with pytest.raises(kms_async.WrapperError):
+            await other.decrypt("s1", "database", ciphertext)
+        named = BlobInfo.from_bytes(ciphertext).key_id
+        assert refusals(rec) == [("s1", "database", named, "unusable")]

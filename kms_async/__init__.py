@@ -29,6 +29,7 @@ from ._errors import (
     UnknownKeyVersionError,
     WrapperError,
 )
+from ._events import Actor, DecryptionRefused, KeyEvent
 from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
@@ -50,15 +51,18 @@ __all__ = [
     "KMS",
     "ROOT_PURPOSE",
     "SCHEMA_VERSION",
+    "Actor",
     "AeadWrapper",
     "BlobInfo",
     "ClosedError",
     "DecryptionError",
+    "DecryptionRefused",
     "EncryptedColumn",
     "ForeignContextError",
     "InvalidParameterError",
     "KMSError",
     "Key",
+    "KeyEvent",
     "KeyExistsError",
     "KeyInUseError",
     "KeyIntegrityError",

@@ -134,34 +134,43 @@ class Freshness:
         """
         async with self._check_lock:
             started = time.monotonic()
-            marker = await self._db.change_marker()
-            if marker is None or marker != self._marker:
-                async with self._db.read() as conn:
-                    version = await repo.collection_version(conn, self._q)
-                # Before the reloads below, which must see this version.
-                self._horizon.saw(version)
-                if version != self._seen:
-                    if not self._q.has_suspensions:
-                        # Another instance may have migrated since this one opened.
-                        async with self._db.read() as conn:
-                            await repo.find_suspensions(conn, self._q)
-                    scopes = None
-                    if self._seen is not None and version > self._seen:
-                        async with self._db.read() as conn:
-                            scopes = await repo.changed_scopes(conn, self._q, self._seen, version)
-                    # Loads in flight may have read the rows before the change.
-                    self._cache.mark_stale(scopes)
-                    if scopes is None:
-                        await self._compare(list(self._cache.entries))
-                    else:
-                        await self._compare(
-                            [pair for s in scopes for pair in self._cache.cached_pairs(s)]
-                        )
-                    # Only now, with the changed pairs compared against rows
-                    # committed at or after `version`, is the change seen.
-                    self._seen = version
-                self._marker = marker
-            self._confirmed(started)
+            try:
+                await self._refresh(started)
+            finally:
+                on_refresh = self._cache.stats.on_refresh
+                if on_refresh is not None:
+                    on_refresh(time.monotonic() - started)
+
+    async def _refresh(self, started: float) -> None:
+        """One check (see :meth:`refresh`), under the check lock."""
+        marker = await self._db.change_marker()
+        if marker is None or marker != self._marker:
+            async with self._db.read() as conn:
+                version = await repo.collection_version(conn, self._q)
+            # Before the reloads below, which must see this version.
+            self._horizon.saw(version)
+            if version != self._seen:
+                if not self._q.has_suspensions:
+                    # Another instance may have migrated since this one opened.
+                    async with self._db.read() as conn:
+                        await repo.find_suspensions(conn, self._q)
+                scopes = None
+                if self._seen is not None and version > self._seen:
+                    async with self._db.read() as conn:
+                        scopes = await repo.changed_scopes(conn, self._q, self._seen, version)
+                # Loads in flight may have read the rows before the change.
+                self._cache.mark_stale(scopes)
+                if scopes is None:
+                    await self._compare(list(self._cache.entries))
+                else:
+                    await self._compare(
+                        [pair for s in scopes for pair in self._cache.cached_pairs(s)]
+                    )
+                # Only now, with the changed pairs compared against rows
+                # committed at or after `version`, is the change seen.
+                self._seen = version
+            self._marker = marker
+        self._confirmed(started)
 
     async def check_scopes(self, scope_ids: Iterable[str]) -> None:
         """Compare the cached pairs of some scopes (a notification's hint)."""

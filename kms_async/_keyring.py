@@ -753,11 +753,21 @@ class Keyring:
 
         With ``primary``, never from a replica.
         """
-        if primary and self._db.has_replica:
-            return await self._cache.load(
-                (scope_id, purpose), lambda: self.load(scope_id, purpose, primary=True)
-            )
-        return await self._cache.load((scope_id, purpose), lambda: self.load(scope_id, purpose))
+        primary = primary and self._db.has_replica
+        return await self._cache.load(
+            (scope_id, purpose), lambda: self._timed(scope_id, purpose, primary)
+        )
+
+    async def _timed(self, scope_id: str, purpose: str, primary: bool) -> PurposeKeys:
+        """:meth:`load`, counted and timed for the metrics."""
+        stats = self._cache.stats
+        stats.loads += 1
+        started = time.perf_counter()
+        try:
+            return await self.load(scope_id, purpose, primary=primary)
+        finally:
+            if stats.on_load is not None:
+                stats.on_load(time.perf_counter() - started)
 
     async def reload_changed(self, scope_id: str, purpose: str) -> PurposeKeys:
         """Reload a cached pair found to differ from the primary's rows, from the primary.

@@ -54,6 +54,7 @@ from ._errors import (
     WrapperError,
     advised,
 )
+from ._events import EventKind, Events
 from ._ids import DATA_KEY_PREFIX, DATA_KEY_VERSION_PREFIX, ROOT_KEY_PREFIX, new_id
 from ._integrity import KeyState, bind_version, fingerprint, seal_state, unseal_state
 from ._keyring import Keyring
@@ -142,8 +143,10 @@ class Writer:
         keyring: Keyring,
         cache: KeyCache,
         revoke_grace: float,
+        events: Events,
     ) -> None:
         self._db = database
+        self._events = events
         self._q = database.queries
         self._keyring = keyring
         self._cache = cache
@@ -183,18 +186,36 @@ class Writer:
         write.version = await repo.bump_collection_version(tx, self._q)
         return write.version
 
+    def _whole_scopes(self, kind: EventKind, scopes: list[str], conn: Any) -> None:
+        """Report a change to every key of each scope (one event per scope)."""
+        self._events.changed(
+            kind,
+            len(scopes),
+            lambda: ((scope_id, None, None) for scope_id in scopes),
+            in_transaction=conn is not None,
+        )
+
     # -- create ------------------------------------------------------------
 
     async def create(self, scopes: list[str], purposes: list[str], conn: Any) -> None:
         await self._keyring.prove_any(conn)
         chunks = _chunks(scopes)
         first = await self._new_scopes(next(chunks), purposes)
+        # The new root key version of each scope, for the events (kept only for a callback).
+        made: list[str] | None = [] if self._events.enabled else None
         async with self._invalidating(scopes) as write, self._db.transaction(conn) as tx:
             changed = await self._bump(tx, write)
-            await self._insert_scopes(tx, scopes, first)
+            await self._insert_scopes(tx, scopes, first, made)
             for chunk in chunks:
-                await self._insert_scopes(tx, scopes, await self._new_scopes(chunk, purposes))
+                new = await self._new_scopes(chunk, purposes)
+                await self._insert_scopes(tx, scopes, new, made)
             await repo.announce(tx, self._q, changed, scopes)
+        self._events.changed(
+            "created",
+            len(scopes),
+            lambda: zip(scopes, [None] * len(scopes), made or (), strict=True),
+            in_transaction=conn is not None,
+        )
         if conn is None and len(scopes) <= PRIME_LIMIT:
             # Committed: the first encrypt for a new scope needs no query.
             for root, _ in first.roots:
@@ -225,7 +246,9 @@ class Writer:
                 data_keys.append((scope_id, row, key))
         return _NewScopes(roots, root_keys, data_keys)
 
-    async def _insert_scopes(self, tx: Connection, scopes: list[str], new: _NewScopes) -> None:
+    async def _insert_scopes(
+        self, tx: Connection, scopes: list[str], new: _NewScopes, made: list[str] | None
+    ) -> None:
         try:
             await repo.insert_root_keys(tx, self._q, new.root_keys)
         except IntegrityError as exc:
@@ -246,22 +269,34 @@ class Writer:
         new_keys = {root.id: root.key for root, _ in new.roots}
         new_keys.update((row.version_id, key) for _, row, key in new.data_keys)
         await self._seal(tx, [k.scope_id for k in new.root_keys], new_keys)
+        if made is not None:
+            made.extend(root.id for root, _ in new.roots)
 
     # -- rotate and rewrap -------------------------------------------------
 
     async def rotate(
-        self, scopes: list[str], *, rewrap: bool, conn: Any, replace_unusable: bool = False
+        self,
+        scopes: list[str],
+        *,
+        rewrap: bool,
+        conn: Any,
+        replace_unusable: bool = False,
+        cause: str | None = None,
     ) -> None:
+        """Rotate the scopes; ``cause`` goes into the events' ``detail`` (e.g. ``"policy"``)."""
         chunks = _chunks(scopes)
         first = next(chunks)
         await self._keyring.prove_scopes(first, conn, replace_unusable=replace_unusable)
         roots = await self._new_rotation(first)
         plans = await self._plan_outside(first, conn, _targets(roots)) if rewrap else None
+        made: list[str] | None = [] if self._events.enabled else None
         async with self._invalidating(scopes) as write, self._db.transaction(conn) as tx:
             changed = await self._bump(tx, write)
             if rewrap:
                 plans = await self._plan_checked(tx, first, plans, _targets(roots))
             await self._write_rotation(tx, roots, plans)
+            if made is not None:
+                made.extend(root.id for root, _ in roots.values())
             for chunk in chunks:
                 # Under the write lock: nobody can change these rows before we commit.
                 await self._keyring.prove_scopes_in(tx, chunk, replace_unusable=replace_unusable)
@@ -271,7 +306,16 @@ class Writer:
                     snapshots = await self._snapshots(tx, chunk)
                     plans = await self._plans(chunk, snapshots, _targets(more), locked=True)
                 await self._write_rotation(tx, more, plans)
+                if made is not None:
+                    made.extend(root.id for root, _ in more.values())
             await repo.announce(tx, self._q, changed, scopes)
+        self._events.changed(
+            "rotated",
+            len(scopes),
+            lambda: zip(scopes, [None] * len(scopes), made or (), strict=True),
+            in_transaction=conn is not None,
+            detail=cause,
+        )
         if conn is None and len(scopes) <= PRIME_LIMIT:
             for root, _ in roots.values():
                 self._cache.put_root(root.id, root)
@@ -304,6 +348,7 @@ class Writer:
                 snapshots = await self._snapshots(tx, chunk)
                 await self._apply(tx, await self._plans(chunk, snapshots, None, locked=True))
             await repo.announce(tx, self._q, changed, scopes)
+        self._whole_scopes("rewrapped", scopes, conn)
         logger.debug("kms_async: rewrapped %d scope(s)", len(scopes))
 
     async def _insert_rotation(
@@ -463,7 +508,13 @@ class Writer:
     # -- revoke ------------------------------------------------------------
 
     async def revoke(
-        self, key_version_id: str, *, is_root: bool, scope_id: str | None, conn: Any
+        self,
+        key_version_id: str,
+        *,
+        is_root: bool,
+        scope_id: str | None,
+        conn: Any,
+        kind: EventKind = "revoked",
     ) -> None:
         if self._q.has_bindings and ROOT_PURPOSE not in self._keyring.wrappers:
             raise KeyNotFoundError(
@@ -472,6 +523,7 @@ class Writer:
                 "wrapper; pass root_wrapper= to KMS.open()"
             )
         owners: list[str] = []
+        purpose: str | None = ROOT_PURPOSE
         try:
             async with self._invalidating(owners) as write, self._db.transaction(conn) as tx:
                 changed = await self._bump(tx, write)
@@ -480,11 +532,13 @@ class Writer:
                     where = "" if scope_id is None else f" in scope {show(scope_id)}"
                     raise KeyNotFoundError(f"no key version {show(key_version_id)}{where}")
                 owners.append(found.scope_id)
-                kind = "root" if is_root else repr(found.purpose)
+                if not is_root:
+                    purpose = found.purpose
+                which = "root" if is_root else repr(found.purpose)
                 if found.newest:
                     raise advised(
                         KeyInUseError,
-                        f"{key_version_id} is the newest {kind} key version of scope "
+                        f"{key_version_id} is the newest {which} key version of scope "
                         f"{show(found.scope_id)}",
                         "rotate_keys() first",
                         Remedy("rotate_keys", scope_id=found.scope_id),
@@ -521,6 +575,12 @@ class Writer:
                 "revoking it",
                 Remedy("reencrypt_key_version", key_version_id=key_version_id),
             ) from exc
+        self._events.changed(
+            kind,
+            1,
+            lambda: [(owners[0], purpose, key_version_id)],
+            in_transaction=conn is not None,
+        )
         if is_root:
             self._cache.roots.pop(key_version_id, None)
         logger.debug("kms_async: revoked key version %s of scope %s", key_version_id, owners)
@@ -553,8 +613,16 @@ class Writer:
                     f"{show(found.scope_id)}, which new data is encrypted under; rotate_keys() "
                     "first, then suspend it"
                 )
-            await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, suspend)
+            did = await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, suspend)
             await repo.announce(tx, self._q, changed, owners)
+            purpose = found.purpose
+        if did:
+            self._events.changed(
+                "suspended" if suspend else "resumed",
+                1,
+                lambda: [(owners[0], purpose, key_version_id)],
+                in_transaction=conn is not None,
+            )
         logger.info(
             "kms_async: %s key version %s of scope %s",
             "suspended" if suspend else "resumed",
@@ -812,6 +880,7 @@ class Writer:
             changed = await self._bump(tx, write)
             await self._seal(tx, todo, keys, reset=True)
             await repo.announce(tx, self._q, changed, todo)
+        self._whole_scopes("bound", todo, conn)
         logger.debug("kms_async: bound %d key version(s) of %d scope(s)", len(keys), len(scopes))
         return len(keys)
 
@@ -824,8 +893,9 @@ class Writer:
         await self._keyring.prove_any(None)
         refused: IntegrityError | None = None
         for _attempt in range(WRITE_ATTEMPTS):
+            made: dict[tuple[str, str], str] = {}
             try:
-                created = await self._reconcile(scopes, purposes)
+                created = await self._reconcile(scopes, purposes, made)
             except _ReadAgain as again:
                 cause = again.__cause__
                 refused = cause if isinstance(cause, IntegrityError) else None
@@ -833,6 +903,7 @@ class Writer:
                     break
                 continue
             created.sort()
+            self._report_created(created, made)
             logger.debug("kms_async: reconcile created %d data keys", len(created))
             return created
         if refused is not None and refused.kind == "foreign_key":
@@ -857,7 +928,16 @@ class Writer:
         named = re.search(r'is not present in table "([^"]+)"', exc.detail)
         return named is not None and not named.group(1).startswith(f"{self._q.prefix}_")
 
-    async def _reconcile(self, scopes: list[str], purposes: list[str]) -> list[tuple[str, str]]:
+    def _report_created(
+        self, created: list[tuple[str, str]], made: dict[tuple[str, str], str]
+    ) -> None:
+        self._events.changed(
+            "created", len(created), lambda: [(s, p, made[s, p]) for s, p in created]
+        )
+
+    async def _reconcile(
+        self, scopes: list[str], purposes: list[str], made: dict[tuple[str, str], str]
+    ) -> list[tuple[str, str]]:
         """One attempt: plan the first chunk that lacks keys outside the transaction,
         the chunks after it under the write lock; write nothing if nothing lacks keys.
 
@@ -878,12 +958,12 @@ class Writer:
         try:
             async with self._invalidating(changed) as write, self._db.transaction() as tx:
                 version = await self._bump(tx, write)
-                await self._insert_reconciliation(tx, first, created, changed)
+                await self._insert_reconciliation(tx, first, created, changed, made)
                 for chunk in chunks:
                     missing, latest = await self._missing(tx, chunk, purposes)
                     if missing:
                         plan = await self._reconciliation(missing, latest)
-                        await self._insert_reconciliation(tx, plan, created, changed)
+                        await self._insert_reconciliation(tx, plan, created, changed, made)
                 await repo.announce(tx, self._q, version, changed)
         except IntegrityError as exc:
             # Another process created some of these keys, or revoked a root
@@ -956,6 +1036,7 @@ class Writer:
         plan: _Reconciliation,
         created: list[tuple[str, str]],
         changed: list[str],
+        made: dict[tuple[str, str], str],
     ) -> None:
         # Listed first: the cache drops them however the transaction ends.
         changed.extend(dict.fromkeys(scope_id for scope_id, _ in plan.created))
@@ -963,6 +1044,8 @@ class Writer:
         await repo.insert_data_keys(tx, self._q, plan.data_keys)
         await self._seal(tx, list(dict.fromkeys(s for s, _ in plan.created)), plan.new_keys)
         created.extend(plan.created)
+        if self._events.enabled:
+            made.update(zip(plan.created, (row.version_id for row in plan.data_keys), strict=True))
 
 
 def _targets(roots: dict[str, tuple[VersionKey, bytes]]) -> dict[str, VersionKey]:

@@ -764,7 +764,9 @@ class Keyring:
         stats.loads += 1
         started = time.perf_counter()
         try:
-            return await self.load(scope_id, purpose, primary=primary)
+            if primary:
+                return await self.load(scope_id, purpose, primary=True)
+            return await self.load(scope_id, purpose)
         finally:
             if stats.on_load is not None:
                 stats.on_load(time.perf_counter() - started)

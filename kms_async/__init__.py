@@ -29,6 +29,7 @@ from ._errors import (
     UnknownKeyVersionError,
     WrapperError,
 )
+from ._events import Actor, DecryptionRefused, KeyEvent
 from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
@@ -39,6 +40,7 @@ from ._types import (
     Key,
     KeyVersion,
     KeyVersionInfo,
+    ReplicaReads,
     RotationPolicy,
     Scope,
     VersionReference,
@@ -51,16 +53,19 @@ __all__ = [
     "KMS",
     "ROOT_PURPOSE",
     "SCHEMA_VERSION",
+    "Actor",
     "AeadWrapper",
     "BlobInfo",
     "CensusRow",
     "ClosedError",
     "DecryptionError",
+    "DecryptionRefused",
     "EncryptedColumn",
     "ForeignContextError",
     "InvalidParameterError",
     "KMSError",
     "Key",
+    "KeyEvent",
     "KeyExistsError",
     "KeyInUseError",
     "KeyIntegrityError",
@@ -75,6 +80,7 @@ __all__ = [
     "PooledWrapper",
     "ReencryptReport",
     "Remedy",
+    "ReplicaReads",
     "RevokeTooSoonError",
     "RotationPolicy",
     "SchemaVersionError",

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import encode_suffix
 from ._errors import KeyIntegrityError, KeySuspendedError, KeyUnusableError, Remedy, advised
+from ._metrics import Stats
 
 __all__ = ["UNCOUNTED", "CacheKey", "KeyCache", "PurposeKeys", "Refusal", "Tally", "VersionKey"]
 
@@ -173,6 +174,10 @@ class PurposeKeys:
             return self.aead
         return None if self.older is None else self.older.get(suffix)
 
+    def named_by(self, suffix: bytes) -> str | None:
+        """The id of the version whose key_info suffix is ``suffix`` (for error reports)."""
+        return next((v.id for v in self.versions if encode_suffix(v.id) == suffix), None)
+
     def find_id(self, version_id: str) -> AESGCM | Refusal | None:
         """The version with id ``version_id``."""
         return self.find(encode_suffix(version_id))
@@ -186,8 +191,11 @@ def _tampered(version: VersionKey) -> bool:
 class KeyCache:
     """LRU of :class:`PurposeKeys` plus an LRU of unwrapped root key versions."""
 
-    def __init__(self, max_entries: int, purposes: tuple[str, ...]) -> None:
+    def __init__(
+        self, max_entries: int, purposes: tuple[str, ...], stats: Stats | None = None
+    ) -> None:
         self.max_entries = max_entries
+        self.stats = Stats() if stats is None else stats
         # Root keys are needed only to unwrap data keys (a cold load of a
         # pair) and by writes, so fewer of them stay unwrapped.
         self.max_roots = min(max_entries, _MAX_ROOTS)
@@ -284,6 +292,8 @@ class KeyCache:
             if victim.used and oldest != key:
                 victim.used = False
                 entries[oldest] = victim
+            else:
+                self.stats.evictions += 1
         return True
 
     def count(self, key: CacheKey, keys: PurposeKeys) -> None:

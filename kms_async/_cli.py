@@ -854,17 +854,25 @@ def _add_destroy(adder: _Adder) -> None:
         help="re-encrypt a data key version's rows, then revoke it",
         description=(
             "Re-encrypt, then revoke: afterwards nothing can decrypt with VERSION_ID. "
+            "It first shows how many rows the version protects, then asks for confirmation "
+            "on a terminal; without one it needs --yes. "
             "--dry-run only counts the rows it would re-encrypt (no root key needed)."
         ),
         epilog=(
             "example:\n"
             "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --dry-run\n"
-            "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --batch-size 2000\n\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --batch-size 2000\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --yes   # from a script\n\n"
             + _COLUMNS_EXAMPLE
         ),
         root_key=True,
     )
     _add_version_work_arguments(parser, dry_run=True)
+    parser.add_argument(
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (needed when stdin is not a terminal)",
+    )
     _grace_arguments(parser)
     parser.set_defaults(run=_run_destroy)
 
@@ -1806,8 +1814,23 @@ def _usage_lines(version_id: str, usages: Sequence[VersionUsage]) -> list[str]:
 
 async def _reencrypt(args: argparse.Namespace, *, destroy: bool) -> int:
     columns = _load_columns(args.columns)
+    if destroy and not args.yes and not _stdin_is_tty():
+        raise InvalidParameterError(
+            f"destroy revokes {args.version_id} for good and stdin is not a terminal to "
+            "confirm it: add --yes, or --dry-run to only look"
+        )
     async with _open_kms(args, root_key=True, purposes=_column_purposes(columns)) as kms:
         usages = await kms.version_usage(columns, key_version_id=args.version_id)
+        if destroy and not args.yes:
+            for line in _usage_lines(args.version_id, usages):
+                print(line, file=sys.stderr)
+            question = f"re-encrypt those rows, then revoke {args.version_id} for good? [y/N] "
+            if not await _confirm(question):
+                if args.json:
+                    _print_json_error("NotConfirmed", "not destroyed", EXIT_REFUSED)
+                else:
+                    print("not destroyed", file=sys.stderr)
+                return EXIT_REFUSED
         progress = _progress(args, "re-encrypting", sum(u.rows for u in usages), "rows")
         work = kms.destroy_key_version if destroy else kms.reencrypt_key_version
         try:

@@ -15,6 +15,7 @@ __all__ = [
     "Key",
     "KeyVersion",
     "KeyVersionInfo",
+    "ReplicaReads",
     "RotationPolicy",
     "Scope",
     "VersionReference",
@@ -186,3 +187,20 @@ class RotationPolicy:
         """``max_age`` in seconds (``None`` if not given)."""
         age = self.max_age
         return None if age is None else float(age.total_seconds())  # type: ignore[union-attr]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaReads:
+    """Where this instance's cold loads went, with ``read_dsn`` (all zero without).
+
+    ``replica`` loads were answered by the replica; the others went to the
+    primary because the replica had not yet replayed a key change this
+    instance knows of (``behind``), did not have the pair (``missing``: a
+    pair created elsewhere moments ago, or none at all), or failed or could
+    not be reached (``failed``).
+    """
+
+    replica: int = 0
+    behind: int = 0
+    missing: int = 0
+    failed: int = 0

@@ -196,8 +196,6 @@ class Usage:
                 ", ..." if len(rotated) > 10 else "",
                 self.auto_rotate_after,
             )
-            # Audit events: the lead wires a "rotated" event per scope here
-            # (reason: automatic, after auto_rotate_after encryptions).
 
     async def close(self) -> None:
         """The last flush, when the KMS closes; a failure is logged, never raised."""

@@ -238,3 +238,23 @@ async def test_reads_use_the_version_indexes_before_any_analyze(kms: KMS, db: Te
         assert plan[0]["Plan"]["Plan Rows"] <= 10, plan
     finally:
         await conn.close()
+
+
+async def test_reconcile_keys_names_an_application_foreign_key(kms: KMS, db: TestDB) -> None:
+    """A foreign key of the application's on the kms tables refuses every
+    attempt alike: reconcile_keys says so instead of calling it contention."""
+    if db.dialect != "postgres":
+        pytest.skip("SQLite cannot add a foreign key to an existing table")
+    await db.execute("create table tenant (id text primary key)")
+    await db.execute(
+        "alter table kms_root_key add constraint root_key_tenant"
+        " foreign key (scope_id) references tenant (id)"
+    )
+    await db.execute("insert into tenant (id) values ('acme')")
+    with pytest.raises(kms_async.StorageError) as refused:
+        await kms.reconcile_keys(["acme", "no-such-tenant"])
+    assert not isinstance(refused.value, kms_async.TransientStorageError)
+    assert "tenant" in str(refused.value)
+    assert "foreign key" in str(refused.value)
+    assert await db.fetchval("select count(*) from kms_root_key") == 0
+    assert await kms.reconcile_keys(["acme"]) == [("acme", "database"), ("acme", "oidc")]

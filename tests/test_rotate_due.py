@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import TestDB, input_validation
 
-from kms_async import KMS, InvalidParameterError, KeyNotFoundError, RotationPolicy
+from kms_async import KMS, InvalidParameterError, KeyEvent, KeyNotFoundError, RotationPolicy
 
 OpenKMS = Callable[..., Awaitable[KMS]]
 
@@ -142,15 +142,20 @@ async def test_concurrent_runs_rotate_each_due_scope_once(
         "insert into kms_key_version_usage (key_version_id, encryptions) values ($1, 50)", counted
     )
     due.append(scopes[1])
-    instances = [kms, *[await open_kms() for _ in range(3)]]
+    events: list[KeyEvent] = []
+    instances = [await open_kms(on_event=events.append) for _ in range(4)]
     try:
         policy = RotationPolicy(max_age=7 * DAY, max_encryptions=10)
         results = await asyncio.gather(*(k.rotate_due(policy) for k in instances))
     finally:
-        for other in instances[1:]:
+        for other in instances:
             await other.aclose()
     rotated = [scope for result in results for scope in result]
     assert sorted(rotated) == sorted(due)  # each exactly once, across the instances
+    # One event per scope rotated, marked as the policy's.
+    rotations = [e for e in events if e.kind == "rotated"]
+    assert sorted(e.scope_id or "" for e in rotations) == sorted(due)
+    assert {e.detail for e in rotations} == {"policy"}
     versions = await data_versions(db)
     roots = await root_versions(db)
     for scope in scopes:
@@ -163,7 +168,8 @@ async def test_concurrent_runs_rotate_each_due_scope_once(
 async def test_auto_rotation_past_the_threshold(
     db: TestDB, open_kms: OpenKMS, caplog: pytest.LogCaptureFixture
 ) -> None:
-    kms = await open_kms(usage_flush_interval=0.05)
+    events: list[KeyEvent] = []
+    kms = await open_kms(usage_flush_interval=0.05, on_event=events.append)
     try:
         await kms.create_keys_many(["worn", "fresh"])
         worn = await newest_version_id(kms, "worn", "database")
@@ -184,6 +190,10 @@ async def test_auto_rotation_past_the_threshold(
         lines = [r for r in caplog.records if "automatically" in r.getMessage()]
         assert lines and lines[0].levelno == logging.WARNING
         assert "worn" in lines[0].getMessage()
+        rotations = [e for e in events if e.kind == "rotated"]
+        assert [(e.scope_id, e.detail) for e in rotations] == [("worn", "automatic")]
+        assert rotations[0].version_id is not None
+        assert rotations[0].version_id.startswith("krkv_")
     finally:
         await kms.aclose()
 

@@ -156,7 +156,26 @@ class Database(Protocol):
         ...
 
     def can_listen(self) -> bool:
-        """Whether a listener can hold a connection without starving other work."""
+        """Whether a listener can work, holding a connection without starving other work."""
+        ...
+
+    @property
+    def pooled(self) -> bool:
+        """Whether connections go through a pooler in transaction mode (no session state)."""
+        ...
+
+    @property
+    def listens_on(self) -> str:
+        """Where the listener connects, for the log (never a password)."""
+        ...
+
+    @property
+    def has_replica(self) -> bool:
+        """Whether cold loads may read from a replica (see :meth:`read_replica`)."""
+        ...
+
+    def read_replica(self) -> AbstractAsyncContextManager[Connection]:
+        """A connection to the replica: committed data as of its replay, perhaps behind."""
         ...
 
     async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
@@ -418,6 +437,8 @@ class Queries:
     #: and counts; rows of versions that no longer exist are skipped.
     add_usage: str
     load_purpose: str
+    #: load_purpose plus one row: the collection version of the snapshot read.
+    load_purpose_fenced: str
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
     notify_channel: str = ""
@@ -489,6 +510,13 @@ class Queries:
             f"  select v.root_key_version_id from {p}_data_key_version v"
             f"  where v.data_key_id = {data_key_of_pair}{self.every_version('v')}){state_root})"
             f"{state_row}"
+        )
+        # The same rows with the collection version they were read at, from
+        # one snapshot: a replica's answer is trusted only if it has
+        # replayed every change the instance knows of.
+        self.load_purpose_fenced = (
+            f"{self.load_purpose} union all"
+            f" select 'c', null, version, null, null, false, null, null from {p}_collection_version"
         )
         self.version_ids_of_pairs = self._version_ids_of_pairs(suspended)
 

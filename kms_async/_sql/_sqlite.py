@@ -10,6 +10,7 @@ import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal
 
 import aiosqlite
@@ -23,7 +24,7 @@ from .._errors import (
     TransientStorageError,
     advised,
 )
-from ._base import IntegrityError, Queries, Row, run_to_completion, savepoint
+from ._base import Connection, IntegrityError, Queries, Row, run_to_completion, savepoint
 
 __all__ = ["SqliteDatabase", "SqliteQueries", "is_memory_path", "translate_errors"]
 
@@ -279,6 +280,10 @@ class SqliteDatabase:
     """
 
     dialect: Literal["sqlite"] = "sqlite"
+    #: SQLite has neither poolers nor replicas.
+    pooled = False
+    has_replica = False
+    listens_on = "nothing"
 
     def __init__(
         self,
@@ -424,6 +429,9 @@ class SqliteDatabase:
 
     def can_listen(self) -> bool:
         return False
+
+    def read_replica(self) -> AbstractAsyncContextManager[Connection]:
+        raise NotImplementedError("SQLite has no replicas")
 
     async def aclose(self) -> None:
         with translate_errors():

@@ -47,6 +47,7 @@ __all__ = [
     "key_versions_of_roots",
     "latest_root_key_versions",
     "load_purpose",
+    "load_purpose_fenced",
     "missing_data_keys",
     "parse_change_notice",
     "put_bindings",
@@ -330,30 +331,51 @@ async def data_keys(conn: Connection, q: Queries, root_key_id: str) -> list[tupl
     return [(r[0], r[1], r[2]) for r in await conn.fetch(q.data_keys, root_key_id)]
 
 
+def _purpose_rows(rows: Sequence[Row]) -> PurposeRows | None:
+    data = [(r[1], int(r[2]), bytes(r[3]), r[4], bool(r[5])) for r in rows if r[0] == "d"]
+    if not data:
+        return None
+    roots = [(r[1], int(r[2]), bytes(r[3])) for r in rows if r[0] == "r"]
+    keyed = [r for r in rows if r[0] in ("d", "r")]
+    bindings = {r[1]: bytes(r[6]) for r in keyed if r[6] is not None}
+    owners = {r[1]: r[7] for r in keyed}
+    state = next(
+        (StateRow(int(r[2]), r[1], bytes(r[3]), bytes(r[6])) for r in rows if r[0] == "s"), None
+    )
+    return PurposeRows(data, roots, bindings, owners, state)
+
+
 async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str) -> PurposeRows:
     """The purpose's data key versions and the root versions wrapping them.
 
     Raises:
         KeyNotFoundError: the scope has no keys, or none for this purpose.
     """
-    rows = await conn.fetch(q.load_purpose, scope_id, purpose)
-    data = [(r[1], int(r[2]), bytes(r[3]), r[4], bool(r[5])) for r in rows if r[0] == "d"]
-    roots = [(r[1], int(r[2]), bytes(r[3])) for r in rows if r[0] == "r"]
-    bindings = {r[1]: bytes(r[6]) for r in rows if r[0] != "s" and r[6] is not None}
-    owners = {r[1]: r[7] for r in rows if r[0] != "s"}
-    state = next(
-        (StateRow(int(r[2]), r[1], bytes(r[3]), bytes(r[6])) for r in rows if r[0] == "s"), None
-    )
-    if not data:
-        found = await conn.fetchrow(q.scope_has_purpose, scope_id, purpose)
-        if found is None:
+    found = _purpose_rows(await conn.fetch(q.load_purpose, scope_id, purpose))
+    if found is None:
+        if await conn.fetchrow(q.scope_has_purpose, scope_id, purpose) is None:
             raise KeyNotFoundError(
                 f"scope {scope_id!r} has no keys; create them with create_keys()"
             )
         raise KeyNotFoundError(
             f"scope {scope_id!r} has no {purpose!r} key; add it with reconcile_keys()"
         )
-    return PurposeRows(data, roots, bindings, owners, state)
+    return found
+
+
+async def load_purpose_fenced(
+    conn: Connection, q: Queries, scope_id: str, purpose: str
+) -> tuple[PurposeRows | None, int]:
+    """:func:`load_purpose` (``None``: nothing found) and the collection
+    version of the snapshot it was read from, in one statement."""
+    rows = await conn.fetch(q.load_purpose_fenced, scope_id, purpose)
+    versions = [int(r[2]) for r in rows if r[0] == "c"]
+    if len(versions) != 1:
+        raise StorageError(
+            f"{q.prefix}_collection_version must hold exactly one row; "
+            "re-run kms_async.migrate() or restore the row"
+        )
+    return _purpose_rows(rows), versions[0]
 
 
 async def find_bindings(conn: Connection, q: Queries) -> bool:

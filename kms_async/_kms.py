@@ -612,7 +612,8 @@ class KMS(AsyncResource):
             InvalidParameterError: unknown purpose, or ``wrapper`` is not a Wrapper.
         """
         self._check_open()
-        before = self._keyring.wrappers.get(purpose)
+        # add_wrapper checks the purpose; a bad one must not reach the dict first.
+        before = self._keyring.wrappers.get(purpose) if isinstance(purpose, str) else None
         self._keyring.add_wrapper(purpose, wrapper)
         if purpose == ROOT_PURPOSE and before is not wrapper:
             key_id = getattr(wrapper, "key_id", None)

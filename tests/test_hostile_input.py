@@ -778,7 +778,7 @@ async def populated(kms: KMS) -> KMS:
     return kms
 
 
-@PROPERTY
+@SLOW_PROPERTY
 @given(version_id=version_id_text)
 async def test_hostile_key_version_ids_delete_nothing(
     populated: KMS, db: Any, no_reload_spacing: None, version_id: str

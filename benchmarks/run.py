@@ -37,6 +37,7 @@ BENCHMARKS = {
     "large_payloads": "8. large payloads: event-loop lag, offloading",
     "batch": "9. encrypt_many + decrypt_many vs raw AES-GCM",
     "scale": "issue 12: bulk writes' memory and CPU, cold loads, freshness at N cached pairs",
+    "metrics": "issue 14: the hot path with metrics on / off / the floor",
 }
 
 

@@ -30,11 +30,22 @@ from ._errors import (
     UnknownKeyVersionError,
     WrapperError,
 )
+from ._events import Actor, DecryptionRefused, KeyEvent
 from ._kms import KMS
 from ._migrations import SCHEMA_VERSION, Migration, migrate, migrations
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._root_wrapper import open_root_wrapper
-from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope, VersionReference
+from ._types import (
+    ROOT_PURPOSE,
+    CensusRow,
+    Key,
+    KeyVersion,
+    KeyVersionInfo,
+    ReplicaReads,
+    RotationPolicy,
+    Scope,
+    VersionReference,
+)
 from ._wrappers import AeadWrapper, PooledWrapper, Wrapper
 
 __version__ = "0.1.0"
@@ -43,16 +54,20 @@ __all__ = [
     "KMS",
     "ROOT_PURPOSE",
     "SCHEMA_VERSION",
+    "Actor",
     "AeadWrapper",
     "BlobInfo",
+    "CensusRow",
     "ClosedError",
     "DecryptionError",
+    "DecryptionRefused",
     "DurabilityTimeoutError",
     "EncryptedColumn",
     "ForeignContextError",
     "InvalidParameterError",
     "KMSError",
     "Key",
+    "KeyEvent",
     "KeyExistsError",
     "KeyInUseError",
     "KeyIntegrityError",
@@ -67,7 +82,9 @@ __all__ = [
     "PooledWrapper",
     "ReencryptReport",
     "Remedy",
+    "ReplicaReads",
     "RevokeTooSoonError",
+    "RotationPolicy",
     "SchemaVersionError",
     "Scope",
     "StorageError",

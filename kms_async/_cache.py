@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blob import encode_suffix
 from ._errors import KeyIntegrityError, KeySuspendedError, KeyUnusableError, Remedy, advised
+from ._metrics import Stats
 
-__all__ = ["CacheKey", "KeyCache", "PurposeKeys", "Refusal", "VersionKey"]
+__all__ = ["UNCOUNTED", "CacheKey", "KeyCache", "PurposeKeys", "Refusal", "Tally", "VersionKey"]
 
 CacheKey = tuple[str, str]
 
@@ -98,12 +99,38 @@ class VersionKey:
         return self.aead
 
 
+class Tally:
+    """Encryptions under one data key version not yet added to the usage table.
+
+    The hot path adds to ``n`` of the newest version's tally (one integer
+    increment); the usage counter (``_usage``) owns the tallies, keyed by
+    version id, so a count outlives the cache entry that took it: eviction,
+    invalidation and reloads lose nothing, and the tally holds no key.
+    """
+
+    __slots__ = ("n", "pair", "version_id")
+
+    def __init__(self, pair: CacheKey, version_id: str) -> None:
+        self.n = 0
+        self.pair = pair
+        self.version_id = version_id
+
+    def __repr__(self) -> str:
+        return f"Tally({self.version_id}, n={self.n})"
+
+
+#: The tally of every pair while counting is off: counts go nowhere.
+UNCOUNTED = Tally(("", ""), "")
+
+
 class PurposeKeys:
     """The unwrapped versions of one (scope, purpose), newest first."""
 
-    __slots__ = ("aead", "loaded_at", "older", "suffix", "used", "versions")
+    __slots__ = ("aead", "loaded_at", "older", "suffix", "tally", "used", "versions")
 
     def __init__(self, versions: list[VersionKey], loaded_at: float = 0.0) -> None:
+        #: Counts encryptions under the newest version (see Tally); set by the cache.
+        self.tally = UNCOUNTED
         #: time.monotonic() of the database read these versions came from.
         self.loaded_at = loaded_at
         #: Set by every hit; cleared when eviction gives the entry a second chance.
@@ -147,6 +174,10 @@ class PurposeKeys:
             return self.aead
         return None if self.older is None else self.older.get(suffix)
 
+    def named_by(self, suffix: bytes) -> str | None:
+        """The id of the version whose key_info suffix is ``suffix`` (for error reports)."""
+        return next((v.id for v in self.versions if encode_suffix(v.id) == suffix), None)
+
     def find_id(self, version_id: str) -> AESGCM | Refusal | None:
         """The version with id ``version_id``."""
         return self.find(encode_suffix(version_id))
@@ -160,8 +191,11 @@ def _tampered(version: VersionKey) -> bool:
 class KeyCache:
     """LRU of :class:`PurposeKeys` plus an LRU of unwrapped root key versions."""
 
-    def __init__(self, max_entries: int, purposes: tuple[str, ...]) -> None:
+    def __init__(
+        self, max_entries: int, purposes: tuple[str, ...], stats: Stats | None = None
+    ) -> None:
         self.max_entries = max_entries
+        self.stats = Stats() if stats is None else stats
         # Root keys are needed only to unwrap data keys (a cold load of a
         # pair) and by writes, so fewer of them stay unwrapped.
         self.max_roots = min(max_entries, _MAX_ROOTS)
@@ -174,6 +208,8 @@ class KeyCache:
         self._generation: dict[str, int] = {}
         self._epoch = 0
         self._loads: dict[CacheKey, tuple[asyncio.Future[PurposeKeys], tuple[int, int]]] = {}
+        #: Gives the tally of a pair's newest version (set when usage is counted).
+        self.tally_for: Callable[[CacheKey, str], Tally] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -246,6 +282,7 @@ class KeyCache:
         """Install ``keys`` unless the scope was invalidated since ``token``."""
         if token is not None and token != self.token(key[0]):
             return False
+        self.count(key, keys)
         entries = self.entries
         entries.pop(key, None)
         entries[key] = keys
@@ -255,7 +292,14 @@ class KeyCache:
             if victim.used and oldest != key:
                 victim.used = False
                 entries[oldest] = victim
+            else:
+                self.stats.evictions += 1
         return True
+
+    def count(self, key: CacheKey, keys: PurposeKeys) -> None:
+        """Give ``keys`` the tally of its newest version, if usage is counted."""
+        if self.tally_for is not None and keys.tally is UNCOUNTED:
+            keys.tally = self.tally_for(key, keys.versions[0].id)
 
     def cached_pairs(self, scope_id: str) -> list[CacheKey]:
         """The (scope, purpose) pairs of ``scope_id`` that are cached."""
@@ -289,6 +333,8 @@ class KeyCache:
 
             async def run() -> PurposeKeys:
                 keys = await loader()
+                # Counted even if not installed: the caller encrypts with it.
+                self.count(key, keys)
                 if self.put(key, keys, token):
                     self.demoted.pop(key, None)
                 return keys

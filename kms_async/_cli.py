@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import decimal
 import json
 import os
 import re
@@ -66,7 +67,7 @@ from ._root_wrapper import (
     open_root_wrapper,
 )
 from ._sql import prepare_dsn
-from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
+from ._types import ROOT_PURPOSE, CensusRow, Key, KeyVersion, KeyVersionInfo, RotationPolicy, Scope
 from ._wrappers import PooledWrapper, Wrapper
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
@@ -191,6 +192,27 @@ def _age_or_time(text: str) -> datetime.timedelta | datetime.datetime:
             "nor a time (e.g. 2025-01-31T12:00:00Z)"
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def _max_age(text: str) -> float:
+    """Seconds, more than 0, from a duration such as ``90d``, ``12h`` or ``30m``."""
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return seconds
+
+
+def _count(text: str) -> int:
+    """A whole number of at least 0, also written like ``1e9`` or ``1_000_000``."""
+    try:
+        value = decimal.Decimal(text.strip().replace("_", ""))
+    except decimal.InvalidOperation:
+        value = decimal.Decimal("NaN")
+    if not value.is_finite() or value != value.to_integral_value() or not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of at least 0 (e.g. 1000000 or 1e9)"
+        )
+    return int(value)
 
 
 def _timeout(text: str) -> float:
@@ -557,8 +579,12 @@ def _add_rotate(adder: _Adder) -> None:
             "example:\n"
             "  %(prog)s acme globex --rewrap\n"
             "  %(prog)s --all-scopes --older-than 90d\n"
+            "  %(prog)s --due --max-age 90d --max-encryptions 1e9\n"
             "  %(prog)s acme --replace-unusable  # past versions under another root key\n\n"
-            "Every data key of each scope is rotated, whatever --purposes says."
+            "Every data key of each scope is rotated, whatever --purposes says. With --due,\n"
+            "a scope is due when the newest version of any of its data keys is at least\n"
+            "--max-age old or has more than --max-encryptions encryptions counted (summed\n"
+            "over every instance); instances running it at once rotate each scope once."
         ),
         root_key=True,
     )
@@ -586,7 +612,60 @@ def _add_rotate(adder: _Adder) -> None:
             "or was made before TIME (e.g. 2025-01-31T12:00:00Z), by the database's clock"
         ),
     )
+    due = parser.add_argument_group("rotation by policy")
+    due.add_argument(
+        "--due",
+        action="store_true",
+        help=(
+            "rotate every scope (or every SCOPE given) due under --max-age and "
+            "--max-encryptions, checked again under the database's write lock"
+        ),
+    )
+    due.add_argument(
+        "--max-age",
+        type=_max_age,
+        metavar="AGE",
+        help="with --due: newest data key versions at least AGE old (e.g. 90d, 12h, 30m)",
+    )
+    due.add_argument(
+        "--max-encryptions",
+        type=_count,
+        metavar="N",
+        help="with --due: newest data key versions with more than N encryptions (e.g. 1e9)",
+    )
     parser.set_defaults(run=_run_rotate)
+
+
+def _add_census(adder: _Adder) -> None:
+    parser = adder.add(
+        "census",
+        help="list every data key version with its age, use and rows",
+        description=(
+            "Print every data key version (of one scope, or of all) with when it was made, "
+            "how many encryptions every instance has counted under it (as flushed to the "
+            "usage table, schema file 07), whether it is suspended and whether it is the "
+            "newest. --rows also counts the application rows that reference each version "
+            "through foreign keys, which scans those tables. --png draws the versions by age "
+            "and by rows protected or encryptions (needs matplotlib: "
+            "pip install 'kms-async[census-png]')."
+        ),
+        epilog=(
+            "example:\n"
+            "  %(prog)s\n"
+            "  %(prog)s --scope acme --rows\n"
+            "  %(prog)s --json | jq '.versions[] | select(.encryptions > 1e9)'\n"
+            "  %(prog)s --rows --png census.png"
+        ),
+        root_key=False,
+    )
+    parser.add_argument("--scope", metavar="SCOPE", help="only this scope (default: all)")
+    parser.add_argument(
+        "--rows",
+        action="store_true",
+        help="count the rows referencing each version (scans the referencing tables)",
+    )
+    parser.add_argument("--png", metavar="FILE", help="also draw the census as a PNG image")
+    parser.set_defaults(run=_run_census)
 
 
 def _add_rewrap(adder: _Adder) -> None:
@@ -775,17 +854,25 @@ def _add_destroy(adder: _Adder) -> None:
         help="re-encrypt a data key version's rows, then revoke it",
         description=(
             "Re-encrypt, then revoke: afterwards nothing can decrypt with VERSION_ID. "
+            "It first shows how many rows the version protects, then asks for confirmation "
+            "on a terminal; without one it needs --yes. "
             "--dry-run only counts the rows it would re-encrypt (no root key needed)."
         ),
         epilog=(
             "example:\n"
             "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --dry-run\n"
-            "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --batch-size 2000\n\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --batch-size 2000\n"
+            "  %(prog)s kdkv_3kTmZ8vQ1a --columns columns.json --yes   # from a script\n\n"
             + _COLUMNS_EXAMPLE
         ),
         root_key=True,
     )
     _add_version_work_arguments(parser, dry_run=True)
+    parser.add_argument(
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (needed when stdin is not a terminal)",
+    )
     _grace_arguments(parser)
     parser.set_defaults(run=_run_destroy)
 
@@ -867,6 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scopes(adder)
     _add_list(adder)
     _add_status(adder)
+    _add_census(adder)
     _add_rotate(adder)
     _add_rewrap(adder)
     _add_bind(adder)
@@ -1311,6 +1399,10 @@ async def _in_batches(
 
 
 async def _run_rotate(args: argparse.Namespace) -> int:
+    if args.due:
+        return await _run_rotate_due(args)
+    if args.max_age is not None or args.max_encryptions is not None:
+        raise InvalidParameterError("--max-age and --max-encryptions go with --due")
     async with _open_kms(args, root_key=True) as kms:
         scopes = await _scopes(args, kms)
         # Every root key version this run makes is at least this new.
@@ -1359,6 +1451,152 @@ async def _run_rotate(args: argparse.Namespace) -> int:
         text,
     )
     return EXIT_OK
+
+
+async def _run_rotate_due(args: argparse.Namespace) -> int:
+    if args.all_scopes or args.rewrap or args.replace_unusable or args.older_than is not None:
+        raise InvalidParameterError(
+            "--due takes scope ids (or none for every scope), --max-age and "
+            "--max-encryptions; not --all-scopes, --rewrap, --replace-unusable or --older-than"
+        )
+    if args.max_age is None and args.max_encryptions is None:
+        raise InvalidParameterError("--due needs --max-age, --max-encryptions or both")
+    policy = RotationPolicy(max_age=args.max_age, max_encryptions=args.max_encryptions)
+    async with _open_kms(args, root_key=True) as kms:
+        scopes = list(dict.fromkeys(args.scopes)) or None
+        rotated = await kms.rotate_due(policy, scope_ids=scopes)
+    text = [f"rotated {len(rotated)} scope(s) due under the policy"]
+    text += [f"  {_printable(s)}" for s in rotated[:100]]
+    if len(rotated) > 100:
+        text.append(f"  ... and {len(rotated) - 100} more")
+    _out(args, {"rotated": len(rotated), "scopes": rotated}, text)
+    return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 0):.0f}s"
+    if seconds < 3600:
+        return f"{max(seconds, 0) / 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _census_json(row: CensusRow, now: datetime.datetime) -> dict[str, Any]:
+    return {
+        "scope": row.scope,
+        "purpose": row.purpose,
+        "key_id": row.key_id,
+        "version": row.version,
+        "id": row.key_version_id,
+        "create_time": _iso(row.create_time),
+        "age_seconds": round((now - row.create_time).total_seconds(), 3),
+        "encryptions": row.encryptions,
+        "rows": row.referencing_rows,
+        "suspended": row.suspended,
+        "newest": row.newest,
+    }
+
+
+async def _run_census(args: argparse.Namespace) -> int:
+    async with _open_kms(args, root_key=False) as kms:
+        rows = await kms.census(args.scope, referencing_rows=args.rows)
+        now = await kms.database_time()
+    if args.png:
+        await asyncio.to_thread(_draw_census, rows, now, args.png)
+    headers = ["SCOPE", "PURPOSE", "VERSION", "ID", "CREATED", "AGE", "ENCRYPTIONS"]
+    if args.rows:
+        headers.append("ROWS")
+    headers.append("STATE")
+    table = []
+    for row in rows:
+        line: list[object] = [
+            _printable(row.scope),
+            row.purpose,
+            row.version,
+            row.key_version_id,
+            _when(row.create_time),
+            _age((now - row.create_time).total_seconds()),
+            "-" if row.encryptions is None else f"{row.encryptions:,}",
+        ]
+        if args.rows:
+            line.append(row.referencing_rows)
+        states = (["newest"] if row.newest else []) + (["SUSPENDED"] if row.suspended else [])
+        line.append(",".join(states) or "-")
+        table.append(line)
+    text = _table(headers, table) if rows else ["no data key versions"]
+    if args.png:
+        text.append(f"drew {len(rows)} version(s) to {args.png}")
+    _out(
+        args,
+        {"database_time": _iso(now), "versions": [_census_json(r, now) for r in rows]},
+        text,
+    )
+    return EXIT_OK
+
+
+#: Versions drawn per panel of the census image, oldest (or busiest) first.
+_PNG_BARS = 40
+
+
+def _draw_census(rows: Sequence[CensusRow], now: datetime.datetime, path: str) -> None:
+    """Bar charts: the oldest versions by age, the most used by encryptions counted
+    and (with --rows) by rows protected; ``_PNG_BARS`` versions each."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidParameterError(
+            "--png needs matplotlib: pip install 'kms-async[census-png]'"
+        ) from None
+
+    def label(row: CensusRow) -> str:
+        mark = "*" if row.newest else ""
+        return f"{row.scope[:24]} {row.purpose[:12]} v{row.version}{mark}"
+
+    def age(row: CensusRow) -> float:
+        return max((now - row.create_time).total_seconds(), 0.0)
+
+    oldest = max((age(r) for r in rows), default=0.0)
+    unit, seconds = next(
+        ((u, s) for u, s in (("days", 86400), ("hours", 3600)) if oldest >= 2 * s),
+        ("minutes", 60),
+    )
+    panels: list[tuple[str, Callable[[CensusRow], float], str, str]] = [
+        (f"age ({unit}, database clock)", lambda r: age(r) / seconds, "oldest", "#3f51b5"),
+        ("encryptions counted", lambda r: float(r.encryptions or 0), "most used", "#ff9800"),
+    ]
+    if any(r.referencing_rows is not None for r in rows):
+        panels.append(
+            ("rows protected", lambda r: float(r.referencing_rows or 0), "most rows", "#4caf50")
+        )
+    shown = min(len(rows), _PNG_BARS)
+    height = max(3.0, 0.28 * max(shown, 1) + 1.5)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(6.5 * len(panels), height), constrained_layout=True
+    )
+    try:
+        for axis, (what, value, title, color) in zip(axes, panels, strict=True):
+            picked = sorted(rows, key=value, reverse=True)[:_PNG_BARS]
+            values = [value(r) for r in picked]
+            axis.barh([label(r) for r in picked], values, color=color)
+            axis.invert_yaxis()
+            axis.set_xlabel(what)
+            axis.set_title(f"{title}: {len(picked)} of {len(rows)} versions")
+            axis.ticklabel_format(axis="x", style="plain", useOffset=False)
+            if not any(values):
+                axis.set_xlim(0, 1)
+                axis.text(0.5, 0.5, "none counted", transform=axis.transAxes, ha="center")
+        figure.suptitle(f"kms-async census, {_when(now)}  (* newest version of its key)")
+        try:
+            figure.savefig(path, dpi=100)
+        except OSError as exc:
+            raise InvalidParameterError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(figure)
 
 
 async def _run_bind(args: argparse.Namespace) -> int:
@@ -1576,8 +1814,23 @@ def _usage_lines(version_id: str, usages: Sequence[VersionUsage]) -> list[str]:
 
 async def _reencrypt(args: argparse.Namespace, *, destroy: bool) -> int:
     columns = _load_columns(args.columns)
+    if destroy and not args.yes and not _stdin_is_tty():
+        raise InvalidParameterError(
+            f"destroy revokes {args.version_id} for good and stdin is not a terminal to "
+            "confirm it: add --yes, or --dry-run to only look"
+        )
     async with _open_kms(args, root_key=True, purposes=_column_purposes(columns)) as kms:
         usages = await kms.version_usage(columns, key_version_id=args.version_id)
+        if destroy and not args.yes:
+            for line in _usage_lines(args.version_id, usages):
+                print(line, file=sys.stderr)
+            question = f"re-encrypt those rows, then revoke {args.version_id} for good? [y/N] "
+            if not await _confirm(question):
+                if args.json:
+                    _print_json_error("NotConfirmed", "not destroyed", EXIT_REFUSED)
+                else:
+                    print("not destroyed", file=sys.stderr)
+                return EXIT_REFUSED
         progress = _progress(args, "re-encrypting", sum(u.rows for u in usages), "rows")
         work = kms.destroy_key_version if destroy else kms.reencrypt_key_version
         try:

@@ -39,7 +39,7 @@ from ._sql import Database
 from ._sql import _store as repo
 from ._validate import show
 
-__all__ = ["Freshness"]
+__all__ = ["Freshness", "Horizon"]
 
 logger = logging.getLogger("kms_async")
 
@@ -56,13 +56,39 @@ HARD_LIMIT_FACTOR = 4
 Reload = Callable[[str, str], Awaitable[PurposeKeys]]
 
 
+class Horizon:
+    """The newest collection version this instance knows to be committed.
+
+    Raised by each version a check reads on the primary and by the
+    instance's own writes; never lowered. A replica's answer to a cold load
+    is trusted only if the snapshot it was read from is at least this new:
+    a replica that has not replayed a change this instance knows of could
+    hand back keys the change replaced, and no later check would fix them.
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def saw(self, version: int) -> None:
+        if version > self.version:
+            self.version = version
+
+
 class Freshness:
     """Change tracking for one KMS: checks, notification hints and the watcher."""
 
     def __init__(
-        self, database: Database, cache: KeyCache, reload: Reload, max_staleness: float | None
+        self,
+        database: Database,
+        cache: KeyCache,
+        reload: Reload,
+        max_staleness: float | None,
+        horizon: Horizon | None = None,
     ) -> None:
         self._db = database
+        self._horizon = Horizon() if horizon is None else horizon
         self._q = database.queries
         self._cache = cache
         self._reload = reload
@@ -90,6 +116,7 @@ class Freshness:
             await repo.find_suspensions(conn, self._q)
             await repo.find_bindings(conn, self._q)
             self._seen = await repo.collection_version(conn, self._q)
+        self._horizon.saw(self._seen)
         self._confirmed(started)
 
     def stop(self) -> None:
@@ -107,32 +134,43 @@ class Freshness:
         """
         async with self._check_lock:
             started = time.monotonic()
-            marker = await self._db.change_marker()
-            if marker is None or marker != self._marker:
-                async with self._db.read() as conn:
-                    version = await repo.collection_version(conn, self._q)
-                if version != self._seen:
-                    if not self._q.has_suspensions:
-                        # Another instance may have migrated since this one opened.
-                        async with self._db.read() as conn:
-                            await repo.find_suspensions(conn, self._q)
-                    scopes = None
-                    if self._seen is not None and version > self._seen:
-                        async with self._db.read() as conn:
-                            scopes = await repo.changed_scopes(conn, self._q, self._seen, version)
-                    # Loads in flight may have read the rows before the change.
-                    self._cache.mark_stale(scopes)
-                    if scopes is None:
-                        await self._compare(list(self._cache.entries))
-                    else:
-                        await self._compare(
-                            [pair for s in scopes for pair in self._cache.cached_pairs(s)]
-                        )
-                    # Only now, with the changed pairs compared against rows
-                    # committed at or after `version`, is the change seen.
-                    self._seen = version
-                self._marker = marker
-            self._confirmed(started)
+            try:
+                await self._refresh(started)
+            finally:
+                on_refresh = self._cache.stats.on_refresh
+                if on_refresh is not None:
+                    on_refresh(time.monotonic() - started)
+
+    async def _refresh(self, started: float) -> None:
+        """One check (see :meth:`refresh`), under the check lock."""
+        marker = await self._db.change_marker()
+        if marker is None or marker != self._marker:
+            async with self._db.read() as conn:
+                version = await repo.collection_version(conn, self._q)
+            # Before the reloads below, which must see this version.
+            self._horizon.saw(version)
+            if version != self._seen:
+                if not self._q.has_suspensions:
+                    # Another instance may have migrated since this one opened.
+                    async with self._db.read() as conn:
+                        await repo.find_suspensions(conn, self._q)
+                scopes = None
+                if self._seen is not None and version > self._seen:
+                    async with self._db.read() as conn:
+                        scopes = await repo.changed_scopes(conn, self._q, self._seen, version)
+                # Loads in flight may have read the rows before the change.
+                self._cache.mark_stale(scopes)
+                if scopes is None:
+                    await self._compare(list(self._cache.entries))
+                else:
+                    await self._compare(
+                        [pair for s in scopes for pair in self._cache.cached_pairs(s)]
+                    )
+                # Only now, with the changed pairs compared against rows
+                # committed at or after `version`, is the change seen.
+                self._seen = version
+            self._marker = marker
+        self._confirmed(started)
 
     async def check_scopes(self, scope_ids: Iterable[str]) -> None:
         """Compare the cached pairs of some scopes (a notification's hint)."""

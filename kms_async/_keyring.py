@@ -40,11 +40,12 @@ from ._errors import (
     advised,
     reason,
 )
+from ._freshness import Horizon
 from ._ids import DATA_KEY_VERSION_PREFIX, ROOT_KEY_VERSION_PREFIX, is_id, new_id
 from ._integrity import Integrity, KeyState, fingerprint, unseal_state, verify_version
 from ._sql import Connection, Database
 from ._sql import _store as repo
-from ._types import ROOT_PURPOSE
+from ._types import ROOT_PURPOSE, ReplicaReads
 from ._validate import check_known_purpose, show
 from ._wrappers import KEY_SIZE, Wrapper, unwrap_key, wrapper_error
 
@@ -56,6 +57,8 @@ logger = logging.getLogger("kms_async")
 WRAP_CONCURRENCY = 16
 #: A ciphertext naming an unknown version reloads its scope at most this often.
 RELOAD_SPACING = 0.2
+#: Seconds cold loads skip a replica that failed, before trying it again.
+REPLICA_RETRY = 5.0
 
 
 class Keyring:
@@ -82,6 +85,11 @@ class Keyring:
         self.seen: dict[str, int] = {}
         #: Versions loaded without a binding (written by the Go package or before binding).
         self.unbound: set[str] = set()
+        #: The newest change this instance knows of: fences replica reads.
+        self.horizon = Horizon()
+        #: Where cold loads went (see ReplicaReads); counted only with a replica.
+        self._reads = {"replica": 0, "behind": 0, "missing": 0, "failed": 0}
+        self._replica_retry_at = 0.0
 
     # -- the wrapper registry ----------------------------------------------
 
@@ -399,7 +407,63 @@ class Keyring:
 
     # -- data keys -----------------------------------------------------------
 
-    async def load(self, scope_id: str, purpose: str) -> PurposeKeys:
+    @property
+    def replica_reads(self) -> ReplicaReads:
+        return ReplicaReads(**self._reads)
+
+    async def _read_pair(self, scope_id: str, purpose: str, *, primary: bool) -> repo.PurposeRows:
+        """The pair's rows: from the replica when it is current enough, else the primary."""
+        if self._db.has_replica:
+            if not primary:
+                replica_rows = await self._read_replica(scope_id, purpose)
+                if replica_rows is not None:
+                    return replica_rows
+            # The primary's snapshot raises the horizon: a replica must not
+            # later answer for this pair from before what was read here
+            # (its key state record would look rolled back).
+            async with self._db.read() as conn:
+                rows, version = await repo.load_purpose_fenced(conn, self._q, scope_id, purpose)
+                self.horizon.saw(version)
+                if rows is not None:
+                    return rows
+        async with self._db.read() as conn:
+            return await repo.load_purpose(conn, self._q, scope_id, purpose)
+
+    async def _read_replica(self, scope_id: str, purpose: str) -> repo.PurposeRows | None:
+        """The pair's rows from the replica, or None if they cannot be trusted or read.
+
+        Key writes commit in collection version order, so a replica snapshot
+        at version V holds every change up to V: it is trusted only if V is
+        at least the newest change this instance knows of (the horizon,
+        compared after the read, so a change learnt meanwhile counts too).
+        """
+        if time.monotonic() < self._replica_retry_at:
+            self._reads["failed"] += 1
+            return None
+        try:
+            async with self._db.read_replica() as conn:
+                rows, version = await repo.load_purpose_fenced(conn, self._q, scope_id, purpose)
+        except KMSError as exc:
+            self._reads["failed"] += 1
+            self._replica_retry_at = time.monotonic() + REPLICA_RETRY
+            logger.warning(
+                "kms_async: the read replica failed (%s); cold loads go to the primary for %g s",
+                exc,
+                REPLICA_RETRY,
+            )
+            return None
+        if version < self.horizon.version:
+            self._reads["behind"] += 1
+            return None
+        if rows is None:
+            # Created elsewhere after the newest change this instance knows
+            # of, or absent: the primary says which (and with what error).
+            self._reads["missing"] += 1
+            return None
+        self._reads["replica"] += 1
+        return rows
+
+    async def load(self, scope_id: str, purpose: str, *, primary: bool = False) -> PurposeKeys:
         """Read and unwrap the pair's versions (no caching here).
 
         A version the root wrapper cannot unwrap (written under another root
@@ -410,8 +474,7 @@ class Keyring:
         the load as they are.
         """
         # The connection goes back to the pool before any wrapper is called.
-        async with self._db.read() as conn:
-            rows = await repo.load_purpose(conn, self._q, scope_id, purpose)
+        rows = await self._read_pair(scope_id, purpose, primary=primary)
         if self._durability.replicated:
             # Nothing this instance wrote enters the cache before a standby has it.
             await self._durability.admit(
@@ -698,9 +761,36 @@ class Keyring:
             for v in versions
         )
 
-    async def reload(self, scope_id: str, purpose: str) -> PurposeKeys:
-        """Load the pair (shared with any concurrent load of it) and cache it."""
-        return await self._cache.load((scope_id, purpose), lambda: self.load(scope_id, purpose))
+    async def reload(self, scope_id: str, purpose: str, *, primary: bool = False) -> PurposeKeys:
+        """Load the pair (shared with any concurrent load of it) and cache it.
+
+        With ``primary``, never from a replica.
+        """
+        primary = primary and self._db.has_replica
+        return await self._cache.load(
+            (scope_id, purpose), lambda: self._timed(scope_id, purpose, primary)
+        )
+
+    async def _timed(self, scope_id: str, purpose: str, primary: bool) -> PurposeKeys:
+        """:meth:`load`, counted and timed for the metrics."""
+        stats = self._cache.stats
+        stats.loads += 1
+        started = time.perf_counter()
+        try:
+            if primary:
+                return await self.load(scope_id, purpose, primary=True)
+            return await self.load(scope_id, purpose)
+        finally:
+            if stats.on_load is not None:
+                stats.on_load(time.perf_counter() - started)
+
+    async def reload_changed(self, scope_id: str, purpose: str) -> PurposeKeys:
+        """Reload a cached pair found to differ from the primary's rows, from the primary.
+
+        A check compares against the primary; a replica may not have replayed
+        the change yet (a notification's check does not raise the horizon).
+        """
+        return await self.reload(scope_id, purpose, primary=True)
 
     async def for_decrypt(self, scope_id: str, purpose: str) -> PurposeKeys:
         """A cache miss on decrypt: load, or while the database is away, use a
@@ -730,7 +820,9 @@ class Keyring:
             found = None if current is None else current.find_id(key_id)
             if found is not None:
                 return found
-            found = (await self.reload(scope_id, purpose)).find_id(key_id)
+            # From the primary: the version may be newer than anything this
+            # instance knows of, and than what a replica has replayed.
+            found = (await self.reload(scope_id, purpose, primary=True)).find_id(key_id)
             if found is not None:
                 return found
         raise UnknownKeyVersionError(

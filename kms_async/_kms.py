@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import sys
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -57,15 +58,27 @@ from ._errors import (
     UnknownKeyVersionError,
     advised,
 )
+from ._events import Actor, Callback, Events, RefusalReason, refusal_reason
 from ._freshness import Freshness
 from ._ids import DATA_KEY_VERSION_PREFIX, ID_LENGTH
 from ._keyring import Keyring
+from ._metrics import Readings, Stats, check_provider, global_provider, instrument
 from ._migrations import SCHEMA_VERSION
 from ._reencrypt import EncryptedColumn, ReencryptReport, VersionUsage
 from ._resource import AsyncResource
 from ._sql import DEFAULT_POOL_TIMEOUT, Database, open_database
 from ._sql import _store as repo
-from ._types import ROOT_PURPOSE, Key, KeyVersion, KeyVersionInfo, Scope
+from ._types import (
+    ROOT_PURPOSE,
+    CensusRow,
+    Key,
+    KeyVersion,
+    KeyVersionInfo,
+    ReplicaReads,
+    RotationPolicy,
+    Scope,
+)
+from ._usage import Usage
 from ._validate import (
     MAX_SCOPE_BYTES,
     check_data_purpose,
@@ -128,6 +141,12 @@ def _read_layout(ciphertext: bytes, size: int) -> Layout | Literal[False]:
     return (_FIELD_1, _FIRST_BYTE, slice(start, nonce_end), slice(nonce_end, start + length))
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _layout(size: int) -> Layout | Literal[False]:
     found = envelope_layout(size, _SUFFIX_SIZE)
     layout: Layout | Literal[False] = False if found is None else found
@@ -179,26 +198,48 @@ class KMS(AsyncResource):
         max_staleness: float | None,
         revoke_grace: float,
         offload_threshold: int | None,
+        usage_flush_interval: float | None = None,
+        on_event: Callback | None = None,
+        actor: str | None = None,
         durability: Literal["local", "replicated"] = "local",
         durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
     ) -> None:
         self._closed = False
+        # Counted by the hot path when metrics are on (one integer increment
+        # per call, see _counted_encrypt); batches count apart, so cache hits
+        # can be told from values.
+        self._encryptions = 0
+        self._decryptions = 0
+        self._batch_encrypted = 0
+        self._batch_decrypted = 0
         # Connections belong to the process and the event loop that opened them.
         self._pid = os.getpid()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db = database
         self._q = database.queries
         self._purposes = purposes
-        self._cache = KeyCache(cache_size, purposes)
+        self._stats = Stats()
+        self._events = Events(on_event, Actor.of_this_process(actor))
+        self._cache = KeyCache(cache_size, purposes, self._stats)
         # The hot path reads the LRU directly.
         self._entries = self._cache.entries
         self._offload_threshold = sys.maxsize if offload_threshold is None else offload_threshold
         self._durability = Durability(database, durability, durability_timeout)
         self._keyring = Keyring(database, self._cache, purposes, self._durability)
-        self._writer = Writer(database, self._keyring, self._cache, revoke_grace, self._durability)
-        self._freshness = Freshness(database, self._cache, self._keyring.reload, max_staleness)
+        self._writer = Writer(
+            database, self._keyring, self._cache, revoke_grace, self._events, self._durability
+        )
+        self._freshness = Freshness(
+            database,
+            self._cache,
+            self._keyring.reload_changed,
+            max_staleness,
+            self._keyring.horizon,
+        )
+        self._usage = Usage(database, self._cache, usage_flush_interval)
         self._watcher: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         _instances.add(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -221,6 +262,15 @@ class KMS(AsyncResource):
         integrity: Literal["bind", "strict"] = "bind",
         durability: Literal["local", "replicated"] = "local",
         durability_timeout: float = DEFAULT_DURABILITY_TIMEOUT,
+        usage_flush_interval: float | None = 5.0,
+        auto_rotate: bool = True,
+        pooler: Literal["auto", "transaction", "none"] = "auto",
+        listen_dsn: str | None = None,
+        read_dsn: object = None,
+        on_event: Callback | None = None,
+        actor: str | None = None,
+        meter_provider: Any = None,
+        metrics: bool = False,
     ) -> KMS:
         """Connect, check the schema and return a ready KMS.
 
@@ -282,6 +332,61 @@ class KMS(AsyncResource):
             durability_timeout: seconds a key write (or a cold load after
                 one) waits for a standby under ``"replicated"`` before raising
                 DurabilityTimeoutError.
+            usage_flush_interval: seconds between additions of this
+                instance's encryption counts to the usage table (schema file
+                07), which sums them over every instance for :meth:`census`
+                and :meth:`rotate_due`; they are added on :meth:`aclose`
+                too. A crash loses at most one interval's counts. ``None``
+                turns counting off (so does a database without the table,
+                with one log line).
+            auto_rotate: rotate a scope on its own, logging a warning, once
+                the newest version of one of its data keys has
+                2^31 encryptions counted over the fleet (AES-GCM with random
+                nonces must stay under 2^32 per key); checked after each
+                flush. Needs counting and a root wrapper.
+            pooler: on PostgreSQL, whether a connection pooler in transaction
+                mode (PgBouncer's ``pool_mode = transaction``) stands between
+                the KMS and the server. Behind one, consecutive statements
+                may run in different server sessions: the KMS then uses no
+                named prepared statements and no session state, and listens
+                for key changes only through ``listen_dsn`` (else it polls).
+                ``"auto"`` (the default) finds out when it connects (a pooler
+                answers with a process id of its own); ``"transaction"`` says
+                so without asking; ``"none"`` for a direct connection or a
+                pooler in session mode. A caller's pool behind such a pooler
+                must be created with ``statement_cache_size=0``.
+            listen_dsn: on PostgreSQL, a DSN reaching the primary directly
+                (not through a pooler) on which one dedicated connection
+                LISTENs for other instances' key changes. Needed for
+                notifications behind a pooler in transaction mode; also lets
+                a KMS on a caller's pool listen without holding one of its
+                connections (notifications then default to on).
+            read_dsn: on PostgreSQL, a read replica (a streaming standby) for
+                cold loads of keys, as a DSN or an asyncpg ``Pool`` (which
+                stays the caller's). Each load is read from the replica
+                together with the change counter of the snapshot it came
+                from, and is used only if the replica has replayed every key
+                change this instance knows of (its own writes, what its
+                checks saw, its loads from the primary); otherwise, when
+                the pair is not there, or when the replica fails, the load
+                goes to the primary (see
+                :attr:`replica_reads`). Reloads of cached pairs that changed,
+                writes, checks and everything else always use ``db``.
+            on_event: called with a :class:`KeyEvent` for every key change
+                committed through this instance and a
+                :class:`DecryptionRefused` for every refused decryption (see
+                docs/how-to/observe.md). A plain function is called inline
+                after the commit; a coroutine function runs in a task of
+                its own, events in order, and ``aclose`` waits up to 5 s for
+                it. Errors it raises are logged, never raised.
+            actor: a name for who makes changes through this instance (a
+                service name, say), reported in every event's ``actor``
+                beside the process's user, host and pid.
+            meter_provider: an OpenTelemetry ``MeterProvider``: report
+                metrics through it (needs ``pip install 'kms-async[otel]'``).
+            metrics: ``True`` reports metrics through OpenTelemetry's global
+                meter provider (``opentelemetry.metrics.get_meter_provider()``
+                at open time). Metrics are off unless one of these is given.
 
         Raises:
             InvalidParameterError: an argument is not usable.
@@ -302,6 +407,9 @@ class KMS(AsyncResource):
         check_seconds("max_staleness", max_staleness, none=True)
         check_seconds("revoke_grace", revoke_grace, zero=True)
         check_seconds("pool_timeout", pool_timeout)
+        check_seconds("usage_flush_interval", usage_flush_interval, none=True)
+        if not isinstance(auto_rotate, bool):
+            raise InvalidParameterError(f"auto_rotate must be True or False, not {auto_rotate!r}")
         if integrity not in ("bind", "strict"):
             raise InvalidParameterError(f"integrity must be 'bind' or 'strict', not {integrity!r}")
         if durability not in ("local", "replicated"):
@@ -309,15 +417,40 @@ class KMS(AsyncResource):
                 f"durability must be 'local' or 'replicated', not {durability!r}"
             )
         check_seconds("durability_timeout", durability_timeout)
-        database = await open_database(db, prefix=table_prefix, pool_timeout=pool_timeout)
+        if on_event is not None and not callable(on_event):
+            raise InvalidParameterError(
+                f"on_event must be a function or coroutine function, not {type(on_event).__name__}"
+            )
+        if actor is not None:
+            check_text("actor", actor, MAX_SCOPE_BYTES)
+        if not isinstance(metrics, bool):
+            raise InvalidParameterError("metrics must be True or False")
+        if meter_provider is not None:
+            check_provider(meter_provider)
+        elif metrics:
+            meter_provider = global_provider()
+        database = await open_database(
+            db,
+            prefix=table_prefix,
+            pool_timeout=pool_timeout,
+            pooler=pooler,
+            listen_dsn=listen_dsn,
+            read_dsn=read_dsn,
+        )
+        # With metrics, a subclass whose hot path counts; without, this one, unchanged.
+        kind = cls if meter_provider is None else _metered(cls)
+        kms: KMS | None = None
         try:
-            kms = cls(
+            kms = kind(
                 database,
                 purposes=checked,
                 cache_size=cache_size,
                 max_staleness=max_staleness,
                 revoke_grace=float(revoke_grace),
                 offload_threshold=offload_threshold,
+                usage_flush_interval=usage_flush_interval,
+                on_event=on_event,
+                actor=actor,
                 durability=durability,
                 durability_timeout=float(durability_timeout),
             )
@@ -325,6 +458,15 @@ class KMS(AsyncResource):
                 raise InvalidParameterError(
                     f"durability='replicated' needs PostgreSQL with streaming standbys; a "
                     f"{database.dialect} database has none: use durability='local'"
+                )
+            kms._events.bind_loop(asyncio.get_running_loop())
+            if meter_provider is not None:
+                instrument(
+                    meter_provider,
+                    kms._metric_readings(),
+                    {"kms_async.dialect": database.dialect},
+                    kms._stats,
+                    _version(),
                 )
             if root_wrapper is not None:
                 kms.add_external_wrapper(ROOT_PURPOSE, root_wrapper)
@@ -335,6 +477,7 @@ class KMS(AsyncResource):
                 await kms._keyring.prove_any(None, at_open=True)
             channel = await database.find_notify_channel()
             await kms._freshness.start()
+            await kms._usage.start()
             if integrity == "strict" and not database.queries.has_bindings:
                 raise SchemaVersionError(
                     "integrity='strict' needs the key binding tables "
@@ -342,14 +485,19 @@ class KMS(AsyncResource):
                     "sql/<dialect>/06_kms_key_binding.up.sql with your migration tool"
                 )
             listen = channel is not None and (
-                notifications or (notifications is None and isinstance(db, str))
+                notifications
+                or (notifications is None and (isinstance(db, str) or listen_dsn is not None))
             )
-            if listen and max_staleness is not None and not database.can_listen():
+            if database.pooled:
+                listen = kms._behind_pooler(listen, notifications, max_staleness)
+            elif listen and max_staleness is not None and not database.can_listen():
                 raise InvalidParameterError(
                     "notifications=True would hold the only connection of your pool; "
                     "give the pool max_size=2 or more, or leave notifications off"
                 )
         except BaseException:
+            if kms is not None:
+                kms._events.cancel()
             await database.aclose()
             raise
         if max_staleness is not None:
@@ -359,8 +507,41 @@ class KMS(AsyncResource):
                 kms._listener = loop.create_task(
                     database.listen_forever(channel, kms._freshness.on_notification)
                 )
+        if kms._usage.counting:
+            kms._flusher = asyncio.get_running_loop().create_task(
+                kms._usage.run(kms._rotate_worn if auto_rotate else None)
+            )
         logger.debug("kms_async: opened %s database, purposes %s", database.dialect, checked)
         return kms
+
+    def _behind_pooler(
+        self, listen: bool, notifications: bool | None, max_staleness: float | None
+    ) -> bool:
+        """Whether to listen, behind a pooler in transaction mode; says which in one line."""
+        if max_staleness is None:
+            how = "not at all (max_staleness=None)"
+        elif listen and self._db.can_listen():
+            how = f"by notifications through listen_dsn ({self._db.listens_on})"
+        elif listen or notifications:
+            how = (
+                f"by polling every {max_staleness / 2:g} s: LISTEN does not work through such "
+                "a pooler; pass listen_dsn= with a direct connection for notifications"
+            )
+        else:
+            how = f"by polling every {max_staleness / 2:g} s"
+        logger.log(
+            logging.WARNING if notifications and "polling" in how else logging.INFO,
+            "kms_async: the database connection goes through a pooler in transaction mode "
+            "(PgBouncer?): no prepared statements, no session state; other instances' key "
+            "changes arrive %s",
+            how,
+        )
+        return listen and self._db.can_listen()
+
+    @property
+    def replica_reads(self) -> ReplicaReads:
+        """Where cold loads went since the KMS opened with ``read_dsn`` (zeros without)."""
+        return self._keyring.replica_reads
 
     async def aclose(self) -> None:
         """Drop every cached key and close what the KMS opened. Idempotent."""
@@ -375,14 +556,45 @@ class KMS(AsyncResource):
             # here would break them there. Drop them without any I/O.
             return
         try:
-            tasks = [t for t in (self._watcher, self._listener) if t is not None]
+            await self._events.aclose()
+            tasks = [t for t in (self._watcher, self._listener, self._flusher) if t is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._cache.drain()
+            await self._usage.close()
         finally:
             self._cache.clear()
             await self._db.aclose()
+
+    def _metric_readings(self) -> Callable[[], Readings | None]:
+        """What the metrics read at collection time (None once closed); holds no
+        strong reference, so a forgotten KMS is not kept alive by its meter provider."""
+        ref = weakref.ref(self)
+
+        def read() -> Readings | None:
+            kms = ref()
+            if kms is None or kms._closed:
+                return None
+            stats = kms._stats
+            lookups = kms._encryptions + kms._decryptions + stats.batch_lookups
+            return Readings(
+                encryptions=kms._encryptions + kms._batch_encrypted,
+                decryptions=kms._decryptions + kms._batch_decrypted,
+                cache_hits=max(0, lookups - stats.misses),
+                loads=stats.loads,
+                evictions=stats.evictions,
+                cache_size=len(kms._entries),
+                staleness=(
+                    None
+                    if kms._freshness.max_staleness is None
+                    else max(0.0, time.monotonic() - kms._freshness.confirmed_at)
+                ),
+                refusals=dict(kms._events.refusals),
+                changes=dict(kms._events.changes),
+            )
+
+        return read
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._entries)} cached"
@@ -435,7 +647,17 @@ class KMS(AsyncResource):
             InvalidParameterError: unknown purpose, or ``wrapper`` is not a Wrapper.
         """
         self._check_open()
+        # add_wrapper checks the purpose; a bad one must not reach the dict first.
+        before = self._keyring.wrappers.get(purpose) if isinstance(purpose, str) else None
         self._keyring.add_wrapper(purpose, wrapper)
+        if purpose == ROOT_PURPOSE and before is not wrapper:
+            key_id = getattr(wrapper, "key_id", None)
+            self._events.changed(
+                "root_wrapper_added" if before is None else "root_wrapper_replaced",
+                1,
+                lambda: [(None, ROOT_PURPOSE, None)],
+                detail=f"key id {key_id}" if isinstance(key_id, str) else None,
+            )
 
     def get_external_wrapper(self, purpose: str) -> Wrapper:
         """The wrapper registered for ``purpose``.
@@ -510,14 +732,18 @@ class KMS(AsyncResource):
             else:
                 # AES-GCM releases the GIL, and so does copying a large bytes
                 # object: the whole envelope is built in a worker thread.
-                return await anyio.to_thread.run_sync(
+                envelope = await anyio.to_thread.run_sync(
                     _seal_envelope, keys.aead, nonce, plaintext, aad, keys.suffix
                 )
+                keys.tally.n += 1
+                return envelope
         except (TypeError, BufferError, OverflowError):
             # Not bytes-like, not contiguous, or 2 GiB or more (AES-GCM's limit here).
             raise InvalidParameterError(
                 "plaintext and aad must be contiguous bytes of less than 2 GiB"
             ) from None
+        # Usage counting (see _usage): the whole cost on the hot path.
+        keys.tally.n += 1
         # sealed_header(), inlined for the common sizes: one call less.
         size = len(sealed)
         header = SEALED_HEADERS[size] if size < 0x4000 else None
@@ -547,7 +773,7 @@ class KMS(AsyncResource):
         except TypeError:
             raise InvalidParameterError("scope id and purpose must be strings") from None
         if keys is None:
-            keys = await self._missed(scope_id, purpose, decrypting=True)
+            keys = await self._missed(scope_id, purpose, decrypting=True, ciphertext=ciphertext)
         if type(ciphertext) is bytes:
             # Fast path: an envelope this library wrote is field 1 with the
             # shortest length varint, then key_info naming one of the cached
@@ -576,13 +802,155 @@ class KMS(AsyncResource):
                             aead.decrypt, ciphertext[nonce_at], body, aad
                         )
                     except InvalidTag:
+                        self._refused(scope_id, purpose, keys.named_by(tail), "authentication")
                         raise DecryptionError(
                             "decryption failed: wrong AAD, wrong scope or purpose, "
                             "or tampered ciphertext"
                         ) from None
                     except (TypeError, BufferError, OverflowError):
                         raise InvalidParameterError("aad must be contiguous bytes") from None
-        return await self._decrypt_blob(scope_id, purpose, keys, decode(ciphertext), aad)
+                    except KMSError as exc:  # a suspended or unusable version's Refusal
+                        self._refused_by(scope_id, purpose, exc, ciphertext)
+                        raise
+        try:
+            blob = decode(ciphertext)
+        except DecryptionError:
+            self._refused(scope_id, purpose, None, "malformed")
+            raise
+        return await self._decrypt_blob(scope_id, purpose, keys, blob, aad)
+
+    # -- the hot path, counted (metrics on) ----------------------------------
+    #
+    # The same two methods plus one integer increment each: a KMS opened with
+    # metrics is an instance of a subclass that uses these (see _metered), so
+    # that a KMS without metrics runs the hot path above unchanged.
+    # tests/test_metrics.py checks that they are the hot path plus the
+    # counter, statement for statement.
+
+    async def _counted_encrypt(
+        self, scope_id: str, purpose: str, plaintext: bytes, *, aad: bytes | None = None
+    ) -> bytes:
+        """:meth:`encrypt`, counting each call for the metrics (see _metrics)."""
+        try:
+            keys = self._entries[(scope_id, purpose)]
+            keys.used = True
+        except KeyError:
+            keys = None  # loaded below, so a miss does not chain a KeyError into errors
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            keys = await self._missed(scope_id, purpose)
+        self._encryptions += 1
+        try:
+            nonce = take_nonce()
+        except IndexError:
+            nonce = nonces()
+        try:
+            if len(plaintext) < self._offload_threshold:
+                sealed = keys.aead.encrypt(nonce, plaintext, aad)
+            else:
+                # AES-GCM releases the GIL, and so does copying a large bytes
+                # object: the whole envelope is built in a worker thread.
+                envelope = await anyio.to_thread.run_sync(
+                    _seal_envelope, keys.aead, nonce, plaintext, aad, keys.suffix
+                )
+                keys.tally.n += 1
+                return envelope
+        except (TypeError, BufferError, OverflowError):
+            # Not bytes-like, not contiguous, or 2 GiB or more (AES-GCM's limit here).
+            raise InvalidParameterError(
+                "plaintext and aad must be contiguous bytes of less than 2 GiB"
+            ) from None
+        # Usage counting (see _usage): the whole cost on the hot path.
+        keys.tally.n += 1
+        # sealed_header(), inlined for the common sizes: one call less.
+        size = len(sealed)
+        header = SEALED_HEADERS[size] if size < 0x4000 else None
+        if header is None:
+            header = sealed_header(size)
+        return _join((header, nonce, sealed, keys.suffix))
+
+    async def _counted_decrypt(
+        self, scope_id: str, purpose: str, ciphertext: bytes, *, aad: bytes | None = None
+    ) -> bytes:
+        """:meth:`decrypt`, counting each call for the metrics (see _metrics)."""
+        try:
+            keys = self._entries[(scope_id, purpose)]
+            keys.used = True
+        except KeyError:
+            keys = None  # loaded below, so a miss does not chain a KeyError into errors
+        except TypeError:
+            raise InvalidParameterError("scope id and purpose must be strings") from None
+        if keys is None:
+            keys = await self._missed(scope_id, purpose, decrypting=True, ciphertext=ciphertext)
+        self._decryptions += 1
+        if type(ciphertext) is bytes:
+            # Fast path: an envelope this library wrote is field 1 with the
+            # shortest length varint, then key_info naming one of the cached
+            # versions. Where each part is depends only on the size.
+            size = len(ciphertext)
+            if size < _LAYOUTS_LIMIT:
+                layout = _LAYOUTS[size]
+                if layout is None:
+                    layout = _layout(size)
+            else:
+                layout = _read_layout(ciphertext, size)
+            if layout:
+                header, header_at, nonce_at, body_at = layout
+                tail = ciphertext[_TAIL]
+                aead: AESGCM | Refusal | None = (
+                    keys.aead if tail == keys.suffix else keys.find(tail)
+                )
+                if aead is not None and ciphertext[header_at] == header:
+                    try:
+                        if size < _COPY_LIMIT and size < self._offload_threshold:
+                            return aead.decrypt(ciphertext[nonce_at], ciphertext[body_at], aad)
+                        body = memoryview(ciphertext)[body_at]
+                        if size < self._offload_threshold:
+                            return aead.decrypt(ciphertext[nonce_at], body, aad)
+                        return await anyio.to_thread.run_sync(
+                            aead.decrypt, ciphertext[nonce_at], body, aad
+                        )
+                    except InvalidTag:
+                        self._refused(scope_id, purpose, keys.named_by(tail), "authentication")
+                        raise DecryptionError(
+                            "decryption failed: wrong AAD, wrong scope or purpose, "
+                            "or tampered ciphertext"
+                        ) from None
+                    except (TypeError, BufferError, OverflowError):
+                        raise InvalidParameterError("aad must be contiguous bytes") from None
+                    except KMSError as exc:  # a suspended or unusable version's Refusal
+                        self._refused_by(scope_id, purpose, exc, ciphertext)
+                        raise
+        try:
+            blob = decode(ciphertext)
+        except DecryptionError:
+            self._refused(scope_id, purpose, None, "malformed")
+            raise
+        return await self._decrypt_blob(scope_id, purpose, keys, blob, aad)
+
+    def _refused(
+        self, scope_id: str, purpose: str, version_id: str | None, reason: RefusalReason
+    ) -> None:
+        self._events.refused(scope_id, purpose, version_id, reason)
+
+    def _refused_by(
+        self,
+        scope_id: str,
+        purpose: str,
+        exc: BaseException,
+        ciphertext: object = None,
+        version_id: str | None = None,
+    ) -> None:
+        """Report ``exc`` as a refused decryption, if it is one (see refusal_reason)."""
+        reason = refusal_reason(exc)
+        if reason is None:
+            return
+        version_id = getattr(exc, "key_version_id", None) or version_id
+        if version_id is None and isinstance(ciphertext, bytes):
+            with contextlib.suppress(KMSError):
+                version_id = decode(ciphertext).key_id or None
+        self._refused(scope_id, purpose, version_id, reason)
 
     async def _decrypt_blob(
         self,
@@ -593,12 +961,18 @@ class KMS(AsyncResource):
         aad: bytes | None,
     ) -> bytes:
         """Decrypt any well-formed envelope: the general path."""
+        version_id = blob.key_id or None
         aead = keys.find_id(blob.key_id)
         if aead is None:
             self._check_open()
-            aead = await self._keyring.unknown_version(scope_id, purpose, blob.key_id)
+            try:
+                aead = await self._keyring.unknown_version(scope_id, purpose, blob.key_id)
+            except KMSError as exc:
+                self._refused_by(scope_id, purpose, exc, version_id=version_id)
+                raise
         sealed = blob.ciphertext
         if len(sealed) < NONCE_SIZE + TAG_SIZE:
+            self._refused(scope_id, purpose, version_id, "malformed")
             raise DecryptionError("ciphertext is too short")
         try:
             if len(sealed) >= self._offload_threshold:
@@ -606,7 +980,11 @@ class KMS(AsyncResource):
                     aead.decrypt, sealed[:NONCE_SIZE], memoryview(sealed)[NONCE_SIZE:], aad
                 )
             return aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+        except KMSError as exc:  # a suspended or unusable version's Refusal
+            self._refused_by(scope_id, purpose, exc, version_id=version_id)
+            raise
         except InvalidTag:
+            self._refused(scope_id, purpose, version_id, "authentication")
             raise DecryptionError(
                 "decryption failed: wrong AAD, wrong scope or purpose, or tampered ciphertext"
             ) from None
@@ -646,12 +1024,17 @@ class KMS(AsyncResource):
         try:
             weight = sum(map(len, items)) + _ITEM_WEIGHT * len(items)
             if weight < self._offload_threshold:
-                return seal_many(keys.aead, keys.suffix, nonce_batch(len(items)), items, aads)
-            return await anyio.to_thread.run_sync(
-                seal_many, keys.aead, keys.suffix, nonce_batch(len(items)), items, aads
-            )
+                sealed = seal_many(keys.aead, keys.suffix, nonce_batch(len(items)), items, aads)
+            else:
+                sealed = await anyio.to_thread.run_sync(
+                    seal_many, keys.aead, keys.suffix, nonce_batch(len(items)), items, aads
+                )
         except (TypeError, BufferError, OverflowError, KMSError):
             pass  # an unusable item or version: encrypt them one by one to name it
+        else:
+            keys.tally.n += len(sealed)
+            self._batch_encrypted += len(items)
+            return sealed
         return await self._each(self.encrypt, "plaintexts", scope_id, purpose, items, aads)
 
     async def _batch_keys(self, scope_id: str, purpose: str, *, decrypting: bool) -> PurposeKeys:
@@ -660,6 +1043,7 @@ class KMS(AsyncResource):
             keys = self._entries.get((scope_id, purpose))
         except TypeError:
             raise InvalidParameterError("scope id and purpose must be strings") from None
+        self._stats.batch_lookups += 1
         if keys is None:
             # Loaded outside the except clause: a miss chains nothing into errors.
             return await self._missed(scope_id, purpose, decrypting=decrypting)
@@ -710,6 +1094,7 @@ class KMS(AsyncResource):
         except (InvalidTag, TypeError, BufferError, OverflowError, KMSError):
             opened = None  # one by one below, to name the item
         if opened is not None:
+            self._batch_decrypted += len(opened)
             return opened
         return await self._each(self.decrypt, "ciphertexts", scope_id, purpose, items, aads)
 
@@ -739,15 +1124,27 @@ class KMS(AsyncResource):
         check_data_purpose(purpose, self._purposes)
 
     async def _missed(
-        self, scope_id: str, purpose: str, *, decrypting: bool = False
+        self,
+        scope_id: str,
+        purpose: str,
+        *,
+        decrypting: bool = False,
+        ciphertext: object = None,
     ) -> PurposeKeys:
         """A cache miss: validate, then load once for every concurrent caller."""
         self._check_open()
         check_scope(scope_id)
         check_data_purpose(purpose, self._purposes)
-        if decrypting:
-            return await self._keyring.for_decrypt(scope_id, purpose)
-        return await self._keyring.reload(scope_id, purpose)
+        if not decrypting:
+            keys = await self._keyring.reload(scope_id, purpose)
+        else:
+            try:
+                keys = await self._keyring.for_decrypt(scope_id, purpose)
+            except KMSError as exc:
+                self._refused_by(scope_id, purpose, exc, ciphertext)
+                raise
+        self._stats.misses += 1
+        return keys
 
     # -- wrappers for callers ---------------------------------------------
 
@@ -1054,6 +1451,137 @@ class KMS(AsyncResource):
         self.get_external_root_wrapper()
         return await self._writer.reconcile(scopes, wanted)
 
+    async def rotate_due(
+        self,
+        policy: RotationPolicy,
+        *,
+        scope_ids: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Rotate every scope the policy says is due; return the scopes rotated, sorted.
+
+        A scope is due when the newest version of any of its data keys is at
+        least ``policy.max_age`` old by the database's clock, or has more
+        than ``policy.max_encryptions`` encryptions counted (the usage
+        table: what every instance has flushed, see ``usage_flush_interval``).
+        Due scopes are rotated as :meth:`rotate_keys` does, in bulk, one
+        transaction per few thousand scopes; each is checked again under the
+        write lock every key writer takes, so instances running this at the
+        same time rotate each due scope once. ``scope_ids`` limits the
+        candidates, ``limit`` the number rotated.
+
+        Raises:
+            InvalidParameterError: ``policy`` is not a RotationPolicy, bad
+                scope ids, or ``limit`` not a positive whole number.
+            KeyNotFoundError: no root wrapper is registered.
+            WrapperError: the root wrapper failed; scopes of earlier
+                transactions stay rotated.
+        """
+        self._check_open()
+        if not isinstance(policy, RotationPolicy):
+            raise InvalidParameterError(
+                f"policy must be a RotationPolicy, not {type(policy).__name__}"
+            )
+        scopes = None if scope_ids is None else list(dict.fromkeys(check_scope_list(scope_ids)))
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise InvalidParameterError(
+                f"limit must be a positive whole number or None, not {limit!r}"
+            )
+        self.get_external_root_wrapper()
+        rotated = await self._writer.rotate_due(
+            max_age=policy.max_age_seconds,
+            max_encryptions=policy.max_encryptions,
+            scope_ids=scopes,
+            limit=limit,
+        )
+        return sorted(rotated)
+
+    async def _rotate_worn(self, scope_ids: list[str], limit: int) -> list[str]:
+        """Automatic rotation (see ``auto_rotate``) of scopes whose count passed ``limit``."""
+        if self._closed:
+            return []
+        self.get_external_root_wrapper()
+        return await self._writer.rotate_due(
+            max_age=None, max_encryptions=limit, scope_ids=scope_ids, limit=None, cause="automatic"
+        )
+
+    async def flush_usage(self) -> None:
+        """Add the encryptions counted here to the usage table now.
+
+        The background task does it every ``usage_flush_interval`` seconds
+        and :meth:`aclose` at the end; call this before a :meth:`census`
+        that must include this instance's latest counts. Does nothing when
+        counting is off.
+
+        Raises:
+            StorageError: the database failed; the counts are kept for the
+                next flush.
+        """
+        self._check_open()
+        if self._usage.counting:
+            await self._usage.flush()
+
+    # -- reads -------------------------------------------------------------
+
+    async def census(
+        self, scope_id: str | None = None, *, referencing_rows: bool = False
+    ) -> list[CensusRow]:
+        """Every data key version (of one scope, or of all), by scope, purpose and version.
+
+        Each row says when the version was made, how many encryptions every
+        instance has counted under it (as flushed: see
+        ``usage_flush_interval``; ``None`` without the usage table), whether
+        it is suspended and whether it is its pair's newest. With
+        ``referencing_rows`` it also counts the rows of every table with a
+        foreign key to the data key version table that name it
+        (:meth:`list_data_key_version_referencers`), which scans those
+        tables. All scopes are read a page of scopes at a time, but the
+        result is one list: for millions of versions, ask per scope.
+
+        Raises:
+            InvalidParameterError: bad scope id.
+            KeyNotFoundError: ``scope_id`` has no keys.
+            StorageError: the database failed.
+        """
+        self._check_open()
+        if scope_id is not None:
+            check_scope(scope_id)
+        q = self._q
+        to_time = self._db.to_datetime
+        lines: list[repo.CensusLine] = []
+        async with self._db.read() as conn:
+            if not q.has_usage:
+                await repo.find_usage(conn, q)  # migrated since this instance opened?
+            if scope_id is not None:
+                await repo.require_root_key(conn, q, scope_id)
+                lines = await repo.census_rows(conn, q, [scope_id])
+            else:
+                after = ""
+                while True:
+                    page = await repo.scopes_after(conn, q, after, 1000, to_time)
+                    if not page:
+                        break
+                    lines.extend(await repo.census_rows(conn, q, [s.id for s in page]))
+                    after = page[-1].id
+            counts = await repo.rows_per_version(conn, q) if referencing_rows else None
+        return [
+            CensusRow(
+                scope=line.scope_id,
+                purpose=line.purpose,
+                key_id=line.data_key_id,
+                version=line.version,
+                key_version_id=line.version_id,
+                create_time=to_time(line.create_time),
+                encryptions=line.encryptions,
+                referencing_rows=None if counts is None else counts.get(line.version_id, 0),
+                suspended=line.suspended,
+                newest=line.newest,
+            )
+            for line in lines
+        ]
+
     # -- reads -------------------------------------------------------------
 
     async def list_keys(self, scope_id: str, *, verify: bool = True) -> list[Key]:
@@ -1223,7 +1751,14 @@ class KMS(AsyncResource):
 
     def _session(self) -> _reencrypt.Session:
         self._check_open()
-        return _reencrypt.Session(self, self._db)
+        return _reencrypt.Session(self, self._db, revoke=self._revoke_destroyed)
+
+    async def _revoke_destroyed(self, key_version_id: str) -> None:
+        """destroy_key_version's revoke, reported as "destroyed"."""
+        self._check_open()
+        await self._writer.revoke(
+            key_version_id, is_root=False, scope_id=None, conn=None, kind="destroyed"
+        )
 
     async def version_usage(
         self, columns: Sequence[EncryptedColumn], *, key_version_id: str | None = None
@@ -1316,3 +1851,29 @@ class KMS(AsyncResource):
         return await _reencrypt.destroy_key_version(
             self._session(), key_version_id, columns, batch_size=batch_size, progress=progress
         )
+
+
+_METERED: dict[type[KMS], type[KMS]] = {}
+
+
+def _metered(cls: type[KMS]) -> type[KMS]:
+    """``cls`` with the counting hot path: the class of a KMS opened with metrics.
+
+    A subclass rather than methods set on the instance: an attribute added
+    after ``__init__`` would make every attribute read of the hot path slower.
+    """
+    metered = _METERED.get(cls)
+    if metered is None:
+        metered = type(
+            cls.__name__,
+            (cls,),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+                "encrypt": KMS._counted_encrypt,
+                "decrypt": KMS._counted_decrypt,
+            },
+        )
+        _METERED[cls] = metered
+    return metered

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import re
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ._blob import BlobInfo
@@ -86,6 +86,8 @@ class Session:
 
     keys: KeyUser
     db: Database
+    #: How destroy_key_version revokes (the KMS reports it as "destroyed").
+    revoke: Callable[[str], Awaitable[None]] | None = None
 
     @property
     def queries(self) -> ReencryptQueries:
@@ -747,7 +749,7 @@ async def destroy_key_version(
         await _owner(kms, q, key_version_id)
         await _move_all(kms, q, targets, key_version_id, batch_size, progress, tally)
         try:
-            await kms.keys.revoke_key_version(key_version_id)
+            await (kms.revoke or kms.keys.revoke_key_version)(key_version_id)
         except KeyNotFoundError:
             break  # a concurrent destroy of the same version revoked it first
         except RevokeTooSoonError:

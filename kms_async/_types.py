@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from typing import Literal
 
-__all__ = ["ROOT_PURPOSE", "Key", "KeyVersion", "KeyVersionInfo", "Scope", "VersionReference"]
+from ._errors import InvalidParameterError
+
+__all__ = [
+    "ROOT_PURPOSE",
+    "CensusRow",
+    "Key",
+    "KeyVersion",
+    "KeyVersionInfo",
+    "ReplicaReads",
+    "RotationPolicy",
+    "Scope",
+    "VersionReference",
+]
 
 #: The purpose reserved for a scope's root key (key-encryption key).
 ROOT_PURPOSE = "rootKey"
@@ -97,3 +110,97 @@ class KeyVersionInfo:
     def rows(self) -> int:
         """Every referencing row, across the tables."""
         return sum(r.rows for r in self.references)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CensusRow:
+    """One data key version in a census (:meth:`KMS.census`).
+
+    ``encryptions`` is what every instance counted under the version and has
+    flushed (``None`` on a database without the usage table, schema file
+    07); counts made in the last flush interval are not in it yet.
+    ``referencing_rows`` counts the rows of every table with a foreign key to
+    the data key version table that name the version (``None`` unless asked
+    for: it scans those tables). ``newest``: new data of the pair is
+    encrypted under it.
+    """
+
+    scope: str
+    purpose: str
+    key_id: str
+    version: int
+    key_version_id: str
+    create_time: datetime.datetime
+    encryptions: int | None
+    referencing_rows: int | None
+    suspended: bool
+    newest: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RotationPolicy:
+    """When a scope is due for rotation (:meth:`KMS.rotate_due`).
+
+    A scope is due when the newest version of any of its data keys is at
+    least ``max_age`` old (a ``timedelta`` or seconds, by the database's
+    clock) or has more than ``max_encryptions`` encryptions counted (summed
+    over every instance, as flushed to the usage table). ``None`` leaves a
+    criterion out; at least one must be given.
+
+    Raises:
+        InvalidParameterError: both are ``None``, ``max_age`` is not a
+            positive duration, or ``max_encryptions`` not a whole number of
+            at least 0.
+    """
+
+    max_age: datetime.timedelta | float | None = None
+    max_encryptions: int | None = None
+
+    def __post_init__(self) -> None:
+        age = self.max_age
+        if age is not None:
+            if isinstance(age, datetime.timedelta):
+                seconds = age.total_seconds()
+            elif isinstance(age, (int, float)) and not isinstance(age, bool):
+                seconds = float(age)
+            else:
+                raise InvalidParameterError(
+                    f"max_age must be a timedelta, a number of seconds or None, not {age!r}"
+                )
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise InvalidParameterError(f"max_age must be more than 0, not {age!r}")
+            object.__setattr__(self, "max_age", datetime.timedelta(seconds=seconds))
+        count = self.max_encryptions
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < 2**63
+        ):
+            raise InvalidParameterError(
+                f"max_encryptions must be a whole number of at least 0, or None, not {count!r}"
+            )
+        if age is None and count is None:
+            raise InvalidParameterError(
+                "give max_age, max_encryptions or both: a policy without either rotates nothing"
+            )
+
+    @property
+    def max_age_seconds(self) -> float | None:
+        """``max_age`` in seconds (``None`` if not given)."""
+        age = self.max_age
+        return None if age is None else float(age.total_seconds())  # type: ignore[union-attr]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaReads:
+    """Where this instance's cold loads went, with ``read_dsn`` (all zero without).
+
+    ``replica`` loads were answered by the replica; the others went to the
+    primary because the replica had not yet replayed a key change this
+    instance knows of (``behind``), did not have the pair (``missing``: a
+    pair created elsewhere moments ago, or none at all), or failed or could
+    not be reached (``failed``).
+    """
+
+    replica: int = 0
+    behind: int = 0
+    missing: int = 0
+    failed: int = 0

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -45,6 +46,8 @@ from ._errors import (
     KeyInUseError,
     KeyNotFoundError,
     KeyRollbackError,
+    KMSError,
+    OutcomeUnknownError,
     Remedy,
     RevokeTooSoonError,
     SchemaVersionError,
@@ -53,6 +56,7 @@ from ._errors import (
     WrapperError,
     advised,
 )
+from ._events import EventKind, Events
 from ._ids import DATA_KEY_PREFIX, DATA_KEY_VERSION_PREFIX, ROOT_KEY_PREFIX, new_id
 from ._integrity import KeyState, bind_version, fingerprint, seal_state, unseal_state
 from ._keyring import Keyring
@@ -82,6 +86,21 @@ class _StraddledCommit(Exception):
 
 class _ReadAgain(Exception):
     """Another writer changed what a reconcile read before it took the write lock."""
+
+
+class _NothingDue(KMSError):
+    """Under the write lock, none of the candidate scopes was due any more.
+
+    Raised inside the transaction to roll it back; never escapes the writer.
+    A library error, so the durability bookkeeping knows nothing committed.
+    """
+
+
+@dataclasses.dataclass(slots=True)
+class _Write:
+    """The collection version one write set (0 until it has bumped it)."""
+
+    version: int = 0
 
 
 def _chunks(scopes: list[str]) -> Iterator[list[str]]:
@@ -134,9 +153,11 @@ class Writer:
         keyring: Keyring,
         cache: KeyCache,
         revoke_grace: float,
+        events: Events,
         durability: Durability,
     ) -> None:
         self._db = database
+        self._events = events
         self._durability = durability
         self._q = database.queries
         self._keyring = keyring
@@ -144,17 +165,47 @@ class Writer:
         self.revoke_grace = revoke_grace
 
     @contextlib.asynccontextmanager
-    async def _invalidating(self, scope_ids: list[str]) -> AsyncIterator[None]:
+    async def _invalidating(self, scope_ids: list[str]) -> AsyncIterator[_Write]:
         """Drop the scopes' cached keys when a write ends, however it ends.
 
         A write cancelled while its commit was in flight may still have
         committed, so the cache is invalidated on every exit, not only on
-        success; the next use reloads from what the database holds.
+        success; the next use reloads from what the database holds. The
+        write's collection version joins the horizon unless the write surely
+        rolled back, so no replica older than it answers a later cold load
+        (a caller's transaction counts when its savepoint is released: it may
+        commit at any moment after).
         """
+        write = _Write()
         try:
-            yield
+            yield write
+        except OutcomeUnknownError:
+            self._keyring.horizon.saw(write.version)
+            raise
+        except Exception:
+            raise
+        except BaseException:
+            # Cancelled, perhaps with the commit in flight.
+            self._keyring.horizon.saw(write.version)
+            raise
+        else:
+            self._keyring.horizon.saw(write.version)
         finally:
             self._cache.invalidate_scopes(scope_ids)
+
+    async def _bump(self, tx: Connection, write: _Write) -> int:
+        """The first statement of every key write (see ``repo.bump_collection_version``)."""
+        write.version = await repo.bump_collection_version(tx, self._q)
+        return write.version
+
+    def _whole_scopes(self, kind: EventKind, scopes: list[str], conn: Any) -> None:
+        """Report a change to every key of each scope (one event per scope)."""
+        self._events.changed(
+            kind,
+            len(scopes),
+            lambda: ((scope_id, None, None) for scope_id in scopes),
+            in_transaction=conn is not None,
+        )
 
     # -- create ------------------------------------------------------------
 
@@ -162,17 +213,25 @@ class Writer:
         await self._keyring.prove_any(conn)
         chunks = _chunks(scopes)
         first = await self._new_scopes(next(chunks), purposes)
+        # The new root key version of each scope, for the events (kept only for a callback).
+        made: list[str] | None = [] if self._events.enabled else None
         async with (
-            self._invalidating(scopes),
+            self._invalidating(scopes) as write,
             self._durability.write(conn) as ticket,
             self._db.transaction(conn, replicated=ticket.timeout) as tx,
         ):
-            changed = await repo.bump_collection_version(tx, self._q)
-            await self._insert_scopes(tx, scopes, first, ticket)
+            changed = await self._bump(tx, write)
+            await self._insert_scopes(tx, scopes, first, ticket, made)
             for chunk in chunks:
-                more = await self._new_scopes(chunk, purposes)
-                await self._insert_scopes(tx, scopes, more, ticket)
+                new = await self._new_scopes(chunk, purposes)
+                await self._insert_scopes(tx, scopes, new, ticket, made)
             await repo.announce(tx, self._q, changed, scopes)
+        self._events.changed(
+            "created",
+            len(scopes),
+            lambda: zip(scopes, [None] * len(scopes), made or (), strict=True),
+            in_transaction=conn is not None,
+        )
         if conn is None and len(scopes) <= PRIME_LIMIT:
             # Committed: the first encrypt for a new scope needs no query.
             for root, _ in first.roots:
@@ -204,7 +263,12 @@ class Writer:
         return _NewScopes(roots, root_keys, data_keys)
 
     async def _insert_scopes(
-        self, tx: Connection, scopes: list[str], new: _NewScopes, ticket: Ticket
+        self,
+        tx: Connection,
+        scopes: list[str],
+        new: _NewScopes,
+        ticket: Ticket,
+        made: list[str] | None,
     ) -> None:
         try:
             await repo.insert_root_keys(tx, self._q, new.root_keys)
@@ -227,26 +291,38 @@ class Writer:
         new_keys.update((row.version_id, key) for _, row, key in new.data_keys)
         ticket.created(new_keys)
         await self._seal(tx, [k.scope_id for k in new.root_keys], new_keys)
+        if made is not None:
+            made.extend(root.id for root, _ in new.roots)
 
     # -- rotate and rewrap -------------------------------------------------
 
     async def rotate(
-        self, scopes: list[str], *, rewrap: bool, conn: Any, replace_unusable: bool = False
+        self,
+        scopes: list[str],
+        *,
+        rewrap: bool,
+        conn: Any,
+        replace_unusable: bool = False,
+        cause: str | None = None,
     ) -> None:
+        """Rotate the scopes; ``cause`` goes into the events' ``detail`` (e.g. ``"policy"``)."""
         chunks = _chunks(scopes)
         first = next(chunks)
         await self._keyring.prove_scopes(first, conn, replace_unusable=replace_unusable)
         roots = await self._new_rotation(first)
         plans = await self._plan_outside(first, conn, _targets(roots)) if rewrap else None
+        made: list[str] | None = [] if self._events.enabled else None
         async with (
-            self._invalidating(scopes),
+            self._invalidating(scopes) as write,
             self._durability.write(conn) as ticket,
             self._db.transaction(conn, replicated=ticket.timeout) as tx,
         ):
-            changed = await repo.bump_collection_version(tx, self._q)
+            changed = await self._bump(tx, write)
             if rewrap:
                 plans = await self._plan_checked(tx, first, plans, _targets(roots))
             await self._write_rotation(tx, roots, plans, ticket)
+            if made is not None:
+                made.extend(root.id for root, _ in roots.values())
             for chunk in chunks:
                 # Under the write lock: nobody can change these rows before we commit.
                 await self._keyring.prove_scopes_in(tx, chunk, replace_unusable=replace_unusable)
@@ -256,11 +332,114 @@ class Writer:
                     snapshots = await self._snapshots(tx, chunk)
                     plans = await self._plans(chunk, snapshots, _targets(more), locked=True)
                 await self._write_rotation(tx, more, plans, ticket)
+                if made is not None:
+                    made.extend(root.id for root, _ in more.values())
             await repo.announce(tx, self._q, changed, scopes)
+        self._events.changed(
+            "rotated",
+            len(scopes),
+            lambda: zip(scopes, [None] * len(scopes), made or (), strict=True),
+            in_transaction=conn is not None,
+            detail=cause,
+        )
         if conn is None and len(scopes) <= PRIME_LIMIT:
             for root, _ in roots.values():
                 self._cache.put_root(root.id, root)
         logger.debug("kms_async: rotated %d scope(s) (rewrap=%s)", len(scopes), rewrap)
+
+    async def rotate_due(
+        self,
+        *,
+        max_age: float | None,
+        max_encryptions: int | None,
+        scope_ids: list[str] | None,
+        limit: int | None,
+        cause: str = "policy",
+    ) -> list[str]:
+        """Rotate every scope due under the policy, ``CHUNK`` at a time; the scopes rotated.
+
+        ``cause`` goes into each scope's ``rotated`` event (``detail``).
+
+        Each chunk is found by a read, made (root wrapper calls, no lock), and
+        then checked again inside its own transaction after the collection
+        version bump: that row lock (PostgreSQL) or BEGIN IMMEDIATE (SQLite)
+        is the one every key writer of every instance takes first, so a scope
+        another instance rotated meanwhile is seen as rotated, no longer due,
+        and left alone. Concurrent runs rotate each due scope once.
+        """
+        # "No criterion" as a bound no key reaches: one statement serves every policy.
+        age = 1e18 if max_age is None else max_age
+        count = 2**63 - 1 if max_encryptions is None else max_encryptions
+        rotated: list[str] = []
+        after = ""
+        pending = sorted(set(scope_ids)) if scope_ids is not None else None
+        while limit is None or len(rotated) < limit:
+            size = CHUNK if limit is None else min(CHUNK, limit - len(rotated))
+            listed = None
+            if pending is not None:
+                if not pending:
+                    break
+                listed, pending = pending[:size], pending[size:]
+            async with self._db.read() as reader:
+                candidates = await repo.due_scopes(
+                    reader,
+                    self._q,
+                    after="" if listed is not None else after,
+                    max_age=age,
+                    max_encryptions=count,
+                    limit=size,
+                    scope_ids=listed,
+                )
+            if candidates:
+                after = candidates[-1]
+                rotated.extend(await self._rotate_if_due(candidates, age, count, cause))
+            if listed is None and len(candidates) < size:
+                break
+        logger.debug("kms_async: rotate_due rotated %d scope(s)", len(rotated))
+        return rotated
+
+    async def _rotate_if_due(
+        self, candidates: list[str], max_age: float, count: int, cause: str
+    ) -> list[str]:
+        """Rotate those of ``candidates`` still due under the write lock (one transaction)."""
+        await self._keyring.prove_scopes(candidates, None)
+        roots = await self._new_rotation(candidates)
+        due: list[str] = []
+        try:
+            async with (
+                self._invalidating(due) as write,
+                self._durability.write(None) as ticket,
+                self._db.transaction(replicated=ticket.timeout) as tx,
+            ):
+                changed = await self._bump(tx, write)
+                due.extend(
+                    await repo.due_scopes(
+                        tx,
+                        self._q,
+                        after="",
+                        max_age=max_age,
+                        max_encryptions=count,
+                        limit=len(candidates),
+                        scope_ids=candidates,
+                    )
+                )
+                if not due:
+                    raise _NothingDue  # roll back: no write, no version bump
+                await self._write_rotation(tx, {s: roots[s] for s in due}, None, ticket)
+                await repo.announce(tx, self._q, changed, due)
+        except _NothingDue:
+            return []
+        self._events.changed(
+            "rotated",
+            len(due),
+            lambda: [(scope_id, None, roots[scope_id][0].id) for scope_id in due],
+            detail=cause,
+        )
+        if len(due) <= PRIME_LIMIT:
+            for scope_id in due:
+                root = roots[scope_id][0]
+                self._cache.put_root(root.id, root)
+        return due
 
     async def _new_rotation(self, scopes: list[str]) -> dict[str, tuple[VersionKey, bytes]]:
         """A new root key version per scope, wrapped (root wrapper calls)."""
@@ -283,14 +462,15 @@ class Writer:
         chunks = _chunks(scopes)
         first = next(chunks)
         plans = await self._plan_outside(first, conn, None)
-        async with self._invalidating(scopes), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
+        async with self._invalidating(scopes) as write, self._db.transaction(conn) as tx:
+            changed = await self._bump(tx, write)
             await self._apply(tx, await self._plan_checked(tx, first, plans, None))
             for chunk in chunks:
                 # Under the write lock: nobody can change these rows before we commit.
                 snapshots = await self._snapshots(tx, chunk)
                 await self._apply(tx, await self._plans(chunk, snapshots, None, locked=True))
             await repo.announce(tx, self._q, changed, scopes)
+        self._whole_scopes("rewrapped", scopes, conn)
         logger.debug("kms_async: rewrapped %d scope(s)", len(scopes))
 
     async def _insert_rotation(
@@ -450,7 +630,13 @@ class Writer:
     # -- revoke ------------------------------------------------------------
 
     async def revoke(
-        self, key_version_id: str, *, is_root: bool, scope_id: str | None, conn: Any
+        self,
+        key_version_id: str,
+        *,
+        is_root: bool,
+        scope_id: str | None,
+        conn: Any,
+        kind: EventKind = "revoked",
     ) -> None:
         if self._q.has_bindings and ROOT_PURPOSE not in self._keyring.wrappers:
             raise KeyNotFoundError(
@@ -459,19 +645,22 @@ class Writer:
                 "wrapper; pass root_wrapper= to KMS.open()"
             )
         owners: list[str] = []
+        purpose: str | None = ROOT_PURPOSE
         try:
-            async with self._invalidating(owners), self._db.transaction(conn) as tx:
-                changed = await repo.bump_collection_version(tx, self._q)
+            async with self._invalidating(owners) as write, self._db.transaction(conn) as tx:
+                changed = await self._bump(tx, write)
                 found = await repo.version_for_revoke(tx, self._q, key_version_id, root=is_root)
                 if found is None or (scope_id is not None and found.scope_id != scope_id):
                     where = "" if scope_id is None else f" in scope {show(scope_id)}"
                     raise KeyNotFoundError(f"no key version {show(key_version_id)}{where}")
                 owners.append(found.scope_id)
-                kind = "root" if is_root else repr(found.purpose)
+                if not is_root:
+                    purpose = found.purpose
+                which = "root" if is_root else repr(found.purpose)
                 if found.newest:
                     raise advised(
                         KeyInUseError,
-                        f"{key_version_id} is the newest {kind} key version of scope "
+                        f"{key_version_id} is the newest {which} key version of scope "
                         f"{show(found.scope_id)}",
                         "rotate_keys() first",
                         Remedy("rotate_keys", scope_id=found.scope_id),
@@ -492,6 +681,7 @@ class Writer:
                 await repo.delete_key_version(tx, self._q, key_version_id, root=is_root)
                 if not is_root:
                     await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, False)
+                    await repo.delete_usage(tx, self._q, key_version_id)
                 # The binding stays: its fingerprint recognises a copy of the
                 # revoked key put back under another id.
                 await self._seal(tx, [found.scope_id], {}, revoked=[key_version_id])
@@ -508,6 +698,12 @@ class Writer:
                 "revoking it",
                 Remedy("reencrypt_key_version", key_version_id=key_version_id),
             ) from exc
+        self._events.changed(
+            kind,
+            1,
+            lambda: [(owners[0], purpose, key_version_id)],
+            in_transaction=conn is not None,
+        )
         if is_root:
             self._cache.roots.pop(key_version_id, None)
         logger.debug("kms_async: revoked key version %s of scope %s", key_version_id, owners)
@@ -527,8 +723,8 @@ class Writer:
                     "sql/<dialect>/04_kms_key_version_suspension.up.sql with your migration tool"
                 )
         owners: list[str] = []
-        async with self._invalidating(owners), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
+        async with self._invalidating(owners) as write, self._db.transaction(conn) as tx:
+            changed = await self._bump(tx, write)
             found = await repo.version_for_revoke(tx, self._q, key_version_id, root=False)
             if found is None or (scope_id is not None and found.scope_id != scope_id):
                 where = "" if scope_id is None else f" in scope {show(scope_id)}"
@@ -540,8 +736,16 @@ class Writer:
                     f"{show(found.scope_id)}, which new data is encrypted under; rotate_keys() "
                     "first, then suspend it"
                 )
-            await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, suspend)
+            did = await repo.set_suspended(tx, self._q, key_version_id, found.scope_id, suspend)
             await repo.announce(tx, self._q, changed, owners)
+            purpose = found.purpose
+        if did:
+            self._events.changed(
+                "suspended" if suspend else "resumed",
+                1,
+                lambda: [(owners[0], purpose, key_version_id)],
+                in_transaction=conn is not None,
+            )
         logger.info(
             "kms_async: %s key version %s of scope %s",
             "suspended" if suspend else "resumed",
@@ -795,10 +999,11 @@ class Writer:
                     todo.append(scope_id)
         if not todo:
             return 0
-        async with self._invalidating(todo), self._db.transaction(conn) as tx:
-            changed = await repo.bump_collection_version(tx, self._q)
+        async with self._invalidating(todo) as write, self._db.transaction(conn) as tx:
+            changed = await self._bump(tx, write)
             await self._seal(tx, todo, keys, reset=True)
             await repo.announce(tx, self._q, changed, todo)
+        self._whole_scopes("bound", todo, conn)
         logger.debug("kms_async: bound %d key version(s) of %d scope(s)", len(keys), len(scopes))
         return len(keys)
 
@@ -809,17 +1014,53 @@ class Writer:
             raise InvalidParameterError("missing purposes")
         # Before any new scope's root key is wrapped, and outside the transaction.
         await self._keyring.prove_any(None)
+        refused: IntegrityError | None = None
         for _attempt in range(WRITE_ATTEMPTS):
+            made: dict[tuple[str, str], str] = {}
             try:
-                created = await self._reconcile(scopes, purposes)
-            except _ReadAgain:
+                created = await self._reconcile(scopes, purposes, made)
+            except _ReadAgain as again:
+                cause = again.__cause__
+                refused = cause if isinstance(cause, IntegrityError) else None
+                if refused is not None and self._foreign_refusal(refused):
+                    break
                 continue
             created.sort()
+            self._report_created(created, made)
             logger.debug("kms_async: reconcile created %d data keys", len(created))
             return created
+        if refused is not None and refused.kind == "foreign_key":
+            # Contention clears once the other writer commits; a foreign key
+            # of the application's own on the kms tables (scope ids that must
+            # name a tenant row, say) refuses every attempt the same way.
+            raise StorageError(
+                f"a foreign key refused the new keys ({refused.detail or refused}); if an "
+                "application table's foreign key constrains the kms tables, create the rows "
+                "it requires (such as the scope's tenant) first"
+            ) from refused
         raise TransientStorageError("other processes kept creating the same keys; retry")
 
-    async def _reconcile(self, scopes: list[str], purposes: list[str]) -> list[tuple[str, str]]:
+    def _foreign_refusal(self, exc: IntegrityError) -> bool:
+        """Whether a foreign key failure names a table that is not one of the kms tables.
+
+        Only PostgreSQL says which table a missing row belongs in; SQLite's
+        failures are told apart by repeating (see ``reconcile``).
+        """
+        if exc.kind != "foreign_key":
+            return False
+        named = re.search(r'is not present in table "([^"]+)"', exc.detail)
+        return named is not None and not named.group(1).startswith(f"{self._q.prefix}_")
+
+    def _report_created(
+        self, created: list[tuple[str, str]], made: dict[tuple[str, str], str]
+    ) -> None:
+        self._events.changed(
+            "created", len(created), lambda: [(s, p, made[s, p]) for s, p in created]
+        )
+
+    async def _reconcile(
+        self, scopes: list[str], purposes: list[str], made: dict[tuple[str, str], str]
+    ) -> list[tuple[str, str]]:
         """One attempt: plan the first chunk that lacks keys outside the transaction,
         the chunks after it under the write lock; write nothing if nothing lacks keys.
 
@@ -839,17 +1080,17 @@ class Writer:
         changed: list[str] = []
         try:
             async with (
-                self._invalidating(changed),
+                self._invalidating(changed) as write,
                 self._durability.write(None) as ticket,
                 self._db.transaction(replicated=ticket.timeout) as tx,
             ):
-                version = await repo.bump_collection_version(tx, self._q)
-                await self._insert_reconciliation(tx, first, created, changed)
+                version = await self._bump(tx, write)
+                await self._insert_reconciliation(tx, first, created, changed, made)
                 for chunk in chunks:
                     missing, latest = await self._missing(tx, chunk, purposes)
                     if missing:
                         plan = await self._reconciliation(missing, latest)
-                        await self._insert_reconciliation(tx, plan, created, changed)
+                        await self._insert_reconciliation(tx, plan, created, changed, made)
                 await repo.announce(tx, self._q, version, changed)
         except IntegrityError as exc:
             # Another process created some of these keys, or revoked a root
@@ -922,6 +1163,7 @@ class Writer:
         plan: _Reconciliation,
         created: list[tuple[str, str]],
         changed: list[str],
+        made: dict[tuple[str, str], str],
     ) -> None:
         # Listed first: the cache drops them however the transaction ends.
         changed.extend(dict.fromkeys(scope_id for scope_id, _ in plan.created))
@@ -929,6 +1171,8 @@ class Writer:
         await repo.insert_data_keys(tx, self._q, plan.data_keys)
         await self._seal(tx, list(dict.fromkeys(s for s, _ in plan.created)), plan.new_keys)
         created.extend(plan.created)
+        if self._events.enabled:
+            made.update(zip(plan.created, (row.version_id for row in plan.data_keys), strict=True))
 
 
 def _targets(roots: dict[str, tuple[VersionKey, bytes]]) -> dict[str, VersionKey]:

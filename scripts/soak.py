@@ -847,7 +847,7 @@ def _outage(times: list[float], moment: float) -> float | None:
 
 def run_failover(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
-    from _pg_cluster import Cluster, postgres_bin
+    from _pg_ha_cluster import Cluster, postgres_bin
 
     found = postgres_bin()
     if found is None:

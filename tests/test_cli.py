@@ -18,13 +18,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from conftest import TestDB
 
 import kms_async
+import kms_async._cli as kms_cli
 from kms_async import KMS, AeadWrapper, BlobInfo, Scope
 from kms_async._cli import EXIT_CODES, INTERRUPTED_MESSAGE, main
 
@@ -34,6 +35,7 @@ COMMANDS = [
     "create",
     "list",
     "status",
+    "census",
     "rotate",
     "rewrap",
     "reconcile",
@@ -670,7 +672,21 @@ async def check_rows(db: TestDB) -> dict[str, str]:
     return versions
 
 
-async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> None:
+@contextlib.contextmanager
+def answering(monkeypatch: pytest.MonkeyPatch, answer: str) -> Iterator[None]:
+    """Stdin as a terminal on which the operator types ``answer``."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, f"{answer}\n".encode())
+    os.close(write_end)
+    with open(read_end, encoding="utf-8") as stdin, monkeypatch.context() as patch:
+        patch.setattr(sys, "stdin", stdin)
+        patch.setattr(kms_cli, "_stdin_is_tty", lambda: True)
+        yield
+
+
+async def test_reencrypt_and_destroy(
+    env: TestDB, cli: Cli, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     db = env
     await db.add_app_table()
     columns = write_columns(tmp_path, APP_COLUMNS)
@@ -727,7 +743,17 @@ async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> No
     assert acme_v2 != acme_v1
     assert {after[r] for r in globex_rows} == {globex_v1}
 
-    destroyed = await cli("destroy", acme_v1, "--columns", columns, "--grace", "0")
+    unconfirmed = await cli("destroy", acme_v1, "--columns", columns, "--grace", "0")
+    assert unconfirmed.code == 2  # stdin is not a terminal and there is no --yes
+    assert "add --yes" in unconfirmed.err
+    with answering(monkeypatch, "n"):
+        declined = await cli("destroy", acme_v1, "--columns", columns, "--grace", "0")
+    assert declined.code == 4, declined.err
+    assert f"{acme_v1} protects 0 row(s)" in declined.err
+    assert "not destroyed" in declined.err
+    assert (await data_versions(db))[("acme", "database")] == [1, 2]
+    with answering(monkeypatch, "y"):
+        destroyed = await cli("destroy", acme_v1, "--columns", columns, "--grace", "0")
     assert destroyed.code == 0, destroyed.err
     assert f"{acme_v1} revoked" in destroyed.out
     destroyed = await cli(
@@ -741,6 +767,7 @@ async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> No
         "always",
         "--grace",
         "0",
+        "--yes",
     )
     assert destroyed.code == 0, destroyed.err
     assert "re-encrypted 3 row(s)" in destroyed.out
@@ -748,29 +775,38 @@ async def test_reencrypt_and_destroy(env: TestDB, cli: Cli, tmp_path: Any) -> No
     final = await check_rows(db)
     assert not {acme_v1, globex_v1} & set(final.values())
     assert (await data_versions(db))[("acme", "database")] == [2]
-    gone = await cli("destroy", acme_v1, "--columns", columns, "--grace", "0")
+    gone = await cli("destroy", acme_v1, "--columns", columns, "--grace", "0", "--yes")
     assert gone.code == 3
 
 
 # -- Ctrl-C and SIGTERM ------------------------------------------------------------
 
 
+# Each signal on one database: the handling is the same Python on both, and
+# each case costs a subprocess and hundreds of scopes.
 @pytest.mark.parametrize(
-    ("signum", "status"),
-    [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-    ids=["SIGINT", "SIGTERM"],
+    ("db", "signum", "status"),
+    [("sqlite", signal.SIGINT, 130), ("postgres", signal.SIGTERM, 143)],
+    ids=["sqlite-SIGINT", "postgres-SIGTERM"],
+    indirect=["db"],
 )
 async def test_a_signal_stops_between_whole_scopes(
     env: TestDB, tmp_path: Any, signum: int, status: int
 ) -> None:
     db = env
-    scopes = [f"s{n:05d}" for n in range(3000)]
+    # 300 transactions of 2 scopes: the signal lands long before the last.
+    scopes = [f"s{n:05d}" for n in range(600)]
     kms = await open_kms()
     async with kms:
-        for start in range(0, len(scopes), 1000):
-            await kms.create_keys_many(scopes[start : start + 1000])
+        await kms.create_keys_many(scopes)
     # SQLite keeps whole seconds: let the resume hint's instant follow the keys'.
-    await asyncio.sleep(1.1)
+    newest = "select max(create_time) < current_timestamp from kms_root_key_version"
+    for _ in range(100):
+        if await db.fetchval(newest):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the database clock did not pass the keys' creation in 5 s")
 
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "kms_async", "rotate", "--all-scopes"),

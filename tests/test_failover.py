@@ -1,6 +1,6 @@
 """Failover for real: a private primary and streaming standby, the primary SIGKILLed.
 
-Every test here starts its own servers (tests/_pg_cluster.py) on loopback
+Every test here starts its own servers (tests/_pg_ha_cluster.py) on loopback
 ports of their own, so it needs the PostgreSQL server binaries
 (/usr/lib/postgresql/*/bin), not KMS_TEST_POSTGRES_DSN. Without them the
 tests skip locally and fail under CI.
@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from _pg_cluster import Cluster, Server, postgres_bin
+from _pg_ha_cluster import Cluster, Server, postgres_bin
 
 import kms_async
 

@@ -302,6 +302,7 @@ OWN_TABLES = (
     "kms_key_version_suspension",
     "kms_key_version_binding",
     "kms_key_state",
+    "kms_key_version_usage",
 )
 #: Triggers (on the Go tables) and functions of kms_async's own (PostgreSQL file 05).
 OWN_OBJECTS = {

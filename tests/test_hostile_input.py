@@ -48,7 +48,9 @@ PROPERTY = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-SLOW_PROPERTY = settings(PROPERTY, max_examples=40)
+# Each example of these writes and reads keys; the listed hostile cases beside
+# them run every time.
+SLOW_PROPERTY = settings(PROPERTY, max_examples=25)
 
 KEY_TABLES = (
     "kms_root_key",
@@ -776,7 +778,7 @@ async def populated(kms: KMS) -> KMS:
     return kms
 
 
-@PROPERTY
+@SLOW_PROPERTY
 @given(version_id=version_id_text)
 async def test_hostile_key_version_ids_delete_nothing(
     populated: KMS, db: Any, no_reload_spacing: None, version_id: str

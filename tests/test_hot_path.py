@@ -138,9 +138,9 @@ async def traced_kms(
         traced = Traced(kms, statements, [])
         original = kms._keyring.load
 
-        async def counted(scope_id: str, purpose: str) -> Any:
+        async def counted(scope_id: str, purpose: str, **options: Any) -> Any:
             traced.loads.append((scope_id, purpose))
-            return await original(scope_id, purpose)
+            return await original(scope_id, purpose, **options)
 
         kms._keyring.load = counted  # type: ignore[method-assign]
         return traced

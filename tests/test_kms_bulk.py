@@ -208,14 +208,42 @@ async def test_reads_use_the_version_indexes_before_any_analyze(kms: KMS, db: Te
     queries chose sequential scans over every key version there)."""
     if db.dialect != "postgres":
         pytest.skip("SQLite's planner uses the indexes without statistics")
-    await kms.create_keys_many([f"plan-{i:05d}" for i in range(20_000)])
     conn = await db.connect()
     try:
+        if not await conn.fetchval("select rolsuper from pg_roles where rolname = current_user"):
+            pytest.skip("forgetting statistics needs a superuser")
         tables = ["kms_root_key", "kms_root_key_version", "kms_data_key", "kms_data_key_version"]
         for table in tables:
             await conn.execute(f"alter table {table} set (autovacuum_enabled = false)")
-        if not await conn.fetchval("select rolsuper from pg_roles where rolname = current_user"):
-            pytest.skip("forgetting statistics needs a superuser")
+        # Rows only the planner looks at (nothing here is unwrapped), written
+        # by the server without the per-row triggers (replica role): 20,000
+        # scopes with two purposes, ids and wrapped keys of the real sizes.
+        async with conn.transaction():
+            await conn.execute("set local session_replication_role = replica")
+            key = "decode(repeat('a5', 80), 'hex')"
+            await conn.execute(
+                "insert into kms_root_key (private_id, scope_id)"
+                " select 'krk_p' || lpad(i::text, 5, '0'), 'plan-' || lpad(i::text, 5, '0')"
+                " from generate_series(0, 19999) i"
+            )
+            await conn.execute(
+                "insert into kms_root_key_version (private_id, root_key_id, version, key)"
+                " select 'krkv_' || lpad(i::text, 10, '0'), 'krk_p' || lpad(i::text, 5, '0'),"
+                f" 1, {key} from generate_series(0, 19999) i"
+            )
+            await conn.execute(
+                "insert into kms_data_key (private_id, root_key_id, purpose)"
+                " select 'kdk_' || p || lpad(i::text, 6, '0'), 'krk_p' || lpad(i::text, 5, '0'), p"
+                " from generate_series(0, 19999) i, unnest(array['database', 'oidc']) p"
+            )
+            await conn.execute(
+                "insert into kms_data_key_version"
+                " (private_id, data_key_id, root_key_version_id, version, key)"
+                " select 'kdkv_' || p || lpad(i::text, 6, '0'),"
+                " 'kdk_' || p || lpad(i::text, 6, '0'),"
+                f" 'krkv_' || lpad(i::text, 10, '0'), 1, {key}"
+                " from generate_series(0, 19999) i, unnest(array['database', 'oidc']) p"
+            )
         oids = [await conn.fetchval("select $1::regclass::oid", t) for t in tables]
         await conn.execute("delete from pg_statistic where starelid = any($1::oid[])", oids)
         await conn.execute("update pg_class set reltuples = -1 where oid = any($1::oid[])", oids)
@@ -238,3 +266,23 @@ async def test_reads_use_the_version_indexes_before_any_analyze(kms: KMS, db: Te
         assert plan[0]["Plan"]["Plan Rows"] <= 10, plan
     finally:
         await conn.close()
+
+
+async def test_reconcile_keys_names_an_application_foreign_key(kms: KMS, db: TestDB) -> None:
+    """A foreign key of the application's on the kms tables refuses every
+    attempt alike: reconcile_keys says so instead of calling it contention."""
+    if db.dialect != "postgres":
+        pytest.skip("SQLite cannot add a foreign key to an existing table")
+    await db.execute("create table tenant (id text primary key)")
+    await db.execute(
+        "alter table kms_root_key add constraint root_key_tenant"
+        " foreign key (scope_id) references tenant (id)"
+    )
+    await db.execute("insert into tenant (id) values ('acme')")
+    with pytest.raises(kms_async.StorageError) as refused:
+        await kms.reconcile_keys(["acme", "no-such-tenant"])
+    assert not isinstance(refused.value, kms_async.TransientStorageError)
+    assert "tenant" in str(refused.value)
+    assert "foreign key" in str(refused.value)
+    assert await db.fetchval("select count(*) from kms_root_key") == 0
+    assert await kms.reconcile_keys(["acme"]) == [("acme", "database"), ("acme", "oidc")]

@@ -122,7 +122,8 @@ async def test_alembic_upgrade_runs_the_sql_files(empty_db: TestDB) -> None:
     config = _alembic_config(_sync_url(empty_db, "postgresql+psycopg2"))
     command.upgrade(config, "head")
     assert (
-        await empty_db.fetchval("select version_num from alembic_version") == "0006_kms_key_binding"
+        await empty_db.fetchval("select version_num from alembic_version")
+        == "0007_kms_key_version_usage"
     )
     assert await empty_db.fetchval("select version from kms_schema_version") == "v0.0.2"
     await _use_the_kms(empty_db)

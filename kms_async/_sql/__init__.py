@@ -7,14 +7,16 @@ import asyncpg
 
 from .._errors import InvalidParameterError
 from ._base import Connection, Database, IntegrityError, Queries, Row, validate_prefix
-from ._postgres import DEFAULT_POOL_TIMEOUT, PostgresDatabase
+from ._postgres import DEFAULT_POOL_TIMEOUT, POOLERS, Pooler, PostgresDatabase
 from ._sqlite import SqliteDatabase, is_memory_path
 
 __all__ = [
     "DEFAULT_POOL_TIMEOUT",
+    "POOLERS",
     "Connection",
     "Database",
     "IntegrityError",
+    "Pooler",
     "PostgresDatabase",
     "Queries",
     "Row",
@@ -74,24 +76,79 @@ def prepare_dsn(dsn: str, *, connect_timeout: float | None = None, in_memory: bo
     return dsn
 
 
+def _check_postgres_dsn(name: str, value: object, *, pool: bool = False) -> None:
+    if isinstance(value, str) and value.startswith(_POSTGRES):
+        return
+    if pool and isinstance(value, asyncpg.Pool):
+        return
+    what = "a postgresql:// DSN or an asyncpg Pool" if pool else "a postgresql:// DSN"
+    raise InvalidParameterError(f"{name} must be {what}, not {type(value).__name__}")
+
+
 async def open_database(
-    db: object, *, prefix: str, pool_timeout: float = DEFAULT_POOL_TIMEOUT, create: bool = False
+    db: object,
+    *,
+    prefix: str,
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+    create: bool = False,
+    pooler: Pooler = "auto",
+    listen_dsn: str | None = None,
+    read_dsn: object = None,
 ) -> Database:
     """Open (or adopt) the database that ``db`` names.
 
     A SQLite file is created only with ``create`` (migrations): anything else
     refuses a path where there is no database, instead of leaving an empty
-    one behind.
+    one behind. ``pooler``, ``listen_dsn`` and ``read_dsn`` are PostgreSQL's
+    (see ``KMS.open``).
     """
     validate_prefix(prefix)
+    if pooler not in POOLERS:
+        raise InvalidParameterError(
+            f"pooler must be 'auto', 'transaction' or 'none', not {pooler!r}"
+        )
+    postgres = (isinstance(db, str) and db.startswith(_POSTGRES)) or isinstance(db, asyncpg.Pool)
+    if not postgres and (listen_dsn is not None or read_dsn is not None or pooler != "auto"):
+        given = [
+            name
+            for name, value in (("listen_dsn", listen_dsn), ("read_dsn", read_dsn))
+            if value is not None
+        ] or ["pooler"]
+        raise InvalidParameterError(
+            f"{' and '.join(given)} work on PostgreSQL only (LISTEN, replicas and poolers); "
+            "leave them out for SQLite"
+        )
+    if listen_dsn is not None:
+        _check_postgres_dsn("listen_dsn", listen_dsn)
+    if read_dsn is not None:
+        _check_postgres_dsn("read_dsn", read_dsn, pool=True)
+    database: Database
     if isinstance(db, str):
         if db.startswith(_POSTGRES):
-            return await PostgresDatabase.connect(db, prefix=prefix, pool_timeout=pool_timeout)
-        if db.startswith("sqlite:"):
+            database = await PostgresDatabase.connect(
+                db, prefix=prefix, pool_timeout=pool_timeout, pooler=pooler
+            )
+        elif db.startswith("sqlite:"):
             return await SqliteDatabase.connect(sqlite_path(db), prefix=prefix, create=create)
-        raise InvalidParameterError(f"unsupported DSN scheme in {db.split(':', 1)[0]!r}; {DB_HELP}")
-    if isinstance(db, asyncpg.Pool):
-        return PostgresDatabase(db, prefix=prefix, owns_pool=False, pool_timeout=pool_timeout)
-    if isinstance(db, aiosqlite.Connection):
+        else:
+            raise InvalidParameterError(
+                f"unsupported DSN scheme in {db.split(':', 1)[0]!r}; {DB_HELP}"
+            )
+    elif isinstance(db, asyncpg.Pool):
+        database = await PostgresDatabase.adopt(
+            db, prefix=prefix, pool_timeout=pool_timeout, pooler=pooler
+        )
+    elif isinstance(db, aiosqlite.Connection):
         return await SqliteDatabase.from_connection(db, prefix=prefix)
-    raise InvalidParameterError(f"{DB_HELP}; got {type(db).__name__}")
+    else:
+        raise InvalidParameterError(f"{DB_HELP}; got {type(db).__name__}")
+    assert isinstance(database, PostgresDatabase)
+    try:
+        if listen_dsn is not None:
+            database.use_listen_dsn(listen_dsn)
+        if read_dsn is not None:
+            await database.use_replica(read_dsn, pooler)
+    except BaseException:
+        await database.aclose()
+        raise
+    return database

@@ -182,7 +182,26 @@ class Database(Protocol):
         ...
 
     def can_listen(self) -> bool:
-        """Whether a listener can hold a connection without starving other work."""
+        """Whether a listener can work, holding a connection without starving other work."""
+        ...
+
+    @property
+    def pooled(self) -> bool:
+        """Whether connections go through a pooler in transaction mode (no session state)."""
+        ...
+
+    @property
+    def listens_on(self) -> str:
+        """Where the listener connects, for the log (never a password)."""
+        ...
+
+    @property
+    def has_replica(self) -> bool:
+        """Whether cold loads may read from a replica (see :meth:`read_replica`)."""
+        ...
+
+    def read_replica(self) -> AbstractAsyncContextManager[Connection]:
+        """A connection to the replica: committed data as of its replay, perhaps behind."""
         ...
 
     async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
@@ -251,6 +270,13 @@ class Queries:
             " values ($1, $2, $3, $4, $5) on conflict (scope_id) do update set"
             " serial = excluded.serial, root_key_version_id = excluded.root_key_version_id,"
             " body = excluded.body, mac = excluded.mac, update_time = current_timestamp"
+        )
+        # Encryptions counted per data key version (schema file 07), a table of our own.
+        self.usage_table = f"{p}_key_version_usage"
+        self.delete_usage = f"delete from {p}_key_version_usage where key_version_id = $1"
+        self.usage_over = (
+            f"select key_version_id from {p}_key_version_usage"
+            f" where key_version_id {self.in_list('$1')} and encryptions > $2"
         )
         # The key change log (schema file 03): which scopes each write changed.
         self.key_change_table = f"{p}_key_change"
@@ -431,7 +457,14 @@ class Queries:
     has_suspensions = False
     #: Whether the binding and key state tables exist (found when a KMS opens).
     has_bindings = False
+    #: Whether the usage table exists (found when a KMS opens).
+    has_usage = False
+    #: Adds counts: $1 and $2 (bound by :meth:`usage_rows`) hold version ids
+    #: and counts; rows of versions that no longer exist are skipped.
+    add_usage: str
     load_purpose: str
+    #: load_purpose plus one row: the collection version of the snapshot read.
+    load_purpose_fenced: str
     #: Set where the database can announce committed key changes (PostgreSQL).
     notify: str | None = None
     notify_channel: str = ""
@@ -504,10 +537,77 @@ class Queries:
             f"  where v.data_key_id = {data_key_of_pair}{self.every_version('v')}){state_root})"
             f"{state_row}"
         )
+        # The same rows with the collection version they were read at, from
+        # one snapshot: a replica's answer is trusted only if it has
+        # replayed every change the instance knows of.
+        self.load_purpose_fenced = (
+            f"{self.load_purpose} union all"
+            f" select 'c', null, version, null, null, false, null, null from {p}_collection_version"
+        )
         self.version_ids_of_pairs = self._version_ids_of_pairs(suspended)
 
     def _version_ids_of_pairs(self, suspended: str) -> str:
         """(scope, purpose, version id, suspended) for bound pairs; ``v`` is the version."""
+        raise NotImplementedError
+
+    def usage_rows(self, rows: Sequence[tuple[str, int]]) -> tuple[Any, ...]:
+        """Bind (version id, count) rows as the parameters of ``add_usage``."""
+        return (self.array([r[0] for r in rows]), self.array([r[1] for r in rows]))
+
+    def census(self) -> str:
+        """Every data key version of the scopes listed in $1: scope, purpose, data key
+        id, version, version id, create time, encryptions (null without the usage
+        table), suspended, newest."""
+        p = self.prefix
+        usage = "coalesce(u.encryptions, 0)" if self.has_usage else "null"
+        usage_join = (
+            f" left join {p}_key_version_usage u on u.key_version_id = v.private_id"
+            if self.has_usage
+            else ""
+        )
+        suspended = (
+            f"exists(select 1 from {p}_key_version_suspension s"
+            " where s.key_version_id = v.private_id)"
+            if self.has_suspensions
+            else "false"
+        )
+        return (
+            "select r.scope_id, k.purpose, k.private_id, v.version, v.private_id,"
+            f" v.create_time, {usage}, {suspended},"
+            f" v.version = (select max(x.version) from {p}_data_key_version x"
+            "  where x.data_key_id = v.data_key_id)"
+            f" from {p}_root_key r join {p}_data_key k on k.root_key_id = r.private_id"
+            f" join {p}_data_key_version v on v.data_key_id = k.private_id{usage_join}"
+            f" where r.scope_id {self.in_list('$1')}"
+            " order by r.scope_id, k.purpose, v.version"
+        )
+
+    def due_scopes(self, *, listed: bool) -> str:
+        """Scopes after $1 (in scope id order, at most $4) with a data key whose newest
+        version is at least $2 seconds old by the database clock or has more than $3
+        encryptions counted; with ``listed``, only scopes in the list $5."""
+        p = self.prefix
+        if self.has_usage:
+            counted = (
+                f"coalesce((select u.encryptions from {p}_key_version_usage u"
+                " where u.key_version_id = v.private_id), 0) > $3"
+            )
+        else:
+            counted = "cast($3 as bigint) < 0"
+        only = f" and r.scope_id {self.in_list('$5')}" if listed else ""
+        return (
+            f"select r.scope_id from {p}_root_key r where r.scope_id > $1{only}"
+            f" and exists (select 1 from {p}_data_key k join {p}_data_key_version v"
+            "  on v.data_key_id = k.private_id"
+            f"  and v.version = (select max(x.version) from {p}_data_key_version x"
+            "   where x.data_key_id = k.private_id)"
+            f"  where k.root_key_id = r.private_id and ({self.seconds_since('v.create_time')} >= $2"
+            f"  or {counted}))"
+            " order by r.scope_id limit $4"
+        )
+
+    def rows_per_version(self, table: str, column: str) -> str:
+        """SQL counting the rows of ``table`` per value of ``column`` (from the catalog)."""
         raise NotImplementedError
 
     def array(self, values: Sequence[Any]) -> Any:

@@ -10,7 +10,7 @@ import socket
 import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import asyncpg
 
@@ -108,6 +108,14 @@ def translate_errors() -> Iterator[None]:
             f"kms tables are missing ({reason(exc)})",
             "run kms_async.migrate() or apply sql/postgres/",
             Remedy("migrate"),
+        ) from exc
+    except (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError) as exc:
+        # asyncpg's named prepared statements, on a connection that moves
+        # between server sessions: a pooler in transaction mode.
+        raise StorageError(
+            f"database error: {reason(exc)}; the connection goes through a pooler in "
+            "transaction mode (PgBouncer?): create the pool with statement_cache_size=0, or "
+            "open the KMS with a DSN, which detects the pooler"
         ) from exc
     except asyncpg.PostgresError as exc:
         sqlstate = getattr(exc, "sqlstate", "") or ""
@@ -376,6 +384,14 @@ class PostgresQueries(Queries):
             "  where root_key_id = any($1::text[])))"
             " order by v.data_key_id, v.version"
         )
+        # Rows in version id order: concurrent flushes lock them in one order.
+        self.add_usage = (
+            f"insert into {p}_key_version_usage as t (key_version_id, encryptions)"
+            " select v.private_id, u.n from unnest($1::text[], $2::bigint[]) as u(id, n)"
+            f" join {p}_data_key_version v on v.private_id = u.id order by v.private_id"
+            " on conflict (key_version_id) do update"
+            " set encryptions = t.encryptions + excluded.encryptions, update_time = now()"
+        )
         self.lock_migrations = "select pg_advisory_xact_lock(hashtext($1))"
         self.table_exists = "select to_regclass($1) is not null"
         self.use_suspensions(False)
@@ -412,6 +428,13 @@ class PostgresQueries(Queries):
         quoted = '"' + column.replace('"', '""') + '"'
         return f"select exists (select 1 from {table} where {quoted} = $1)"
 
+    def rows_per_version(self, table: str, column: str) -> str:
+        quoted = '"' + column.replace('"', '""') + '"'
+        return (
+            f"select {quoted}::text, count(*) from {table} where {quoted} is not null"
+            f" group by {quoted}"
+        )
+
 
 def _host_of(dsn: str) -> str:
     """Where a DSN points, for messages: its host list as written, never the password."""
@@ -443,8 +466,93 @@ def _split_connect_timeout(dsn: str) -> tuple[str, float]:
     return urllib.parse.urlunsplit(parts._replace(query=rest)), seconds or DEFAULT_CONNECT_TIMEOUT
 
 
+Pooler = Literal["auto", "transaction", "none"]
+POOLERS: tuple[Pooler, ...] = ("auto", "transaction", "none")
+
+
+async def _goes_through_pooler(raw: Any) -> bool:
+    """Whether a connection reaches the server through a connection pooler.
+
+    PgBouncer answers the connection's startup with a process id and cancel
+    key of its own (it routes cancellations itself), so the id the client was
+    given differs from the server process running its statements; on a
+    direct connection they are the same process.
+    """
+    with translate_errors():
+        return bool(await raw.fetchval("select pg_backend_pid()") != raw.get_server_pid())
+
+
+def _caches_statements(raw: Any) -> bool:
+    """Whether a caller's pool connection keeps named prepared statements."""
+    # asyncpg keeps its connection options in ``_config`` (a named tuple)
+    # and offers no public way to read them; assume the default if absent.
+    config = getattr(raw, "_config", None)
+    return int(getattr(config, "statement_cache_size", 100)) > 0
+
+
+async def _create_pool(dsn: str, connect_timeout: float, *, pooled: bool, min_size: int) -> Any:
+    try:
+        # The default reset costs a round trip on every release; the KMS
+        # changes no session state, so only an open transaction needs
+        # undoing. No server_settings of its own: a pooler such as PgBouncer
+        # refuses startup parameters it does not know. Behind a pooler in
+        # transaction mode, consecutive statements may run in different
+        # server sessions: no named prepared statements (asyncpg then sends
+        # each statement unnamed, parsed and run in one exchange).
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=10,
+            reset=_reset,
+            timeout=connect_timeout,
+            statement_cache_size=0 if pooled else 100,
+        )
+    except asyncio.TimeoutError as exc:
+        raise TransientStorageError(
+            f"the database at {_host_of(dsn)} did not answer within "
+            f"{connect_timeout:g} s (connect_timeout); check that the server is up "
+            "and reachable, then retry"
+        ) from exc
+
+
+async def _connect_pool(
+    dsn: str, pooler: Pooler, *, min_size: int = 1
+) -> tuple[Any, str, float, bool]:
+    """A pool for a DSN, set up for the pooler in front of it (found out when ``auto``).
+
+    Returns the pool, the DSN without ``connect_timeout``, that timeout, and
+    whether a pooler in transaction mode is assumed.
+    """
+    try:
+        dsn, connect_timeout = _split_connect_timeout(dsn)
+        with translate_errors():
+            pooled = pooler == "transaction"
+            pool = await _create_pool(dsn, connect_timeout, pooled=pooled, min_size=min_size)
+            if pooler == "auto":
+                try:
+                    async with pool.acquire(timeout=connect_timeout) as raw:
+                        pooled = await _goes_through_pooler(raw)
+                    if pooled:
+                        await pool.close()
+                        pool = await _create_pool(
+                            dsn, connect_timeout, pooled=True, min_size=min_size
+                        )
+                except BaseException:
+                    pool.terminate()
+                    raise
+    except KMSError:
+        raise
+    except (ValueError, OverflowError) as exc:
+        # The DSN itself (its text may hold a password: not repeated here).
+        raise InvalidParameterError(
+            f"the PostgreSQL DSN is malformed ({exc}); write "
+            "postgresql://user[:password]@host[:port]/dbname[?options]"
+        ) from None
+    return pool, dsn, connect_timeout, pooled
+
+
 class PostgresDatabase:
-    """Keys in PostgreSQL, through an asyncpg pool."""
+    """Keys in PostgreSQL, through an asyncpg pool (and a replica's, for cold loads)."""
 
     dialect: Literal["postgres"] = "postgres"
 
@@ -457,6 +565,8 @@ class PostgresDatabase:
         dsn: str | None = None,
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        pooled: bool = False,
+        listen_dsn: str | None = None,
     ) -> None:
         self.queries = PostgresQueries(prefix)
         self._pool = pool
@@ -464,36 +574,22 @@ class PostgresDatabase:
         self._dsn = dsn
         self.pool_timeout = pool_timeout
         self._connect_timeout = connect_timeout
+        #: Behind a pooler in transaction mode (PgBouncer): no session state.
+        self.pooled = pooled
+        self._listen_dsn = listen_dsn
+        self._replica: asyncpg.Pool | None = None
+        self._owns_replica = False
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, prefix: str, pool_timeout: float = DEFAULT_POOL_TIMEOUT
+        cls,
+        dsn: str,
+        *,
+        prefix: str,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        pooler: Pooler = "auto",
     ) -> PostgresDatabase:
-        try:
-            dsn, connect_timeout = _split_connect_timeout(dsn)
-            with translate_errors():
-                try:
-                    # The default reset costs a round trip on every release; the KMS
-                    # changes no session state, so only an open transaction needs
-                    # undoing. No server_settings of its own: a pooler such as
-                    # PgBouncer refuses startup parameters it does not know.
-                    pool = await asyncpg.create_pool(
-                        dsn, min_size=1, max_size=10, reset=_reset, timeout=connect_timeout
-                    )
-                except asyncio.TimeoutError as exc:
-                    raise TransientStorageError(
-                        f"the database at {_host_of(dsn)} did not answer within "
-                        f"{connect_timeout:g} s (connect_timeout); check that the server is up "
-                        "and reachable, then retry"
-                    ) from exc
-        except KMSError:
-            raise
-        except (ValueError, OverflowError) as exc:
-            # The DSN itself (its text may hold a password: not repeated here).
-            raise InvalidParameterError(
-                f"the PostgreSQL DSN is malformed ({exc}); write "
-                "postgresql://user[:password]@host[:port]/dbname[?options]"
-            ) from None
+        pool, dsn, connect_timeout, pooled = await _connect_pool(dsn, pooler)
         return cls(
             pool,
             prefix=prefix,
@@ -501,7 +597,86 @@ class PostgresDatabase:
             dsn=dsn,
             pool_timeout=pool_timeout,
             connect_timeout=connect_timeout,
+            pooled=pooled,
         )
+
+    @classmethod
+    async def adopt(
+        cls,
+        pool: asyncpg.Pool,
+        *,
+        prefix: str,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        pooler: Pooler = "auto",
+    ) -> PostgresDatabase:
+        """Use a caller's pool, which must suit the pooler in front of it, if any."""
+        pooled = pooler == "transaction"
+        if pooler != "none":
+            database = cls(pool, prefix=prefix, owns_pool=False, pool_timeout=pool_timeout)
+            async with database._connection() as raw:
+                pooled = pooled or await _goes_through_pooler(raw)
+                if pooled and _caches_statements(raw):
+                    raise InvalidParameterError(
+                        "the pool's connections go through a connection pooler (PgBouncer?) "
+                        "and keep named prepared statements, which a pooler in transaction "
+                        "mode breaks: create the pool with statement_cache_size=0 (or pass "
+                        "pooler='none' if the pooler runs in session mode)"
+                    )
+        return cls(pool, prefix=prefix, owns_pool=False, pool_timeout=pool_timeout, pooled=pooled)
+
+    def use_listen_dsn(self, listen_dsn: str) -> None:
+        """LISTEN on a dedicated connection to ``listen_dsn`` (a direct one, not pooled)."""
+        try:
+            self._listen_dsn, _ = _split_connect_timeout(listen_dsn)
+        except (ValueError, OverflowError):
+            raise InvalidParameterError(
+                "listen_dsn is malformed; write postgresql://user[:password]@host[:port]/dbname"
+            ) from None
+
+    async def use_replica(self, read: object, pooler: Pooler = "auto") -> None:
+        """Serve cold loads from a replica: a DSN (a pool of the KMS's own) or a caller's pool.
+
+        The pool connects lazily; an unreachable replica costs nothing here,
+        and cold loads go to the primary until it answers.
+        """
+        if isinstance(read, str):
+            try:
+                pool, _, _, _ = await _connect_pool(read, pooler, min_size=0)
+            except TransientStorageError as exc:
+                # The replica is an optimisation: the KMS opens without it.
+                # Unprobed, its pool keeps no named statements, which works
+                # whether or not a pooler is in front of it.
+                logger.warning(
+                    "kms_async: the read replica at %s does not answer (%s); cold loads go to "
+                    "the primary until it does",
+                    _host_of(read),
+                    exc,
+                )
+                dsn, connect_timeout = _split_connect_timeout(read)
+                pool = await _create_pool(dsn, connect_timeout, pooled=True, min_size=0)
+            self._replica, self._owns_replica = pool, True
+        else:
+            replica = await PostgresDatabase.adopt(
+                cast(asyncpg.Pool, read), prefix=self.queries.prefix, pooler=pooler
+            )
+            self._replica, self._owns_replica = replica._pool, False
+
+    @property
+    def has_replica(self) -> bool:
+        return self._replica is not None
+
+    @contextlib.asynccontextmanager
+    async def read_replica(self) -> AsyncIterator[_PgConnection]:
+        """A replica connection (committed data as of the replica's replay)."""
+        assert self._replica is not None
+        with translate_errors():
+            raw = await self._replica.acquire(timeout=self.pool_timeout)
+            try:
+                yield _PgConnection(raw)
+            finally:
+                if sys.exc_info()[0] is asyncio.CancelledError:
+                    _drop(raw)
+                await self._replica.release(raw)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -515,8 +690,20 @@ class PostgresDatabase:
         return q.notify_channel
 
     def can_listen(self) -> bool:
-        """Whether listening leaves the pool a connection for everything else."""
+        """Whether a listener can work: on a connection of its own (to ``listen_dsn``
+        or the DSN, never through a pooler in transaction mode, which moves a
+        client between server sessions) or on one the pool can spare."""
+        if self._listen_dsn is not None:
+            return True
+        if self.pooled:
+            return False
         return self._dsn is not None or self._pool.get_max_size() >= 2
+
+    @property
+    def listens_on(self) -> str:
+        """What the listener connects to, for the log: never the password."""
+        dsn = self._listen_dsn or self._dsn
+        return "a connection of the pool" if dsn is None else _host_of(dsn)
 
     async def _acquire(self) -> Any:
         """A pool connection, or a clear error once ``pool_timeout`` has passed.
@@ -664,16 +851,21 @@ class PostgresDatabase:
     async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
         """LISTEN on a connection of its own, reconnecting with backoff when it drops.
 
-        A KMS opened from a DSN uses a dedicated connection, so listening
-        costs the pool nothing; with a caller's pool one of its connections
-        is held for as long as the KMS is open.
+        A KMS opened from a DSN (or given ``listen_dsn``) uses a dedicated
+        connection, so listening costs the pool nothing; with a caller's pool
+        one of its connections is held for as long as the KMS is open. A
+        dedicated connection found to go through a pooler (where LISTEN
+        would silently hear nothing) ends the listener: polling goes on.
         """
+        dedicated = self._listen_dsn or self._dsn
         backoff = 0.1
         while True:
             try:
                 with translate_errors():
-                    if self._dsn is not None:
-                        conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
+                    if dedicated is not None:
+                        conn = await asyncpg.connect(
+                            dedicated, timeout=self._connect_timeout, statement_cache_size=0
+                        )
                     else:
                         conn = await self._pool.acquire(timeout=self.pool_timeout)
             except TransientStorageError as exc:
@@ -687,6 +879,14 @@ class PostgresDatabase:
                 on_payload(payload)
 
             try:
+                if dedicated is not None and await _goes_through_pooler(conn):
+                    logger.warning(
+                        "kms_async: the key change listener's connection to %s goes through a "
+                        "connection pooler, where LISTEN does not work; key changes are found "
+                        "by polling: give listen_dsn a direct connection to the server",
+                        _host_of(dedicated),
+                    )
+                    return
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 with translate_errors():
                     await conn.add_listener(channel, on_notify)
@@ -698,7 +898,7 @@ class PostgresDatabase:
                 logger.warning("kms_async: key change listener failed (%s); reconnecting", exc)
                 await asyncio.sleep(backoff)
             finally:
-                if self._dsn is not None:
+                if dedicated is not None:
                     conn.terminate()
                 else:
                     with contextlib.suppress(Exception):
@@ -714,9 +914,14 @@ class PostgresDatabase:
         return value
 
     async def aclose(self) -> None:
-        if self._owns_pool:
-            with translate_errors():
-                await self._pool.close()
+        try:
+            if self._replica is not None and self._owns_replica:
+                with translate_errors():
+                    await self._replica.close()
+        finally:
+            if self._owns_pool:
+                with translate_errors():
+                    await self._pool.close()
 
 
 def with_search_path(dsn: str, schema: str) -> str:

@@ -10,6 +10,7 @@ import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal
 
 import aiosqlite
@@ -23,7 +24,7 @@ from .._errors import (
     TransientStorageError,
     advised,
 )
-from ._base import IntegrityError, Queries, Row, run_to_completion, savepoint
+from ._base import Connection, IntegrityError, Queries, Row, run_to_completion, savepoint
 
 __all__ = ["SqliteDatabase", "SqliteQueries", "is_memory_path", "translate_errors"]
 
@@ -186,7 +187,28 @@ class SqliteQueries(Queries):
         self.table_exists = (
             "select count(*) > 0 from sqlite_master where type = 'table' and name = $1"
         )
+        # "where true": SQLite would read "on conflict" as a join constraint.
+        self.add_usage = (
+            f"insert into {p}_key_version_usage (key_version_id, encryptions)"
+            " select v.private_id, json_extract(j.value, '$[1]') from json_each($1) j"
+            f" join {p}_data_key_version v on v.private_id = json_extract(j.value, '$[0]')"
+            " where true on conflict (key_version_id) do update"
+            " set encryptions = encryptions + excluded.encryptions,"
+            " update_time = current_timestamp"
+        )
         self.use_suspensions(False)
+
+    def usage_rows(self, rows: Sequence[tuple[str, int]]) -> tuple[Any, ...]:
+        return (json.dumps([list(r) for r in rows]), None)
+
+    def rows_per_version(self, table: str, column: str) -> str:
+        def quote(name: str) -> str:
+            return '"' + name.replace('"', '""') + '"'
+
+        return (
+            f"select {quote(column)}, count(*) from {quote(table)}"
+            f" where {quote(column)} is not null group by {quote(column)}"
+        )
 
     def _version_ids_of_pairs(self, suspended: str) -> str:
         p = self.prefix
@@ -258,6 +280,10 @@ class SqliteDatabase:
     """
 
     dialect: Literal["sqlite"] = "sqlite"
+    #: SQLite has neither poolers nor replicas.
+    pooled = False
+    has_replica = False
+    listens_on = "nothing"
 
     def __init__(
         self,
@@ -414,6 +440,9 @@ class SqliteDatabase:
 
     def can_listen(self) -> bool:
         return False
+
+    def read_replica(self) -> AbstractAsyncContextManager[Connection]:
+        raise NotImplementedError("SQLite has no replicas")
 
     async def aclose(self) -> None:
         with translate_errors():

@@ -20,27 +20,34 @@ from .._types import KeyVersion, Scope
 from ._base import Connection, Queries, Row
 
 __all__ = [
+    "CensusLine",
     "DataKeyVersionRow",
     "NewDataKey",
     "NewRootKey",
     "PurposeRows",
     "RootKeyVersionRow",
     "StateRow",
+    "add_usage",
     "announce",
     "binding_by_fingerprint",
     "bindings_of_scopes",
     "bump_collection_version",
+    "census_rows",
     "collection_version",
     "data_keys",
     "data_keys_of_roots",
+    "delete_usage",
+    "due_scopes",
     "each_row",
     "find_bindings",
     "find_suspensions",
+    "find_usage",
     "insert_data_keys",
     "insert_root_keys",
     "key_versions_of_roots",
     "latest_root_key_versions",
     "load_purpose",
+    "load_purpose_fenced",
     "missing_data_keys",
     "parse_change_notice",
     "put_bindings",
@@ -49,10 +56,12 @@ __all__ = [
     "root_key",
     "root_key_versions",
     "root_keys_of_scopes",
+    "rows_per_version",
     "schema_version",
     "set_suspended",
     "states_of_scopes",
     "suspended_versions",
+    "usage_over",
     "version_ids",
     "version_referencers",
 ]
@@ -322,30 +331,51 @@ async def data_keys(conn: Connection, q: Queries, root_key_id: str) -> list[tupl
     return [(r[0], r[1], r[2]) for r in await conn.fetch(q.data_keys, root_key_id)]
 
 
+def _purpose_rows(rows: Sequence[Row]) -> PurposeRows | None:
+    data = [(r[1], int(r[2]), bytes(r[3]), r[4], bool(r[5])) for r in rows if r[0] == "d"]
+    if not data:
+        return None
+    roots = [(r[1], int(r[2]), bytes(r[3])) for r in rows if r[0] == "r"]
+    keyed = [r for r in rows if r[0] in ("d", "r")]
+    bindings = {r[1]: bytes(r[6]) for r in keyed if r[6] is not None}
+    owners = {r[1]: r[7] for r in keyed}
+    state = next(
+        (StateRow(int(r[2]), r[1], bytes(r[3]), bytes(r[6])) for r in rows if r[0] == "s"), None
+    )
+    return PurposeRows(data, roots, bindings, owners, state)
+
+
 async def load_purpose(conn: Connection, q: Queries, scope_id: str, purpose: str) -> PurposeRows:
     """The purpose's data key versions and the root versions wrapping them.
 
     Raises:
         KeyNotFoundError: the scope has no keys, or none for this purpose.
     """
-    rows = await conn.fetch(q.load_purpose, scope_id, purpose)
-    data = [(r[1], int(r[2]), bytes(r[3]), r[4], bool(r[5])) for r in rows if r[0] == "d"]
-    roots = [(r[1], int(r[2]), bytes(r[3])) for r in rows if r[0] == "r"]
-    bindings = {r[1]: bytes(r[6]) for r in rows if r[0] != "s" and r[6] is not None}
-    owners = {r[1]: r[7] for r in rows if r[0] != "s"}
-    state = next(
-        (StateRow(int(r[2]), r[1], bytes(r[3]), bytes(r[6])) for r in rows if r[0] == "s"), None
-    )
-    if not data:
-        found = await conn.fetchrow(q.scope_has_purpose, scope_id, purpose)
-        if found is None:
+    found = _purpose_rows(await conn.fetch(q.load_purpose, scope_id, purpose))
+    if found is None:
+        if await conn.fetchrow(q.scope_has_purpose, scope_id, purpose) is None:
             raise KeyNotFoundError(
                 f"scope {scope_id!r} has no keys; create them with create_keys()"
             )
         raise KeyNotFoundError(
             f"scope {scope_id!r} has no {purpose!r} key; add it with reconcile_keys()"
         )
-    return PurposeRows(data, roots, bindings, owners, state)
+    return found
+
+
+async def load_purpose_fenced(
+    conn: Connection, q: Queries, scope_id: str, purpose: str
+) -> tuple[PurposeRows | None, int]:
+    """:func:`load_purpose` (``None``: nothing found) and the collection
+    version of the snapshot it was read from, in one statement."""
+    rows = await conn.fetch(q.load_purpose_fenced, scope_id, purpose)
+    versions = [int(r[2]) for r in rows if r[0] == "c"]
+    if len(versions) != 1:
+        raise StorageError(
+            f"{q.prefix}_collection_version must hold exactly one row; "
+            "re-run kms_async.migrate() or restore the row"
+        )
+    return _purpose_rows(rows), versions[0]
 
 
 async def find_bindings(conn: Connection, q: Queries) -> bool:
@@ -584,6 +614,105 @@ async def version_referencers(
         if await conn.fetchval(q.references_version(table, column), version_id):
             found.append((str(table), str(action)))
     return found
+
+
+# -- usage counts (schema file 07) ---------------------------------------------
+
+
+async def find_usage(conn: Connection, q: Queries) -> bool:
+    """Whether the usage table exists; remembered for this database's statements."""
+    q.has_usage = await table_exists(conn, q, q.usage_table)
+    return q.has_usage
+
+
+async def add_usage(conn: Connection, q: Queries, rows: Sequence[tuple[str, int]]) -> None:
+    """Add (version id, encryptions) counts; versions that no longer exist are skipped."""
+    if rows:
+        await conn.execute(q.add_usage, *q.usage_rows(rows))
+
+
+async def delete_usage(conn: Connection, q: Queries, version_id: str) -> None:
+    if q.has_usage:
+        await conn.execute(q.delete_usage, version_id)
+
+
+async def usage_over(
+    conn: Connection, q: Queries, version_ids: Sequence[str], limit: int
+) -> list[str]:
+    """The versions among ``version_ids`` with more than ``limit`` encryptions counted."""
+    found: list[str] = []
+    for start in range(0, len(version_ids), BATCH):
+        batch = q.array(version_ids[start : start + BATCH])
+        found.extend(r[0] for r in await conn.fetch(q.usage_over, batch, limit))
+    return found
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CensusLine:
+    scope_id: str
+    purpose: str
+    data_key_id: str
+    version: int
+    version_id: str
+    create_time: Any
+    encryptions: int | None
+    suspended: bool
+    newest: bool
+
+
+async def census_rows(conn: Connection, q: Queries, scope_ids: Sequence[str]) -> list[CensusLine]:
+    """Every data key version of the scopes, by scope, purpose and version."""
+    statement = q.census()
+    found: list[CensusLine] = []
+    for start in range(0, len(scope_ids), BATCH):
+        for r in await conn.fetch(statement, q.array(scope_ids[start : start + BATCH])):
+            found.append(
+                CensusLine(
+                    r[0],
+                    r[1],
+                    r[2],
+                    int(r[3]),
+                    r[4],
+                    r[5],
+                    None if r[6] is None else int(r[6]),
+                    bool(r[7]),
+                    bool(r[8]),
+                )
+            )
+    return found
+
+
+async def rows_per_version(conn: Connection, q: Queries) -> dict[str, int]:
+    """Rows of every table with a foreign key to the data key version table, per
+    version id (a table with two such columns counts a row once per column).
+    Scans each referencing table."""
+    counts: dict[str, int] = {}
+    for table, column, _ in await conn.fetch(q.version_foreign_keys, q.data_key_version_table):
+        for version_id, rows in await conn.fetch(q.rows_per_version(table, column)):
+            counts[version_id] = counts.get(version_id, 0) + int(rows)
+    return counts
+
+
+async def due_scopes(
+    conn: Connection,
+    q: Queries,
+    *,
+    after: str,
+    max_age: float,
+    max_encryptions: int,
+    limit: int,
+    scope_ids: Sequence[str] | None,
+) -> list[str]:
+    """Up to ``limit`` scopes after ``after`` whose newest version of some data key is
+    ``max_age`` seconds old or older (database clock) or has more than
+    ``max_encryptions`` counted; only among ``scope_ids`` when given."""
+    if scope_ids is None:
+        rows = await conn.fetch(q.due_scopes(listed=False), after, max_age, max_encryptions, limit)
+    else:
+        rows = await conn.fetch(
+            q.due_scopes(listed=True), after, max_age, max_encryptions, limit, q.array(scope_ids)
+        )
+    return [r[0] for r in rows]
 
 
 async def begin_migration(conn: Connection, q: Queries) -> set[str]:

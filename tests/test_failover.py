@@ -96,6 +96,7 @@ async def test_replicated_needs_a_standby(
         # "local" is today's behaviour: no standby needed.
         async with await open_kms(primary.dsn, root) as local:
             await local.create_keys("local-only")
+            await local.encrypt("local-only", "database", b"counted")  # flushed at close
     else:
         # Every commit would wait for the synchronous standby from now on.
         await make_synchronous(primary)
@@ -107,6 +108,13 @@ async def test_replicated_needs_a_standby(
             await kms.create_keys("alone")
         assert caught.value.committed is False and caught.value.retryable
         assert "alone" not in [s.id for s in await kms.list_scopes()]
+        if not synchronous:
+            # Rotation by policy writes keys too: refused alike, nothing rotated.
+            policy = kms_async.RotationPolicy(max_encryptions=0)
+            with pytest.raises(kms_async.DurabilityTimeoutError):
+                await kms.rotate_due(policy)
+            keys = await kms.list_keys("local-only")
+            assert [v.version for v in keys[0].versions] == [1]
 
         cluster.standby(primary)
         await streaming(primary)
@@ -117,6 +125,11 @@ async def test_replicated_needs_a_standby(
         assert await kms.decrypt("replicated", "database", ciphertext) == b"secret"
         keys = await kms.list_keys("replicated")
         assert [v.version for v in keys[0].versions] == [1, 2]
+        await kms.flush_usage()  # one encryption counted under "replicated"
+        due = await kms.rotate_due(kms_async.RotationPolicy(max_encryptions=0))
+        assert "replicated" in due
+        keys = await kms.list_keys("replicated")
+        assert [v.version for v in keys[0].versions] == [1, 2, 3]
 
         # In the caller's transaction: with synchronous standbys its COMMIT
         # waits for them whatever the session's own setting.

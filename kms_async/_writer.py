@@ -198,6 +198,20 @@ class Writer:
         write.version = await repo.bump_collection_version(tx, self._q)
         return write.version
 
+    @contextlib.asynccontextmanager
+    async def _versions_write(
+        self, scope_ids: list[str], conn: Any
+    ) -> AsyncIterator[tuple[Connection, Ticket, int]]:
+        """A write that makes key versions: the scopes' cache entries dropped at
+        its end, the durability wait around it, and its transaction, opened
+        with the collection version bump; yields (transaction, ticket, version)."""
+        async with (
+            self._invalidating(scope_ids) as write,
+            self._durability.write(conn) as ticket,
+            self._db.transaction(conn, replicated=ticket.timeout) as tx,
+        ):
+            yield tx, ticket, await self._bump(tx, write)
+
     def _whole_scopes(self, kind: EventKind, scopes: list[str], conn: Any) -> None:
         """Report a change to every key of each scope (one event per scope)."""
         self._events.changed(
@@ -215,12 +229,7 @@ class Writer:
         first = await self._new_scopes(next(chunks), purposes)
         # The new root key version of each scope, for the events (kept only for a callback).
         made: list[str] | None = [] if self._events.enabled else None
-        async with (
-            self._invalidating(scopes) as write,
-            self._durability.write(conn) as ticket,
-            self._db.transaction(conn, replicated=ticket.timeout) as tx,
-        ):
-            changed = await self._bump(tx, write)
+        async with self._versions_write(scopes, conn) as (tx, ticket, changed):
             await self._insert_scopes(tx, scopes, first, ticket, made)
             for chunk in chunks:
                 new = await self._new_scopes(chunk, purposes)
@@ -312,12 +321,7 @@ class Writer:
         roots = await self._new_rotation(first)
         plans = await self._plan_outside(first, conn, _targets(roots)) if rewrap else None
         made: list[str] | None = [] if self._events.enabled else None
-        async with (
-            self._invalidating(scopes) as write,
-            self._durability.write(conn) as ticket,
-            self._db.transaction(conn, replicated=ticket.timeout) as tx,
-        ):
-            changed = await self._bump(tx, write)
+        async with self._versions_write(scopes, conn) as (tx, ticket, changed):
             if rewrap:
                 plans = await self._plan_checked(tx, first, plans, _targets(roots))
             await self._write_rotation(tx, roots, plans, ticket)
@@ -406,12 +410,7 @@ class Writer:
         roots = await self._new_rotation(candidates)
         due: list[str] = []
         try:
-            async with (
-                self._invalidating(due) as write,
-                self._durability.write(None) as ticket,
-                self._db.transaction(replicated=ticket.timeout) as tx,
-            ):
-                changed = await self._bump(tx, write)
+            async with self._versions_write(due, None) as (tx, ticket, changed):
                 due.extend(
                     await repo.due_scopes(
                         tx,
@@ -1079,12 +1078,7 @@ class Writer:
         created: list[tuple[str, str]] = []
         changed: list[str] = []
         try:
-            async with (
-                self._invalidating(changed) as write,
-                self._durability.write(None) as ticket,
-                self._db.transaction(replicated=ticket.timeout) as tx,
-            ):
-                version = await self._bump(tx, write)
+            async with self._versions_write(changed, None) as (tx, _ticket, version):
                 await self._insert_reconciliation(tx, first, created, changed, made)
                 for chunk in chunks:
                     missing, latest = await self._missing(tx, chunk, purposes)

@@ -462,6 +462,11 @@ class Queries:
     #: Adds counts: $1 and $2 (bound by :meth:`usage_rows`) hold version ids
     #: and counts; rows of versions that no longer exist are skipped.
     add_usage: str
+    #: Run first in a usage flush's transaction where the database can commit
+    #: without waiting for its log to reach disk (PostgreSQL): the counts
+    #: are advisory, and a server crash may lose the last flush, as a crash
+    #: of the process loses the counts since it.
+    relax_commit: str | None = None
     load_purpose: str
     #: load_purpose plus one row: the collection version of the snapshot read.
     load_purpose_fenced: str

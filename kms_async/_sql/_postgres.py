@@ -392,6 +392,7 @@ class PostgresQueries(Queries):
             " on conflict (key_version_id) do update"
             " set encryptions = t.encryptions + excluded.encryptions, update_time = now()"
         )
+        self.relax_commit = "select set_config('synchronous_commit', 'off', true)"
         self.lock_migrations = "select pg_advisory_xact_lock(hashtext($1))"
         self.table_exists = "select to_regclass($1) is not null"
         self.use_suspensions(False)

@@ -628,6 +628,8 @@ async def find_usage(conn: Connection, q: Queries) -> bool:
 async def add_usage(conn: Connection, q: Queries, rows: Sequence[tuple[str, int]]) -> None:
     """Add (version id, encryptions) counts; versions that no longer exist are skipped."""
     if rows:
+        if q.relax_commit is not None:
+            await conn.fetchval(q.relax_commit)
         await conn.execute(q.add_usage, *q.usage_rows(rows))
 
 

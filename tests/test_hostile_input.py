@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -43,8 +44,9 @@ from kms_async import _keyring as keyring_module
 
 OpenKMS = Callable[..., Awaitable[KMS]]
 
+#: Examples per property: KMS_PROPERTY_EXAMPLES=500 for a longer hunt.
 PROPERTY = settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("KMS_PROPERTY_EXAMPLES", "60")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

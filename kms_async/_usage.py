@@ -93,6 +93,12 @@ class Usage:
                 self._q.usage_table,
             )
             return
+        if not self._db.can_write_in_background():
+            logger.warning(
+                "kms_async: encryptions are not counted: an in-memory SQLite database given as "
+                "a connection leaves the KMS no connection of its own to add the counts through"
+            )
+            return
         self.counting = True
         self._cache.tally_for = self._tally
 
@@ -118,7 +124,7 @@ class Usage:
                 chunk = taken[start : start + FLUSH_CHUNK]
                 # Sorted: concurrent flushes lock the rows in one order.
                 rows = sorted((t.version_id, n) for t, n in chunk)
-                async with self._db.transaction() as tx:
+                async with self._db.transaction(background=True) as tx:
                     await repo.add_usage(tx, self._q, rows)
                 # Committed: only now do these counts leave their tallies
                 # (what was added to them meanwhile stays).

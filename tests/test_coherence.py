@@ -125,7 +125,10 @@ async def rolled_back(db: TestDB) -> AsyncIterator[Any]:
             tx = conn.transaction()
             await tx.start()
         else:
-            await conn.execute("begin")
+            # As the docs tell a caller to: a deferred BEGIN that reads first
+            # cannot write once another connection (a usage flush, say) has
+            # committed since, and SQLite refuses it at once.
+            await conn.execute("begin immediate")
         try:
             yield conn
         finally:

@@ -216,3 +216,57 @@ async def test_a_large_payload_encrypted_in_a_thread_is_counted(
     finally:
         await kms.aclose()
     assert await counts(db) == {version: 3}
+
+
+async def test_counts_never_go_through_the_applications_sqlite_connection(
+    db: TestDB, root_wrapper: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given the application's SQLite connection, the KMS adds counts through a
+    connection of its own: the application may be inside a transaction of its
+    own between two statements, and a background write must not join it."""
+    if db.dialect != "sqlite":
+        pytest.skip("a PostgreSQL KMS takes a pool connection of its own for every write")
+    import aiosqlite
+
+    app = await db.connect()
+    try:
+        kms = await KMS.open(
+            app,
+            purposes=["database"],
+            root_wrapper=root_wrapper,
+            max_staleness=None,
+            usage_flush_interval=NO_PERIODIC_FLUSH,
+        )
+        async with kms:
+            await kms.create_keys("acme")
+            version = key_id(await kms.encrypt("acme", "database", b"one"))
+            await app.execute("create table note (id integer primary key)")
+            await app.execute("begin")  # the application's transaction, open
+            await kms.encrypt("acme", "database", b"two")
+            await kms.flush_usage()
+            assert app.in_transaction  # left alone: neither committed nor joined
+            await app.execute("insert into note (id) values (1)")
+            await app.execute("rollback")
+            assert await counts(db) == {version: 2}
+            assert await db.fetch("select id from note") == []
+    finally:
+        await app.close()
+
+    # In memory there is no second connection: counting is off, and says so.
+    memory = await aiosqlite.connect(":memory:", isolation_level=None)
+    try:
+        import kms_async
+
+        await kms_async.migrate(memory)
+        caplog.set_level(logging.WARNING, logger="kms_async")
+        async with await KMS.open(
+            memory, purposes=["database"], root_wrapper=root_wrapper, max_staleness=None
+        ) as kms:
+            await kms.create_keys("acme")
+            await kms.encrypt("acme", "database", b"x")
+        assert "not counted" in caplog.text
+        assert "in-memory" in caplog.text
+        async with memory.execute("select count(*) from kms_key_version_usage") as cursor:
+            assert await cursor.fetchone() == (0,)
+    finally:
+        await memory.close()

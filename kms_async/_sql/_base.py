@@ -137,9 +137,17 @@ class Database(Protocol):
         ...
 
     def transaction(
-        self, conn: object | None = None, *, replicated: float | None = None
+        self,
+        conn: object | None = None,
+        *,
+        replicated: float | None = None,
+        background: bool = False,
     ) -> AbstractAsyncContextManager[Connection]:
         """A connection inside a transaction.
+
+        ``background``: for the KMS's own background writes (usage counts),
+        which must never go through a connection the application shares
+        with the KMS (see ``can_write_in_background``).
 
         With ``conn`` (the caller's driver connection, already inside the
         caller's transaction) the statements join that transaction and the
@@ -183,6 +191,10 @@ class Database(Protocol):
 
     def can_listen(self) -> bool:
         """Whether a listener can work, holding a connection without starving other work."""
+        ...
+
+    def can_write_in_background(self) -> bool:
+        """Whether ``transaction(background=True)`` has a connection to write through."""
         ...
 
     @property

@@ -690,6 +690,10 @@ class PostgresDatabase:
         q.notify_channel = f"{q.prefix}_key_change_{oid}"
         return q.notify_channel
 
+    def can_write_in_background(self) -> bool:
+        """Always: every transaction takes a pool connection of its own."""
+        return True
+
     def can_listen(self) -> bool:
         """Whether a listener can work: on a connection of its own (to ``listen_dsn``
         or the DSN, never through a pooler in transaction mode, which moves a
@@ -809,7 +813,11 @@ class PostgresDatabase:
 
     @contextlib.asynccontextmanager
     async def transaction(
-        self, conn: object | None = None, *, replicated: float | None = None
+        self,
+        conn: object | None = None,
+        *,
+        replicated: float | None = None,
+        background: bool = False,
     ) -> AsyncIterator[_PgConnection]:
         if conn is not None:
             in_transaction = getattr(conn, "is_in_transaction", None)

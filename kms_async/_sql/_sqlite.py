@@ -299,6 +299,11 @@ class SqliteDatabase:
         self._owns = owns_connections
         self._owns_reader = owns_connections
         self._lock = asyncio.Lock()
+        # Given the application's connection: the file, and a connection of
+        # our own for background writes (usage counts), opened on first use.
+        self._path = ""
+        self._side: aiosqlite.Connection | None = None
+        self._side_lock = asyncio.Lock()
 
     @classmethod
     async def connect(cls, path: str, *, prefix: str, create: bool = False) -> SqliteDatabase:
@@ -346,7 +351,17 @@ class SqliteDatabase:
                 raise
         database = cls(conn, reader, prefix=prefix, owns_connections=False)
         database._owns_reader = reader is not None
+        database._path = path
         return database
+
+    def can_write_in_background(self) -> bool:
+        """Whether background writes (usage counts) have a connection to go through.
+
+        Never the application's connection, which may be between the
+        statements of a transaction of its own; a file database gets a
+        connection of the KMS's own, an in-memory one cannot.
+        """
+        return self._owns or bool(self._path)
 
     @property
     def connection(self) -> aiosqlite.Connection:
@@ -378,8 +393,31 @@ class SqliteDatabase:
 
     @contextlib.asynccontextmanager
     async def transaction(
-        self, conn: object | None = None, *, replicated: float | None = None
+        self,
+        conn: object | None = None,
+        *,
+        replicated: float | None = None,
+        background: bool = False,
     ) -> AsyncIterator[_SqliteConnection]:
+        if background and not self._owns:
+            async with self._side_lock:
+                if self._side is None:
+                    if not self._path:
+                        raise InvalidParameterError(
+                            "an in-memory SQLite database given as a connection has no "
+                            "connection for the KMS's background writes"
+                        )
+                    with translate_errors():
+                        side = await aiosqlite.connect(self._path, isolation_level=None)
+                    try:
+                        await _configure(side)
+                    except BaseException:
+                        await side.close()
+                        raise
+                    self._side = side
+                async with _immediate(self._side) as tx:
+                    yield tx
+            return
         if conn is not None:
             if not isinstance(conn, aiosqlite.Connection):
                 raise InvalidParameterError(
@@ -401,21 +439,8 @@ class SqliteDatabase:
                     "the SQLite connection given to the KMS is inside a transaction; "
                     "pass it as conn= to join that transaction, or commit first"
                 )
-            committed = False
-            try:
-                with translate_errors():
-                    await (await writer.execute("begin immediate")).close()
-                yield _SqliteConnection(writer)
-                with translate_errors():
-                    await (await writer.execute("commit")).close()
-                committed = True
-            finally:
-                if not committed:
-                    # On failure and on cancellation. aiosqlite runs calls in
-                    # order on its thread, so this follows any statement still
-                    # in flight; the lock is held until it is done.
-                    with contextlib.suppress(sqlite3.Error, ValueError):
-                        await run_to_completion(writer.rollback())
+            async with _immediate(writer) as tx:
+                yield tx
 
     async def listen_forever(self, channel: str, on_payload: Callable[[str | None], None]) -> None:
         return None
@@ -446,10 +471,32 @@ class SqliteDatabase:
 
     async def aclose(self) -> None:
         with translate_errors():
+            if self._side is not None:
+                await self._side.close()
             if self._owns_reader and self._reader is not None:
                 await self._reader.close()
             if self._owns:
                 await self._writer.close()
+
+
+@contextlib.asynccontextmanager
+async def _immediate(conn: aiosqlite.Connection) -> AsyncIterator[_SqliteConnection]:
+    """A BEGIN IMMEDIATE transaction on a connection of the KMS's own (its lock held)."""
+    committed = False
+    try:
+        with translate_errors():
+            await (await conn.execute("begin immediate")).close()
+        yield _SqliteConnection(conn)
+        with translate_errors():
+            await (await conn.execute("commit")).close()
+        committed = True
+    finally:
+        if not committed:
+            # On failure and on cancellation. aiosqlite runs calls in order
+            # on its thread, so this follows any statement still in flight;
+            # the caller's lock is held until it is done.
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await run_to_completion(conn.rollback())
 
 
 def delete_database_file(path: str, *, owned: Sequence[str]) -> str:

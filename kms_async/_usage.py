@@ -14,7 +14,9 @@ a flush that fails keeps it for the next one, and increments made while a
 flush runs are never lost. What this can get wrong, in which direction:
 
 - a crash (or a kill) loses the counts since the last flush: at most one
-  interval's encryptions of that instance are never counted;
+  interval's encryptions of that instance are never counted; on PostgreSQL
+  a flush commits without waiting for the server's disk, so a crash of the
+  server may lose the last flush of each instance too;
 - a commit whose outcome is unknown (the connection lost during COMMIT, or
   the flush cancelled from outside while committing) keeps the counts, and
   the next flush adds them again if the first did commit: an over-count of

@@ -25,7 +25,14 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["PgBouncer", "PrimaryStandby", "free_port", "require_binary", "wait_until"]
+__all__ = [
+    "PgBouncer",
+    "PrimaryStandby",
+    "free_port",
+    "postgres_bin",
+    "require_binary",
+    "wait_until",
+]
 
 
 def require_binary(path: str | None, what: str, package: str) -> str:
@@ -76,9 +83,17 @@ async def wait_until(condition: Any, *, timeout: float = 20.0, what: str = "a co
         await asyncio.sleep(0.02)
 
 
-def _postgres_bin() -> pathlib.Path:
+def postgres_bin() -> pathlib.Path | None:
+    """The newest installed PostgreSQL's bin directory, or None."""
     found = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    initdb = require_binary(str(found[-1]) if found else None, "PostgreSQL's initdb", "postgresql")
+    return found[-1].parent if found else None
+
+
+def _postgres_bin() -> pathlib.Path:
+    found = postgres_bin()
+    initdb = require_binary(
+        str(found / "initdb") if found else None, "PostgreSQL's initdb", "postgresql"
+    )
     return pathlib.Path(initdb).parent
 
 

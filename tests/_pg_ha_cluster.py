@@ -14,23 +14,12 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 
+from _pg_cluster import free_port, postgres_bin
+
 __all__ = ["Cluster", "Server", "postgres_bin"]
-
-
-def postgres_bin() -> pathlib.Path | None:
-    """The newest installed PostgreSQL's bin directory, or None."""
-    found = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return found[-1].parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
@@ -39,7 +28,7 @@ class Server:
     def __init__(self, cluster: Cluster, name: str, port: int | None = None) -> None:
         self.cluster = cluster
         self.data = cluster.dir / name
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         # A socket directory of its own: a server killed with SIGKILL leaves
         # its socket lock file behind, naming a process that may not be

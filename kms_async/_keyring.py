@@ -777,9 +777,7 @@ class Keyring:
         stats.loads += 1
         started = time.perf_counter()
         try:
-            if primary:
-                return await self.load(scope_id, purpose, primary=True)
-            return await self.load(scope_id, purpose)
+            return await self.load(scope_id, purpose, primary=primary)
         finally:
             if stats.on_load is not None:
                 stats.on_load(time.perf_counter() - started)

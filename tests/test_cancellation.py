@@ -638,11 +638,11 @@ def count_loads(kms: KMS) -> tuple[list[tuple[str, str]], list[bool]]:
     ended: list[bool] = []
     original = kms._keyring.load
 
-    async def counted(scope_id: str, purpose: str) -> Any:
+    async def counted(scope_id: str, purpose: str, **options: Any) -> Any:
         calls.append((scope_id, purpose))
         ok = False
         try:
-            result = await original(scope_id, purpose)
+            result = await original(scope_id, purpose, **options)
             ok = True
             return result
         finally:

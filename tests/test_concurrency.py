@@ -57,9 +57,9 @@ def count_loads(kms: KMS) -> list[tuple[str, str]]:
     calls: list[tuple[str, str]] = []
     original = kms._keyring.load
 
-    async def counted(scope_id: str, purpose: str) -> Any:
+    async def counted(scope_id: str, purpose: str, **options: Any) -> Any:
         calls.append((scope_id, purpose))
-        return await original(scope_id, purpose)
+        return await original(scope_id, purpose, **options)
 
     kms._keyring.load = counted  # type: ignore[method-assign]
     return calls

@@ -410,9 +410,9 @@ def count_loads(kms: KMS) -> list[tuple[str, str]]:
     loads: list[tuple[str, str]] = []
     original = kms._keyring.load
 
-    async def counting(scope_id: str, purpose: str) -> Any:
+    async def counting(scope_id: str, purpose: str, **options: Any) -> Any:
         loads.append((scope_id, purpose))
-        return await original(scope_id, purpose)
+        return await original(scope_id, purpose, **options)
 
     kms._keyring.load = counting  # type: ignore[method-assign]
     return loads

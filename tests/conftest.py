@@ -174,6 +174,29 @@ class TestDB:
 input_validation = pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 
 
+async def root_versions(db: TestDB) -> dict[str, list[int]]:
+    """Each scope's root key version numbers, ascending."""
+    found: dict[str, list[int]] = {}
+    for scope, version in await db.fetch(
+        "select r.scope_id, v.version from kms_root_key r"
+        " join kms_root_key_version v on v.root_key_id = r.private_id"
+    ):
+        found.setdefault(str(scope), []).append(int(version))
+    return {key: sorted(v) for key, v in found.items()}
+
+
+async def data_versions(db: TestDB) -> dict[tuple[str, str], list[int]]:
+    """Each (scope, purpose)'s data key version numbers, ascending."""
+    found: dict[tuple[str, str], list[int]] = {}
+    for scope, purpose, version in await db.fetch(
+        "select r.scope_id, k.purpose, v.version from kms_root_key r"
+        " join kms_data_key k on k.root_key_id = r.private_id"
+        " join kms_data_key_version v on v.data_key_id = k.private_id"
+    ):
+        found.setdefault((str(scope), str(purpose)), []).append(int(version))
+    return {key: sorted(v) for key, v in found.items()}
+
+
 class _Templates:
     """The session's migrated templates, made on first use."""
 

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import TestDB
+from conftest import TestDB, data_versions, root_versions
 
 import kms_async
 import kms_async._cli as kms_cli
@@ -135,33 +135,6 @@ async def open_kms(purposes: list[str] | None = None) -> KMS:
         root_wrapper=AeadWrapper.from_env(),
         max_staleness=None,
     )
-
-
-def versions_by_scope(rows: list[tuple[Any, ...]]) -> dict[str, list[int]]:
-    found: dict[str, list[int]] = {}
-    for scope, version in rows:
-        found.setdefault(str(scope), []).append(int(version))
-    return {scope: sorted(v) for scope, v in found.items()}
-
-
-async def root_versions(db: TestDB) -> dict[str, list[int]]:
-    return versions_by_scope(
-        await db.fetch(
-            "select r.scope_id, v.version from kms_root_key r"
-            " join kms_root_key_version v on v.root_key_id = r.private_id"
-        )
-    )
-
-
-async def data_versions(db: TestDB) -> dict[tuple[str, str], list[int]]:
-    found: dict[tuple[str, str], list[int]] = {}
-    for scope, purpose, version in await db.fetch(
-        "select r.scope_id, k.purpose, v.version from kms_root_key r"
-        " join kms_data_key k on k.root_key_id = r.private_id"
-        " join kms_data_key_version v on v.data_key_id = k.private_id"
-    ):
-        found.setdefault((str(scope), str(purpose)), []).append(int(version))
-    return {key: sorted(v) for key, v in found.items()}
 
 
 def write_columns(tmp_path: Any, columns: object, name: str = "columns.json") -> str:

@@ -9,34 +9,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conftest import TestDB, input_validation
+from conftest import TestDB, data_versions, input_validation, root_versions
 
 from kms_async import KMS, InvalidParameterError, KeyEvent, KeyNotFoundError, RotationPolicy
 
 OpenKMS = Callable[..., Awaitable[KMS]]
 
 DAY = datetime.timedelta(days=1)
-
-
-async def data_versions(db: TestDB) -> dict[tuple[str, str], list[int]]:
-    found: dict[tuple[str, str], list[int]] = {}
-    for scope, purpose, version in await db.fetch(
-        "select r.scope_id, k.purpose, v.version from kms_root_key r"
-        " join kms_data_key k on k.root_key_id = r.private_id"
-        " join kms_data_key_version v on v.data_key_id = k.private_id"
-    ):
-        found.setdefault((str(scope), str(purpose)), []).append(int(version))
-    return {key: sorted(v) for key, v in found.items()}
-
-
-async def root_versions(db: TestDB) -> dict[str, list[int]]:
-    found: dict[str, list[int]] = {}
-    for scope, version in await db.fetch(
-        "select r.scope_id, v.version from kms_root_key r"
-        " join kms_root_key_version v on v.root_key_id = r.private_id"
-    ):
-        found.setdefault(str(scope), []).append(int(version))
-    return {key: sorted(v) for key, v in found.items()}
 
 
 async def age(db: TestDB, scope_id: str, days: int, purpose: str | None = None) -> None:
